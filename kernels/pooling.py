@@ -429,7 +429,10 @@ def _torch_backward(
     if normalize:
         g = (g - out * (out * g).sum(-1, keepdim=True)) / norm[:, None]
     padded = seg.weights is not None
-    grad_hidden = torch.zeros(hidden_shape, device=grad_out.device, dtype=hidden_dtype)
+    # Padded mean writes every element below, so skip the memset (on CPU a fresh zeroed buffer costs as
+    # much as the whole backward, in page faults).
+    alloc = torch.empty if (padded and mode == "mean") else torch.zeros
+    grad_hidden = alloc(hidden_shape, device=grad_out.device, dtype=hidden_dtype)
     if mode in ("last", "first"):
         rows = (seg.end - 1 if mode == "last" else seg.start).long()
         if padded:
@@ -442,7 +445,11 @@ def _torch_backward(
         B, L = seg.weights.shape
         step = max(1, _TORCH_CHUNK_ELEMENTS // max(1, L * hidden_shape[-1]))
         for b0 in range(0, B, step):
-            grad_hidden[b0 : b0 + step] = seg.weights[b0 : b0 + step, :, None] * g[b0 : b0 + step, None, :]
+            chunk = grad_hidden[b0 : b0 + step]
+            if chunk.dtype == torch.float32:
+                torch.mul(seg.weights[b0 : b0 + step, :, None], g[b0 : b0 + step, None, :], out=chunk)
+            else:
+                chunk.copy_(seg.weights[b0 : b0 + step, :, None] * g[b0 : b0 + step, None, :])
     else:
         tokens, seq_of_token = _packed_tokens(seg)
         grad_hidden[tokens] = g.to(hidden_dtype)[seq_of_token]
@@ -468,9 +475,7 @@ class PoolFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         out, norm = ctx.saved_tensors
         bwd = _triton_backward if ctx.use_triton else _torch_backward
-        grad_hidden = bwd(
-            grad_out, out, norm, ctx.hidden_shape, ctx.hidden_dtype, ctx.seg, ctx.mode, ctx.normalize
-        )
+        grad_hidden = bwd(grad_out, out, norm, ctx.hidden_shape, ctx.hidden_dtype, ctx.seg, ctx.mode, ctx.normalize)
         return grad_hidden, None, None, None, None, None
 
 

@@ -1,0 +1,34 @@
+"""Every benchmark's CPU mode runs end to end (small sizes) and writes its results."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(script: str, *args: str, out: Path) -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), *args, "--out", str(out)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+
+
+def test_bench_pooling_check_cpu(tmp_path: Path) -> None:
+    run_bench("bench_pooling.py", "--check", "--cpu", out=tmp_path)
+    rows = json.loads((tmp_path / "pooling_check_cpu.json").read_text())["rows"]
+    assert {r["backend"] for r in rows} == {"triton", "torch"}
+    assert all(r["pass"] == "PASS" for r in rows)
+
+
+@pytest.mark.slow
+def test_bench_pooling_cpu_quick(tmp_path: Path) -> None:
+    run_bench("bench_pooling.py", "--cpu", "--quick", out=tmp_path)
+    result = json.loads((tmp_path / "pooling_cpu.json").read_text())
+    assert result["rows"] and all(r["f2llm_cpu_ms"] > 0 and r["reference_ms"] > 0 for r in result["rows"])
