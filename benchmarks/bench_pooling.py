@@ -257,7 +257,8 @@ def run_cpu(out: Path, quick: bool) -> None:
     raw = out / "pooling_cpu_pytest_benchmark.json"
     env = dict(os.environ, F2LLM_BENCH_QUICK="1" if quick else "0")
     os.environ.update(env)
-    args = [__file__, "-q", "-p", "no:cacheprovider", "--benchmark-enable", "--benchmark-only",
+    # -p no:xdist: pytest-benchmark disables itself under xdist (and this may run inside an xdist worker).
+    args = [__file__, "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "--benchmark-enable", "--benchmark-only",
             f"--benchmark-json={raw}", "--benchmark-columns=median,iqr,rounds", "--benchmark-sort=name"]  # fmt: skip
     if quick:
         args += ["--benchmark-min-rounds=2", "--benchmark-max-time=0.05", "--benchmark-warmup=off"]

@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_bench(script: str, *args: str, out: Path) -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    # A benchmark run is a fresh process, not part of this pytest-xdist worker.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env["TRITON_INTERPRET"] = "1"
     cmd = [sys.executable, str(ROOT / "benchmarks" / script), *args, "--out", str(out)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
