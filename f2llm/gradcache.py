@@ -1,0 +1,133 @@
+"""Gradient cache: contrastive batches far larger than what fits in memory, with exact gradients.
+
+The contrastive loss couples every text of a batch, so the batch cannot simply be split into micro-batches
+with gradient accumulation (that shrinks the pool of in-batch negatives). The gradient cache (Gao et al.,
+"Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup", 2021) splits the *encoder* work
+instead:
+
+1. pass 1, no grad: encode every chunk, keep only the embeddings [n_texts, D];
+2. compute the loss on all embeddings at once and back-propagate it to the embeddings only: d(loss)/d(emb);
+3. pass 2: re-encode each chunk with grad and back-propagate ``emb_chunk . cached_grad_chunk``.
+
+Step 3 gives every parameter exactly the gradient of step 2's loss, because the loss depends on the parameters
+only through the embeddings (chain rule). Two details make it exact in practice:
+
+* randomness (dropout) is replayed: each chunk's RNG state is captured before pass 1 and restored for pass 2,
+  so both passes compute the same function;
+* gradient synchronization across ranks happens once per step: every chunk but the last runs under the
+  engine's ``no_sync`` context (DDP), so gradients are all-reduced once, after the last chunk.
+
+Peak activation memory is that of one chunk; the embeddings and their gradients are the only per-batch cost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import torch
+
+Chunk = TypeVar("Chunk")
+
+
+@dataclass
+class RngState:
+    """CPU and (when used) CUDA generator states, captured before a chunk's first forward."""
+
+    cpu: torch.Tensor
+    cuda: list[torch.Tensor] | None
+
+    @classmethod
+    def capture(cls) -> RngState:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        return cls(torch.get_rng_state(), cuda)
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        """Run the body with this state, then put the generators back where they were."""
+        devices = list(range(len(self.cuda))) if self.cuda is not None else []
+        with torch.random.fork_rng(devices=devices, enabled=True):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state_all(self.cuda)
+            yield
+
+
+@dataclass
+class CachedStep:
+    """What one gradient-cache step produced: the loss value, the loss function's extra output, the embeddings."""
+
+    loss: torch.Tensor
+    aux: Any
+    embeddings: torch.Tensor
+
+
+class GradientCache(Generic[Chunk]):
+    """Runs one training step's forward and backward with the gradient cache.
+
+    Args:
+        encode: chunk -> embeddings [n_chunk_texts, D] (with autograd when grad is enabled).
+        no_sync: a context manager factory that suppresses cross-rank gradient synchronization (DDP's
+            ``model.no_sync``); used for every chunk but the last. None when there is nothing to suppress.
+        backward: how to back-propagate a scalar (``loss.backward()`` by default; a DeepSpeed engine's
+            ``engine.backward``).
+    """
+
+    def __init__(
+        self,
+        encode: Callable[[Chunk], torch.Tensor],
+        no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+        backward: Callable[[torch.Tensor], None] | None = None,
+    ) -> None:
+        self.encode = encode
+        self.no_sync = no_sync
+        self.backward = backward or (lambda t: t.backward())
+
+    def embed_without_grad(self, chunks: Sequence[Chunk]) -> tuple[torch.Tensor, list[RngState]]:
+        """Pass 1: embeddings of all chunks (concatenated in order) and each chunk's RNG state."""
+        states, outs = [], []
+        with torch.no_grad():
+            for chunk in chunks:
+                states.append(RngState.capture())
+                outs.append(self.encode(chunk))
+        return torch.cat(outs), states
+
+    def step(
+        self,
+        chunks: Sequence[Chunk],
+        loss_fn: Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, Any]],
+    ) -> CachedStep:
+        """Forward + backward of ``loss_fn(embeddings of all chunks)``; parameter gradients are accumulated.
+
+        ``loss_fn`` gets the embeddings of all chunks concatenated in order (a leaf tensor) and returns the scalar
+        loss, or (loss, aux) where aux is passed through (e.g. loss parts for logging).
+        """
+        if not chunks:
+            raise ValueError("GradientCache.step: got no chunks")
+        embeddings, states = self.embed_without_grad(chunks)
+        emb = embeddings.detach().requires_grad_()
+        out = loss_fn(emb)
+        loss, aux = out if isinstance(out, tuple) else (out, None)
+        if loss.dim() != 0:
+            raise ValueError(f"GradientCache.step: loss_fn must return a scalar, got shape {tuple(loss.shape)}")
+        (grad,) = torch.autograd.grad(loss, emb)
+        offset = 0
+        for i, (chunk, state) in enumerate(zip(chunks, states, strict=True)):
+            last = i == len(chunks) - 1
+            sync = contextlib.nullcontext() if last or self.no_sync is None else self.no_sync()
+            with sync, state.replay():
+                chunk_emb = self.encode(chunk)
+                n = chunk_emb.shape[0]
+                chunk_grad = grad[offset : offset + n].to(chunk_emb.dtype)
+                offset += n
+                # A scalar surrogate whose gradient w.r.t. chunk_emb is the cached gradient; an engine's
+                # backward (DeepSpeed) only accepts scalars.
+                self.backward((chunk_emb * chunk_grad).sum())
+        if offset != embeddings.shape[0]:
+            raise RuntimeError(
+                f"GradientCache.step: pass 2 produced {offset} embeddings but pass 1 produced {embeddings.shape[0]}; "
+                "encode must be deterministic in shape"
+            )
+        return CachedStep(loss=loss.detach(), aux=aux, embeddings=embeddings)

@@ -1,0 +1,129 @@
+"""The gradient cache gives the gradients of one big batch, with dropout on."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import Qwen3Config, Qwen3Model
+
+from f2llm.gradcache import GradientCache, RngState
+from f2llm.ops import pool
+
+
+def tiny_qwen3(dropout: float) -> Qwen3Model:
+    config = Qwen3Config(
+        vocab_size=101,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        attention_dropout=dropout,
+        attn_implementation="eager",  # eager applies attention dropout with torch's RNG, as every backend does
+    )
+    torch.manual_seed(1)
+    return Qwen3Model(config).float().train()
+
+
+def make_chunks(n_texts: int, chunk: int, L: int = 9) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 101, (n_texts, L), generator=g)
+    lengths = torch.randint(2, L + 1, (n_texts,), generator=g)
+    mask = (torch.arange(L)[None] < lengths[:, None]).long()
+    return [{"input_ids": ids[i : i + chunk], "attention_mask": mask[i : i + chunk]} for i in range(0, n_texts, chunk)]
+
+
+def encoder(model: Qwen3Model):
+    def encode(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = model(**batch).last_hidden_state
+        return pool(hidden, batch["attention_mask"], mode="last")
+
+    return encode
+
+
+def contrastive_loss(emb: torch.Tensor) -> torch.Tensor:
+    """First half queries, second half their positives; in-batch negatives."""
+    q, d = emb.chunk(2)
+    return F.cross_entropy(q @ d.T / 0.05, torch.arange(q.shape[0]))
+
+
+def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("chunk", [3, 5, 16])
+def test_same_gradients_as_one_big_batch_with_dropout(chunk: int) -> None:
+    model = tiny_qwen3(dropout=0.3)
+    chunks = make_chunks(16, chunk)
+    encode = encoder(model)
+
+    # Reference: the whole batch with the full graph kept, chunks run in the same order from the same seed,
+    # so dropout draws the same masks as the gradient cache's pass 1.
+    torch.manual_seed(7)
+    ref_loss = contrastive_loss(torch.cat([encode(c) for c in chunks]))
+    ref_loss.backward()
+    ref_grads = grads(model)
+    model.zero_grad()
+
+    torch.manual_seed(7)
+    result = GradientCache(encode).step(chunks, contrastive_loss)
+    got = grads(model)
+
+    torch.testing.assert_close(result.loss, ref_loss.detach(), rtol=1e-6, atol=1e-6)
+    assert got.keys() == ref_grads.keys() and len(got) > 0
+    for name, ref in ref_grads.items():
+        torch.testing.assert_close(got[name], ref, rtol=1e-5, atol=1e-6, msg=f"gradient of {name}")
+
+
+def test_dropout_is_live_and_replay_matters() -> None:
+    """Guards the test above: with dropout the passes differ unless the RNG is replayed."""
+    model = tiny_qwen3(dropout=0.3)
+    chunk = make_chunks(4, 4)[0]
+    encode = encoder(model)
+    with torch.no_grad():
+        state = RngState.capture()
+        a = encode(chunk)
+        b = encode(chunk)
+        with state.replay():
+            c = encode(chunk)
+        d = encode(chunk)
+    assert not torch.allclose(a, b), "dropout had no effect: the replay test would be vacuous"
+    torch.testing.assert_close(a, c, rtol=0, atol=0)
+    # replay() restores the generator afterwards: d continues the stream after b, so it differs from a and b.
+    assert not torch.allclose(d, b) and not torch.allclose(d, a)
+
+
+def test_sync_suppressed_for_all_but_last_chunk() -> None:
+    model = tiny_qwen3(dropout=0.0)
+    chunks = make_chunks(12, 4)
+    syncing: list[bool] = []
+    suppressed = {"on": False}
+
+    @contextlib.contextmanager
+    def no_sync():
+        suppressed["on"] = True
+        yield
+        suppressed["on"] = False
+
+    def backward(t: torch.Tensor) -> None:
+        syncing.append(not suppressed["on"])
+        t.backward()
+
+    GradientCache(encoder(model), no_sync=no_sync, backward=backward).step(chunks, contrastive_loss)
+    assert syncing == [False, False, True]
+
+
+def test_loss_fn_may_return_aux_and_must_be_scalar() -> None:
+    model = tiny_qwen3(dropout=0.0)
+    chunks = make_chunks(8, 4)
+    cache = GradientCache(encoder(model))
+    out = cache.step(chunks, lambda e: (contrastive_loss(e), {"n": e.shape[0]}))
+    assert out.aux == {"n": 8} and out.embeddings.shape == (8, 32)
+    with pytest.raises(ValueError, match="scalar"):
+        cache.step(chunks, lambda e: e.sum(-1))
+    with pytest.raises(ValueError, match="no chunks"):
+        cache.step([], contrastive_loss)
