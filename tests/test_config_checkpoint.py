@@ -1,0 +1,129 @@
+"""Training config parsing and atomic checkpoints."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from f2llm.checkpoint import (
+    CheckpointWriter,
+    latest_checkpoint,
+    list_checkpoints,
+    load_state,
+    rng_state,
+    save_state,
+    set_rng_state,
+)
+from f2llm.config import ConfigError, load_config
+
+MINIMAL = "model:\n  name_or_path: some/model\ndata:\n  paths: [a.parquet]\n"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_the_recipe(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL))
+    assert config.optim.betas == (0.9, 0.98) and config.optim.weight_decay == 0.01
+    assert config.optim.warmup_steps == 500 and config.optim.epochs == 2 and config.optim.grad_clip == 1.0
+    assert config.optim.min_lr == 1e-7 and config.temperature == 0.05 and config.data.batch_size == 16
+    assert config.data.validation_fraction == 0.01 and config.model.max_length == 1024
+
+
+def test_overrides_are_typed(tmp_path: Path) -> None:
+    config = load_config(
+        write(tmp_path, MINIMAL),
+        ["optim.lr=2e-5", "optim.betas=[0.8, 0.9]", "data.sources.mine={kind: retrieval}", "model.pooling=null"],
+    )
+    assert config.optim.lr == 2e-5 and config.optim.betas == (0.8, 0.9)
+    assert config.data.sources["mine"].kind == "retrieval" and config.model.pooling is None
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "message"),
+    [
+        (MINIMAL + "optim:\n  lr: fast\n", [], r"optim\.lr: expected float, got 'fast'"),
+        (MINIMAL + "optim:\n  learning_rate: 1\n", [], r"unknown key\(s\) \['learning_rate'\]"),
+        (MINIMAL, ["engine=horovod"], r"engine: 'horovod' is not one of"),
+        (MINIMAL, ["data.batch_size=0"], r"data\.batch_size must be > 0"),
+        (MINIMAL, ["optim.lr"], r"expected key\.path=value"),
+        (MINIMAL, ["data.sources.x={kind: ranking}"], r"data\.sources\.x\.kind: 'ranking' is not one of"),
+        ("model:\n  name_or_path: m\n", [], r"data\.paths is required"),
+        (MINIMAL, ["engine=deepspeed"], r"needs deepspeed_config"),
+        ("- a\n- b\n", [], r"top level must be a mapping"),
+        (MINIMAL + "  batch_size: [1\n", [], r"not valid YAML"),
+    ],
+)
+def test_bad_configs_name_the_key(tmp_path: Path, text: str, overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(write(tmp_path, text), overrides)
+    assert str(tmp_path / "c.yaml") in str(info.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_checkpoints_are_atomic_and_pruned(tmp_path: Path) -> None:
+    writer = CheckpointWriter(tmp_path, keep_last=2)
+    for step in (10, 20, 30):
+        writer.save(step, lambda d, s=step: save_state({"step": s, "w": torch.full((3,), float(s))}, d / "state.pt"))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000020", "step-00000030"]
+    assert load_state(latest_checkpoint(tmp_path) / "state.pt")["step"] == 30
+
+    def dies_half_way(folder: Path) -> None:
+        (folder / "state.pt").write_bytes(b"partial")
+        raise KeyboardInterrupt  # the job is killed mid-write
+
+    with pytest.raises(KeyboardInterrupt):
+        writer.save(40, dies_half_way)
+    latest = latest_checkpoint(tmp_path)
+    assert latest.name == "step-00000030" and load_state(latest / "state.pt")["step"] == 30
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_stale_temporary_folder_is_ignored_then_removed(tmp_path: Path) -> None:
+    writer = CheckpointWriter(tmp_path, keep_last=3)
+    writer.save(1, lambda d: save_state({"step": 1}, d / "state.pt"))
+    stale = tmp_path / ".tmp-step-00000002"  # what a kill -9 during a save leaves behind
+    stale.mkdir()
+    (stale / "state.pt").write_bytes(b"\x80garbage")
+    assert latest_checkpoint(tmp_path).name == "step-00000001"
+    writer.save(3, lambda d: save_state({"step": 3}, d / "state.pt"))
+    assert not stale.exists() and latest_checkpoint(tmp_path).name == "step-00000003"
+
+
+def test_rng_state_round_trip() -> None:
+    torch.manual_seed(1)
+    random.seed(2)
+    np.random.seed(3)
+    state = rng_state()
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.rand(5), random.random(), np.random.rand(4)  # move every generator on
+    set_rng_state(state)
+    got = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(got[0], expected[0]) and got[1] == expected[1] and got[2] == expected[2]
+
+
+def test_rng_state_survives_weights_only_load(tmp_path: Path) -> None:
+    save_state(rng_state(), tmp_path / "rng.pt")
+    set_rng_state(load_state(tmp_path / "rng.pt"))
+
+
+def test_malicious_pickle_is_refused(tmp_path: Path) -> None:
+    class Exploit:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+
+    torch.save({"state": Exploit()}, tmp_path / "state.pt")
+    with pytest.raises(RuntimeError, match="refusing to load"):
+        load_state(tmp_path / "state.pt")
+    assert not (tmp_path / "pwned").exists()
