@@ -19,18 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import DEFAULT_OUT, cuda_median_ms, cuda_peak_extra_mib, is_oom, rel_err, write_results
 
 from f2llm.kernels.pooling import MODES, pool_reference, triton_interpreting
 from f2llm.ops import pool
-
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "local"
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -39,54 +36,6 @@ def sbert_style_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.unsqueeze(-1).to(hidden.dtype)
     summed = (hidden * m).sum(1)
     return F.normalize(summed / m.sum(1).clamp_min(1e-9), dim=-1)
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.double(), ref.double()
-    if not torch.isfinite(x).all():
-        return float("inf")
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-def environment() -> dict:
-    env = {
-        "date": time.strftime("%Y-%m-%d"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "host": platform.node(),
-        "interpreter": triton_interpreting(),
-    }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    if torch.cuda.is_available():
-        env["device"] = torch.cuda.get_device_name()
-    else:
-        env["device"] = f"cpu ({os.cpu_count()} cores)"
-    return env
-
-
-def write_results(out: Path, name: str, rows: list[dict], columns: list[str], title: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": name, "env": environment(), "rows": rows}
-    (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
-    table = markdown_table(rows, columns)
-    (out / f"{name}.md").write_text(f"# {title}\n\n{json.dumps(payload['env'])}\n\n{table}\n")
-    print(f"\n{title}\n{table}\nwrote {out / (name + '.json')}")
-
-
-def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    def fmt(v) -> str:
-        if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
-        return str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def make_inputs(B: int, L: int, D: int, dtype: torch.dtype, device: str, layout: str, full: bool = False):
@@ -145,41 +94,33 @@ def run_check(device: str, out: Path) -> bool:
 # ------------------------------------------------------------------------------------------------ CUDA timing
 def time_cuda_case(fn, hidden: torch.Tensor) -> dict:
     """Median forward and forward+backward time, and peak memory of forward+backward beyond the inputs."""
-    from triton.testing import do_bench
-
     x = hidden.clone().requires_grad_()
     grad = torch.randn(hidden.shape[0], hidden.shape[-1], device=hidden.device, dtype=hidden.dtype)
 
     def fwd_bwd() -> None:
-        x.grad = None
         fn(x).backward(grad)
 
     try:
-        fwd_ms = do_bench(lambda: fn(hidden))
-        fwd_bwd_ms = do_bench(fwd_bwd)
+        fwd_ms = cuda_median_ms(lambda: fn(hidden))
+        fwd_bwd_ms = cuda_median_ms(fwd_bwd, grad_to_none=[x])
         x.grad = None
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fwd_bwd()
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    except torch.cuda.OutOfMemoryError:
+        peak = cuda_peak_extra_mib(fwd_bwd)
+    except Exception as e:
+        if not is_oom(e):
+            raise
         torch.cuda.empty_cache()
         return {"fwd_ms": "OOM", "fwd_bwd_ms": "OOM"}
     return {"fwd_ms": fwd_ms, "fwd_bwd_ms": fwd_bwd_ms, "peak_extra_mib": peak}
 
 
 def run_cuda(out: Path, quick: bool) -> None:
-    from triton.testing import do_bench
-
     sizes = [(64, 512, 1024)] if quick else [(b, l, d) for b in (64, 512) for l in (512, 2048) for d in (1024, 2560)]
     dtype = torch.bfloat16
     rows = []
     for B, L, D in sizes:
         hidden, args = make_inputs(B, L, D, dtype, "cuda", "padded", full=True)
         mask = args["attention_mask"]
-        copy_ms = do_bench(lambda h=hidden: torch.empty_like(h).copy_(h))
+        copy_ms = cuda_median_ms(lambda h=hidden: torch.empty_like(h).copy_(h))
         copy_bw = 2 * hidden.numel() * hidden.element_size() / copy_ms / 1e6  # GB/s, bytes read + written
         for mode in ("mean", "last"):
             impls = {

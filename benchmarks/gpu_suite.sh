@@ -45,9 +45,11 @@ step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, remember failures, 
 
 step pooling_check $PY benchmarks/bench_pooling.py --check --out "$OUT"
 step pooling_bench $PY benchmarks/bench_pooling.py --out "$OUT"
+step contrastive_check $PY benchmarks/bench_contrastive.py --check --out "$OUT"
+step contrastive_bench $PY benchmarks/bench_contrastive.py --out "$OUT"
 
 echo
 echo "== summary ($OUT)"
 column -t "$OUT/steps.txt" 2>/dev/null || cat "$OUT/steps.txt"
-for f in "$OUT"/pooling_cuda.md; do [ -f "$f" ] && tail -n +5 "$f"; done
+for f in "$OUT"/pooling_cuda.md "$OUT"/contrastive_cuda.md; do [ -f "$f" ] && tail -n +5 "$f"; done
 exit $status

@@ -1,5 +1,22 @@
 """Public fused ops. Each dispatches to a Triton kernel on CUDA and to a PyTorch path on CPU."""
 
+from f2llm.kernels.contrastive import (
+    InfoNCEConfig,
+    grouped_infonce,
+    grouped_infonce_reference,
+    infonce,
+    infonce_config,
+    infonce_reference,
+)
 from f2llm.kernels.pooling import pool, pool_reference
 
-__all__ = ["pool", "pool_reference"]
+__all__ = [
+    "InfoNCEConfig",
+    "grouped_infonce",
+    "grouped_infonce_reference",
+    "infonce",
+    "infonce_config",
+    "infonce_reference",
+    "pool",
+    "pool_reference",
+]

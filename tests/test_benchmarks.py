@@ -34,3 +34,16 @@ def test_bench_pooling_cpu_quick(tmp_path: Path) -> None:
     run_bench("bench_pooling.py", "--cpu", "--quick", out=tmp_path)
     result = json.loads((tmp_path / "pooling_cpu.json").read_text())
     assert result["rows"] and all(r["f2llm_cpu_ms"] > 0 and r["reference_ms"] > 0 for r in result["rows"])
+
+
+def test_bench_contrastive_check_cpu(tmp_path: Path) -> None:
+    run_bench("bench_contrastive.py", "--check", "--cpu", out=tmp_path)
+    rows = json.loads((tmp_path / "contrastive_check_cpu.json").read_text())["rows"]
+    assert rows and all(r["pass"] == "PASS" for r in rows)
+
+
+@pytest.mark.slow
+def test_bench_contrastive_cpu_quick(tmp_path: Path) -> None:
+    run_bench("bench_contrastive.py", "--cpu", "--quick", out=tmp_path)
+    rows = json.loads((tmp_path / "contrastive_cpu.json").read_text())["rows"]
+    assert rows

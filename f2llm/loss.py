@@ -1,0 +1,107 @@
+"""Contrastive losses as drop-in nn.Modules, built on the fused ops of :mod:`f2llm.ops`.
+
+* :class:`InfoNCELoss` replaces ``F.cross_entropy(q @ c.T / t, targets)`` without the score matrix.
+* :class:`F2LLMLoss` is the F2LLM training loss: a hard-negative loss (each query against its own positive and
+  hard negatives) plus, for retrieval batches, an in-batch loss (each local query against the positives of the
+  whole global batch, gathered from every rank with gradient). ``total = hard + in_batch`` (unweighted).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from f2llm import distributed
+from f2llm.ops import grouped_infonce, infonce
+
+
+class InfoNCELoss(nn.Module):
+    """Mean InfoNCE of queries ``q`` [B, D] against candidates ``c`` [N, D]; ``targets`` [B] index the positives.
+
+    Args:
+        temperature: logits are ``q . c / temperature``.
+        mask_margin: drop candidate j != target from a query's denominator when its score exceeds the positive's
+            by more than ``mask_margin`` (raw dot products, cosine domain for normalized embeddings). None = off.
+        ignore_index: target value of queries that do not count (all ignored: loss 0, zero gradients).
+    """
+
+    def __init__(self, temperature: float = 0.05, mask_margin: float | None = None, ignore_index: int = -100) -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.mask_margin = mask_margin
+        self.ignore_index = ignore_index
+
+    def forward(self, q: torch.Tensor, c: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return infonce(q, c, targets, self.temperature, mask_margin=self.mask_margin, ignore_index=self.ignore_index)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, mask_margin={self.mask_margin}, ignore_index={self.ignore_index}"
+
+
+class LossOutput(NamedTuple):
+    """Loss terms of one step: ``total = hard + in_batch``. ``in_batch`` is a 0-tensor when that term is off."""
+
+    total: torch.Tensor
+    hard: torch.Tensor
+    in_batch: torch.Tensor
+
+
+class F2LLMLoss(nn.Module):
+    """The F2LLM loss: hard-negative InfoNCE plus optional in-batch InfoNCE over the global batch.
+
+    * hard: query i against ``[pos_i, neg_i1, ..., neg_ik]`` only (its own hard negatives, target 0).
+    * in-batch: query i against the positives of every rank (gathered with gradient; hard negatives are not
+      in-batch negatives), target its own positive at ``offset_rank + i``.
+
+    Each rank's terms are means over its local queries. With equal local batch sizes and DDP-style gradient
+    averaging this trains on the global-batch loss exactly (the gather sums, over ranks, the gradient each
+    rank's loss sends to every positive). Ranks may hold different batch sizes (the gather handles it); the
+    averaged gradient is then that of the mean of per-rank means rather than the global mean.
+
+    Args:
+        temperature: logits are cosine / temperature (0.05 in the recipe).
+        mask_margin: optional false-negative filter of the in-batch term (see :class:`InfoNCELoss`). None = off,
+            as in the recipe.
+        group: process group to gather positives over (default: the world).
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.05,
+        mask_margin: float | None = None,
+        group: torch.distributed.ProcessGroup | None = None,
+    ) -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.mask_margin = mask_margin
+        self.group = group
+
+    def forward(
+        self, query_emb: torch.Tensor, pos_emb: torch.Tensor, neg_emb: torch.Tensor, in_batch: bool
+    ) -> LossOutput:
+        """``query_emb`` [B, D], ``pos_emb`` [B, D], ``neg_emb`` [B, k, D] (k >= 0) -> :class:`LossOutput`."""
+        if query_emb.dim() != 2 or pos_emb.shape != query_emb.shape:
+            raise ValueError(
+                f"F2LLMLoss: query_emb and pos_emb must both be [B, D], got {tuple(query_emb.shape)} and "
+                f"{tuple(pos_emb.shape)}"
+            )
+        B, D = query_emb.shape
+        if neg_emb.dim() != 3 or neg_emb.shape[0] != B or neg_emb.shape[2] != D:
+            raise ValueError(f"F2LLMLoss: neg_emb must be [B, k, D] = [{B}, k, {D}], got {tuple(neg_emb.shape)}")
+        docs = torch.cat([pos_emb[:, None], neg_emb], dim=1)
+        hard = grouped_infonce(query_emb, docs, self.temperature)
+        if not in_batch:
+            return LossOutput(hard, hard, torch.zeros((), device=hard.device, dtype=hard.dtype))
+        sizes = distributed.all_gather_sizes(B, query_emb.device, self.group)
+        all_pos = distributed.all_gather_with_grad(pos_emb, self.group, sizes=sizes)
+        offset = sum(sizes[: distributed.rank(self.group)])
+        targets = torch.arange(offset, offset + B, device=query_emb.device)
+        in_batch_loss = infonce(
+            query_emb, all_pos, targets, self.temperature, mask_margin=self.mask_margin, validate=False
+        )
+        return LossOutput(hard + in_batch_loss, hard, in_batch_loss)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, mask_margin={self.mask_margin}"
