@@ -1,0 +1,54 @@
+"""The F2LLM data pipeline.
+
+rows (query, passage, negative_1..K) -> validated, tokenized once and cached (:func:`load_sources`)
+-> homogeneous per-source batches, same source on every rank, resumable (:class:`F2LLMBatchSampler`)
+-> padded or packed model input (:class:`Collator`) -> :class:`f2llm.model.Encoder`.
+
+A training step, on each rank::
+
+    tok = encoder.text_tokenizer
+    sources = load_sources("data/f2llm", tok, cache_dir)
+    sampler = F2LLMBatchSampler(sources, batch_size=16, world_size=W, rank=r, seed=0, epochs=2)
+    collate = Collator(pad_token_id=tok.pad_token_id, mode="packed", max_tokens=4096)
+    for batch in sampler:                      # TrainingBatch: this rank's queries, passages, negatives
+        emb = encoder(collate(batch.sequences()))  # [B + B + B*k, D], in that order
+"""
+
+from f2llm.data.collate import Collator, EncoderBatch, pack_sequences, pad_sequences
+from f2llm.data.convert import convert
+from f2llm.data.readers import TokenizedSource, load_source, load_sources, read_raw
+from f2llm.data.sampler import F2LLMBatchSampler, TrainingBatch, negative_columns_for_step
+from f2llm.data.sources import (
+    INSTRUCTIONS,
+    SOURCE_KINDS,
+    DataError,
+    SourceKind,
+    SourceOverride,
+    format_query,
+    resolve_source,
+)
+from f2llm.data.tokenize import TextTokenizer, is_decoder_model_type
+
+__all__ = [
+    "INSTRUCTIONS",
+    "SOURCE_KINDS",
+    "Collator",
+    "DataError",
+    "EncoderBatch",
+    "F2LLMBatchSampler",
+    "SourceKind",
+    "SourceOverride",
+    "TextTokenizer",
+    "TokenizedSource",
+    "TrainingBatch",
+    "convert",
+    "format_query",
+    "is_decoder_model_type",
+    "load_source",
+    "load_sources",
+    "negative_columns_for_step",
+    "pack_sequences",
+    "pad_sequences",
+    "read_raw",
+    "resolve_source",
+]

@@ -1,0 +1,446 @@
+"""Read F2LLM-format sources, validate them, tokenize once and cache the ids on disk.
+
+A source is one parquet file (the released format), one JSON-lines file, a ``datasets`` directory written by
+``save_to_disk``, or an in-memory ``datasets.Dataset``, with string columns ``query``, ``passage`` and
+``negative_1`` .. ``negative_K`` (K may be 0, e.g. before hard negatives are mined). Other columns are ignored.
+
+Tokenized ids are cached as an Arrow file under ``cache_dir``, keyed by the tokenizer's identity (vocabulary,
+rule, max_length), the query instruction and the content hash of the file: a second run, or another rank, memory-
+maps the cached file and tokenizes nothing. The first process to arrive builds the cache under a file lock while
+the others wait on it, so ranks (and nodes sharing the cache directory) never tokenize the same source twice.
+Every row is validated while the cache is built, i.e. before training starts.
+
+1% of each source (``validation_fraction``) is held out for validation, like ``datasets.train_test_split(
+train_size=0.99)``: ``ceil(fraction * n)`` rows, so every source with at least 2 rows (and fraction > 0) keeps at
+least one validation row. The split is a seeded permutation of the rows, identical on every rank and every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import filelock
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from datasets.exceptions import DatasetGenerationError
+
+from f2llm.data.sources import INSTRUCT_PREFIX, DataError, SourceKind, SourceOverride, format_query, resolve_source
+from f2llm.data.tokenize import TextTokenizer
+
+# Bump when the cached layout or the validation rules change: old caches are then rebuilt, never misread.
+CACHE_FORMAT_VERSION = "f2llm-tokenized-v1"
+_NEGATIVE = re.compile(r"^negative_(\d+)$")
+_TEXT_TYPES = (pa.string(), pa.large_string())
+SUPPORTED_SUFFIXES = (".parquet", ".jsonl")
+
+
+def negative_count(column_names: Sequence[str], where: str) -> int:
+    """K, the number of ``negative_i`` columns; they must be exactly ``negative_1`` .. ``negative_K``."""
+    numbers = sorted(int(m.group(1)) for c in column_names if (m := _NEGATIVE.match(c)))
+    if numbers != list(range(1, len(numbers) + 1)):
+        missing = sorted(set(range(1, max(numbers, default=0) + 1)) - set(numbers))
+        raise DataError(
+            f"{where}: negative columns must be negative_1 .. negative_K without gaps; found "
+            f"{[f'negative_{i}' for i in numbers]}, missing {[f'negative_{i}' for i in missing]}"
+        )
+    return len(numbers)
+
+
+def text_columns(num_negatives: int) -> list[str]:
+    return ["query", "passage", *(f"negative_{i}" for i in range(1, num_negatives + 1))]
+
+
+def _check_columns(column_names: Sequence[str], where: str) -> int:
+    for required in ("query", "passage"):
+        if required not in column_names:
+            raise DataError(
+                f"{where}: missing column {required!r} (columns: {list(column_names)}); an F2LLM source needs "
+                "`query`, `passage` and optionally `negative_1` .. `negative_K`"
+            )
+    return negative_count(column_names, where)
+
+
+def content_digest(source: str | Path | datasets.Dataset) -> str:
+    """SHA-256 of a file, of every file of a ``save_to_disk`` directory, or a Dataset's fingerprint."""
+    if isinstance(source, datasets.Dataset):
+        return f"fingerprint:{source._fingerprint}"
+    path = Path(source)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for file in files:
+        h.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _jsonl_rows(path: str) -> Iterator[dict]:
+    """Rows of a JSON-lines file with line-precise errors (datasets' JSON loader reports neither line nor field)."""
+    columns: list[str] | None = None
+    with open(path, "rb") as f:
+        for line_no, raw_line in enumerate(f, start=1):
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path}: line {line_no}: not UTF-8 ({e.reason} at byte {e.start} of the line)"
+                ) from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {line_no}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: line {line_no}: expected a JSON object, got {type(row).__name__}")
+            fields = [c for c in row if c in ("query", "passage") or _NEGATIVE.match(c)]
+            if columns is None:
+                columns = fields
+                _check_columns(list(row), f"{path}: line {line_no}")
+            elif extra := sorted(set(fields) - set(columns)):
+                raise DataError(
+                    f"{path}: line {line_no}: field(s) {extra} are not in the first row's fields {columns}; every "
+                    "row needs the same negative_i fields"
+                )
+            for column in columns:
+                value = row.get(column)
+                if value is not None and not isinstance(value, str):
+                    raise DataError(
+                        f"{path}: line {line_no}, field {column!r}: expected a string, got "
+                        f"{type(value).__name__} {value!r:.80}"
+                    )
+            yield {column: row.get(column) for column in columns}
+
+
+def read_raw(source: str | Path | datasets.Dataset, cache_dir: str | Path | None = None) -> datasets.Dataset:
+    """The untokenized rows of a source as a ``datasets.Dataset``, its columns checked."""
+    if isinstance(source, datasets.Dataset):
+        ds, where = source, "dataset"
+    else:
+        path = Path(source)
+        where = str(path)
+        raw_cache = str(Path(cache_dir) / "raw") if cache_dir is not None else None
+        if path.is_dir():
+            loaded = datasets.load_from_disk(str(path))
+            if not isinstance(loaded, datasets.Dataset):
+                raise DataError(f"{path}: holds a {type(loaded).__name__}; save one split (a Dataset) per source")
+            ds = loaded
+        elif path.suffix == ".parquet":
+            try:
+                rows = pq.read_metadata(path).num_rows
+            except (pa.ArrowInvalid, OSError) as e:
+                raise DataError(f"{path}: not a readable parquet file ({e}); rewrite it") from None
+            if rows == 0:
+                raise DataError(f"{path}: no rows")
+            ds = datasets.Dataset.from_parquet(str(path), cache_dir=raw_cache)
+        elif path.suffix == ".jsonl":
+            first = next(_jsonl_rows(str(path)), None)
+            if first is None:
+                raise DataError(f"{path}: no rows")
+            features = datasets.Features({c: datasets.Value("string") for c in first})
+            try:
+                ds = datasets.Dataset.from_generator(
+                    _jsonl_rows,
+                    gen_kwargs={"path": str(path)},
+                    features=features,
+                    cache_dir=raw_cache,
+                    fingerprint=f"{path.stem}-{content_digest(path)[:32]}",
+                )
+            except DatasetGenerationError as e:
+                # datasets wraps the generator's exception; ours names the line and the field.
+                if isinstance(e.__cause__, DataError):
+                    raise e.__cause__ from None
+                raise
+        elif not path.exists():
+            raise DataError(f"{path}: no such file or directory")
+        else:
+            raise DataError(
+                f"{path}: unsupported file type {path.suffix!r}; use {', '.join(SUPPORTED_SUFFIXES)} or a "
+                "datasets directory (save_to_disk)"
+            )
+    k = _check_columns(ds.column_names, where)
+    for column in text_columns(k):
+        dtype = ds.data.schema.field(column).type
+        if dtype not in _TEXT_TYPES and dtype != pa.null():
+            raise DataError(f"{where}: column {column!r} has type {dtype}, expected string (one text per row)")
+    if len(ds) == 0:
+        raise DataError(f"{where}: no rows")
+    return ds
+
+
+def _queries_carry_instruction(ds: datasets.Dataset, where: str) -> bool:
+    """True when every query starts with ``Instruct:``, False when none does; a mix is an error."""
+    column = ds.data.column("query")
+    if column.type == pa.null():  # no query at all: row validation reports it
+        return False
+    starts = pc.starts_with(column, INSTRUCT_PREFIX)
+    count = int(pc.sum(starts).as_py() or 0)
+    if 0 < count < len(ds):
+        plain = int(np.flatnonzero(~starts.to_numpy(zero_copy_only=False).astype(bool))[0])
+        raise DataError(
+            f"{where}: {count} of {len(ds)} queries start with {INSTRUCT_PREFIX!r} and the others do not (e.g. row "
+            f"{plain}); give every query its instruction or none"
+        )
+    return count == len(ds)
+
+
+def _validate_and_tokenize(
+    batch: dict[str, list],
+    indices: list[int],
+    *,
+    tokenizer: TextTokenizer,
+    columns: list[str],
+    instruction: str | None,
+    where: str,
+) -> dict[str, list[list[int]]]:
+    for column in columns:
+        for value, row in zip(batch[column], indices, strict=True):
+            if value is None:
+                problem = "missing (null)"
+            elif not isinstance(value, str):
+                problem = f"expected a string, got {type(value).__name__}"
+            elif not value.strip():
+                problem = "empty text"
+            else:
+                continue
+            raise DataError(f"{where}: row {row}, field {column!r}: {problem}; fix or drop the row")
+    texts: list[str] = []
+    for column in columns:
+        values = batch[column]
+        if column == "query" and instruction is not None:
+            values = [format_query(q, instruction) for q in values]
+        texts.extend(values)
+    ids = tokenizer(texts)
+    n = len(indices)
+    return {f"{column}_ids": ids[i * n : (i + 1) * n] for i, column in enumerate(columns)}
+
+
+def _holdout(n: int, fraction: float, seed: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, validation rows), both sorted; seeded by (seed, source name)."""
+    n_val = math.ceil(fraction * n - 1e-9) if n >= 2 and fraction > 0 else 0
+    perm = np.random.default_rng([seed, zlib.crc32(name.encode())]).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def _split_list_column(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    values = array.flatten().to_numpy(zero_copy_only=False)
+    bounds = np.cumsum(array.value_lengths().to_numpy(zero_copy_only=False))[:-1]
+    return np.split(values, bounds)
+
+
+@dataclass
+class TokenizedSource:
+    """One source's token ids (memory-mapped Arrow), its settings and its train / validation rows.
+
+    Attributes:
+        name: source name (file stem).
+        kind: retrieval / classification / clustering.
+        num_negatives: negatives sampled per query and batch.
+        available_negatives: K, the ``negative_i`` columns of the file.
+        instruction: the instruction prefixed to queries while tokenizing (None: queries used as they are).
+        dataset: columns ``query_ids``, ``passage_ids``, ``negative_{i}_ids`` (int32 lists).
+        train_rows / validation_rows: row indices of the two splits.
+        cache_file: the Arrow file holding ``dataset``.
+        cache_hit: True when this load found the cache and tokenized nothing.
+    """
+
+    name: str
+    kind: SourceKind
+    num_negatives: int
+    available_negatives: int
+    instruction: str | None
+    dataset: datasets.Dataset
+    train_rows: np.ndarray
+    validation_rows: np.ndarray
+    cache_file: Path
+    cache_hit: bool
+    _views: dict[tuple[str, ...], datasets.Dataset] = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def take(
+        self, rows: Sequence[int] | np.ndarray, negative_columns: Sequence[int]
+    ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        """Token ids of ``rows``: (queries, passages, negatives row-major: row i's negatives at [i*k, (i+1)*k)).
+
+        ``negative_columns`` are 0-based indices into negative_1 .. negative_K.
+        """
+        columns = ("query_ids", "passage_ids", *(f"negative_{j + 1}_ids" for j in negative_columns))
+        view = self._views.get(columns)
+        if view is None:
+            view = self._views[columns] = self.dataset.with_format("arrow", columns=list(columns))
+        table = view[np.asarray(rows, dtype=np.int64)]
+        per_column = [_split_list_column(table.column(c)) for c in columns]
+        k = len(negative_columns)
+        negatives = [per_column[2 + j][i] for i in range(len(per_column[0])) for j in range(k)]
+        return per_column[0], per_column[1], negatives
+
+
+def load_source(
+    source: str | Path | datasets.Dataset,
+    tokenizer: TextTokenizer,
+    cache_dir: str | Path,
+    *,
+    name: str | None = None,
+    override: SourceOverride | None = None,
+    seed: int = 0,
+    validation_fraction: float = 0.01,
+) -> TokenizedSource:
+    """Validate, tokenize (once: cached) and split one source.
+
+    Args:
+        source: a .parquet / .jsonl file, a ``save_to_disk`` directory, or a ``datasets.Dataset``.
+        tokenizer: the encoder's :class:`TextTokenizer` (its identity keys the cache).
+        cache_dir: where tokenized Arrow files are kept (shared by runs and ranks).
+        name: source name; default the file stem (required for a Dataset).
+        override: settings replacing the source tables (kind, instruction, num_negatives).
+        seed: seed of the validation split.
+        validation_fraction: share of rows held out (ceil; 0 disables).
+
+    Raises:
+        DataError: unknown source, bad columns, a bad row (missing / empty / non-string field), or fewer negative
+            columns than ``num_negatives`` asks.
+    """
+    if isinstance(source, datasets.Dataset):
+        if name is None:
+            raise DataError("load_source: a datasets.Dataset needs an explicit name=")
+        where = f"dataset {name!r}"
+    else:
+        path = Path(source)
+        name = name or path.stem
+        where = str(path)
+        if not path.exists():
+            raise DataError(f"{path}: no such file or directory")
+    spec = resolve_source(name, override, where)
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key_parts = {
+        "format": CACHE_FORMAT_VERSION,
+        "tokenizer": tokenizer.identity(),
+        "content": content_digest(source),
+        "instruction": spec.instruction,
+        "add_instruction": spec.add_instruction,
+    }
+    key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()
+    cache_file = cache_dir / f"{name}-{key[:20]}.arrow"
+    meta_file = cache_file.with_suffix(".json")
+
+    with filelock.FileLock(str(cache_file) + ".lock"):
+        cache_hit = meta_file.exists() and cache_file.exists()
+        if cache_hit:
+            meta = json.loads(meta_file.read_text())
+            dataset = datasets.Dataset.from_file(str(cache_file))
+        else:
+            raw = read_raw(source, cache_dir)
+            k = negative_count(raw.column_names, where)
+            carries = _queries_carry_instruction(raw, where)
+            # Instructions are the decoder recipe's (last-token models); encoders are trained and evaluated without.
+            auto = bool(spec.instruction) and tokenizer.append_eos and not carries
+            add = spec.add_instruction if spec.add_instruction is not None else auto
+            instruction = spec.instruction if add else None
+            columns = text_columns(k)
+            features = datasets.Features({f"{c}_ids": datasets.List(datasets.Value("int32")) for c in columns})
+            dataset = raw.map(
+                _validate_and_tokenize,
+                with_indices=True,
+                batched=True,
+                remove_columns=raw.column_names,
+                fn_kwargs={"tokenizer": tokenizer, "columns": columns, "instruction": instruction, "where": where},
+                features=features,
+                cache_file_name=str(cache_file),
+                load_from_cache_file=False,
+                new_fingerprint=key,
+                desc=f"tokenizing {name}",
+            )
+            meta = {"name": name, "source": where, "rows": len(dataset), "negatives": k, "instruction": instruction}
+            tmp = meta_file.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(meta, indent=1))
+            os.replace(tmp, meta_file)
+
+    k = int(meta["negatives"])
+    if spec.num_negatives > k:
+        have = f"{k} negative column(s) (negative_1 .. negative_{k})" if k else "no negative columns"
+        raise DataError(
+            f"{where}: source {name!r} has {have} but num_negatives={spec.num_negatives} are asked per query; "
+            "lower num_negatives for this source (SourceOverride(num_negatives=...); 0 = in-batch negatives only) "
+            "or mine hard negatives first"
+        )
+    train_rows, validation_rows = _holdout(len(dataset), validation_fraction, seed, name)
+    return TokenizedSource(
+        name=name,
+        kind=spec.kind,
+        num_negatives=spec.num_negatives,
+        available_negatives=k,
+        instruction=meta["instruction"],
+        dataset=dataset,
+        train_rows=train_rows,
+        validation_rows=validation_rows,
+        cache_file=cache_file,
+        cache_hit=cache_hit,
+    )
+
+
+def find_source_files(data: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Source files: each directory given contributes its files (sorted; .parquet / .jsonl), each file itself.
+
+    A ``datasets`` directory (written by ``save_to_disk``) is one source, not a folder of sources.
+    """
+    paths: list[Path] = []
+    for item in [data] if isinstance(data, (str, Path)) else data:
+        path = Path(item)
+        if path.is_dir() and not (path / "dataset_info.json").exists():
+            files = sorted(p for p in path.iterdir() if p.suffix in SUPPORTED_SUFFIXES)
+            if not files:
+                raise DataError(f"{path}: no source files ({', '.join(SUPPORTED_SUFFIXES)}) in this directory")
+            paths.extend(files)
+        else:
+            paths.append(path)
+    names = [p.stem for p in paths]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise DataError(f"two sources share the name(s) {duplicates} (the source name is the file stem)")
+    return paths
+
+
+def load_sources(
+    data: str | Path | Sequence[str | Path],
+    tokenizer: TextTokenizer,
+    cache_dir: str | Path,
+    *,
+    overrides: Mapping[str, SourceOverride] | None = None,
+    seed: int = 0,
+    validation_fraction: float = 0.01,
+) -> list[TokenizedSource]:
+    """:func:`load_source` for every source file of a directory (or list of paths), in name order."""
+    overrides = overrides or {}
+    files = find_source_files(data)
+    unused = sorted(set(overrides) - {p.stem for p in files})
+    if unused:
+        raise DataError(
+            f"source settings given for {unused}, which are not among the sources {[p.stem for p in files]}"
+        )
+    return [
+        load_source(
+            path,
+            tokenizer,
+            cache_dir,
+            override=overrides.get(path.stem),
+            seed=seed,
+            validation_fraction=validation_fraction,
+        )
+        for path in files
+    ]

@@ -1,0 +1,110 @@
+"""Shared test helpers: a tiny random Qwen3 with a real (small, in-test trained) tokenizer, and F2LLM-format files.
+
+No model hub is reached: the tokenizer is a byte-level BPE trained on :data:`CORPUS` in a few milliseconds, with
+``<|endoftext|>`` as both EOS and pad token, like Qwen3 base tokenizers (the pad == EOS trap of the recipe).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+EOS = "<|endoftext|>"
+CORPUS = [
+    "A man is playing a guitar on the stage.",
+    "Two dogs run through the snowy park together.",
+    "What is the capital of France? Paris is the capital.",
+    "Scientists found that the protein binds to the receptor.",
+    "The quick brown fox jumps over the lazy dog.",
+    "How do I reset my card PIN at the bank?",
+    "i feel so happy and grateful today",
+    "The committee approved the new budget on Tuesday evening.",
+    "Retrieval augmented generation combines search with language models.",
+    "Embeddings map texts to vectors so that similar texts are close.",
+]
+
+
+def tiny_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (any text tokenizes, no unknown token) with pad == eos, like a Qwen3 base tokenizer."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
+
+
+def tiny_qwen3_config(vocab_size: int, **overrides) -> transformers.Qwen3Config:
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        head_dim=16,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    kwargs.update(overrides)
+    return transformers.Qwen3Config(**kwargs)
+
+
+def tiny_qwen3(tmp_path: Path, seed: int = 0, **config_overrides) -> Path:
+    """Save a random tiny Qwen3 (causal-LM checkpoint, like a base model) + tokenizer; returns the folder."""
+    path = Path(tmp_path) / f"tiny-qwen3-{seed}"
+    if (path / "config.json").exists():
+        return path
+    tokenizer = tiny_tokenizer()
+    config = tiny_qwen3_config(len(tokenizer), **config_overrides)
+    config.eos_token_id = config.pad_token_id = tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    model = transformers.Qwen3ForCausalLM(config)
+    # Random init gives tiny weights whose outputs are nearly identical across texts; widen them so that
+    # embeddings of different texts differ clearly and comparisons are meaningful.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_source(path: Path, rows: list[dict], fmt: str | None = None) -> Path:
+    """Write F2LLM-format rows (dicts of column -> text) as parquet or jsonl (chosen by the suffix)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = fmt or path.suffix.lstrip(".")
+    if fmt == "parquet":
+        columns = list(rows[0])
+        pq.write_table(pa.table({c: [r.get(c) for r in rows] for c in columns}), path)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def make_rows(n: int, num_negatives: int, prefix: str = "") -> list[dict]:
+    """n distinct rows with distinct texts of varied lengths."""
+    words = " ".join(CORPUS).split()
+    rows = []
+    for i in range(n):
+        row = {"query": _text(words, prefix, "q", i), "passage": _text(words, prefix, "p", i)}
+        for j in range(1, num_negatives + 1):
+            row[f"negative_{j}"] = _text(words, prefix, "n", i, j)
+        rows.append(row)
+    return rows
+
+
+def _text(words: list[str], prefix: str, tag: str, i: int, j: int = 0) -> str:
+    length = 2 + (i * 7 + j * 3) % 11
+    return f"{prefix}{tag} {i} {j} " + " ".join(words[(i + j + t) % len(words)] for t in range(length))
