@@ -1,0 +1,366 @@
+"""The ``f2llm`` command: ``f2llm train``, ``f2llm evaluate``, ``f2llm mine``, ``f2llm encode``.
+
+Each subcommand is registered by an ``add_<name>_parser(subparsers)`` function that sets ``func`` on its parser;
+adding a subcommand means writing one such function and listing it in :data:`SUBCOMMANDS`. Heavy libraries
+(torch models, mteb) are imported inside the subcommands so that ``f2llm --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from f2llm.evaluation.encoding import TextEncoder
+
+
+class UsageError(Exception):
+    """A command-line value that cannot be used (unknown task, bad filter setting, unsupported file type)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared options
+# ----------------------------------------------------------------------------------------------------------
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", required=True, help="model directory or hub name (loaded with f2llm.model.Encoder)")
+    group.add_argument(
+        "--pooling", choices=("last", "mean", "first"), default=None, help="default: last for decoders, mean otherwise"
+    )
+    group.add_argument("--max-length", type=int, default=None, help="max tokens per text (default: the Encoder's)")
+    group.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    group.add_argument("--batch-size", type=int, default=32)
+    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def load_encoder(args: argparse.Namespace) -> TextEncoder:
+    """Load ``--model`` with ``f2llm.model.Encoder``: ``Encoder.load`` for a folder it saved, else ``from_pretrained``.
+
+    Options left unset keep the saved settings (``Encoder.load``) or the Encoder's defaults.
+    """
+    import torch
+
+    from f2llm.model import F2LLM_CONFIG, Encoder
+
+    options: dict[str, Any] = {"pooling": args.pooling, "max_length": args.max_length}
+    if args.dtype is not None:
+        options["dtype"] = getattr(torch, args.dtype)
+    options = {k: v for k, v in options.items() if v is not None}
+    if (Path(args.model) / F2LLM_CONFIG).is_file():
+        return Encoder.load(args.model, **options)
+    return Encoder.from_pretrained(args.model, normalize=True, **options)
+
+
+def _model_key(args: argparse.Namespace) -> str:
+    from f2llm.evaluation.encoding import model_fingerprint
+
+    return model_fingerprint(args.model, pooling=args.pooling, max_length=args.max_length, dtype=args.dtype)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# f2llm evaluate
+# ----------------------------------------------------------------------------------------------------------
+def add_evaluate_parser(subparsers: Any) -> None:
+    from_tasks = "scifact, stsb, banking77, emotion, twentynewsgroups"
+    p = subparsers.add_parser(
+        "evaluate",
+        help="evaluate a model on the built-in MTEB tasks (local data)",
+        description=(
+            "Run MTEB's task classes and evaluators on the datasets under data/: prints a table with the published "
+            "score of the same model when data/reference_scores has one, and writes a JSON report."
+        ),
+    )
+    _add_model_arguments(p)
+    p.add_argument("--tasks", nargs="+", default=from_tasks.split(", "), help=f"built-in tasks (default: {from_tasks})")
+    p.add_argument(
+        "--model-name",
+        default=None,
+        help="name for results and for matching published scores, e.g. all-MiniLM-L6-v2 (default: from --model)",
+    )
+    p.add_argument("--data-dir", type=Path, default=None, help="dataset root (default: the repository's data/)")
+    p.add_argument("--output", type=Path, default=None, help="JSON report (default: outputs/eval/<model>-<time>.json)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="reuse / store embeddings as .npy here")
+    p.add_argument(
+        "--instructions",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="task instructions on queries and symmetric texts; auto: only for last-token pooling (decoders)",
+    )
+    p.set_defaults(func=run_evaluate)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from f2llm.evaluation.run import evaluate_model, format_table, write_report
+    from f2llm.evaluation.tasks import resolve_task_name
+
+    for name in args.tasks:  # fail on a typo before loading the model
+        try:
+            resolve_task_name(name)
+        except KeyError as e:
+            raise UsageError(e.args[0]) from None
+    encoder = load_encoder(args)
+    model_name = args.model_name or args.model
+    scores = evaluate_model(
+        encoder,
+        args.tasks,
+        model_name=model_name,
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        use_instructions={"auto": None, "on": True, "off": False}[args.instructions],
+        cache_dir=args.cache_dir,
+        model_key=_model_key(args) if args.cache_dir else None,
+        show_progress=not args.no_progress,
+    )
+    print(format_table(scores))
+    output = args.output
+    if output is None:
+        stamp = datetime.datetime.now(tz=datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+        output = Path("outputs") / "eval" / f"{_slug(Path(model_name).name)}-{stamp}.json"
+    settings = {k: v for k, v in vars(args).items() if k != "func"}
+    print(f"report: {write_report(output, scores, model_name=model_name, settings=settings)}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# f2llm mine
+# ----------------------------------------------------------------------------------------------------------
+def add_mine_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "mine",
+        help="mine hard negatives into F2LLM-format parquet",
+        description=(
+            "Rank the corpus for each query with the model and keep negatives by the F2LLM recipe: top --depth, "
+            "skip --skip-top, score < --max-score and < --max-positive-ratio x the positive's, first "
+            "--num-negatives, positives excluded."
+        ),
+    )
+    _add_model_arguments(p)
+    p.add_argument("input", type=Path, help="BEIR directory, or F2LLM-format .parquet / .jsonl with query, passage")
+    p.add_argument("--output", type=Path, required=True, help="output parquet (query, passage, negative_1..K)")
+    p.add_argument("--split", default="train", help="qrels split of a BEIR directory (default: train)")
+    p.add_argument(
+        "--instruction",
+        default=None,
+        help="query instruction for decoder models (default for a BEIR directory named after a built-in task: "
+        "that task's instruction)",
+    )
+    p.add_argument("--depth", type=int, default=100)
+    p.add_argument("--skip-top", type=int, default=5)
+    p.add_argument("--max-score", type=float, default=0.8)
+    p.add_argument("--max-positive-ratio", type=float, default=0.95)
+    p.add_argument("--num-negatives", type=int, default=24)
+    p.add_argument(
+        "--shortfall",
+        choices=("drop", "fill"),
+        default="drop",
+        help="rows with too few negatives: drop them (counted), or fill from ranks past --depth",
+    )
+    p.add_argument("--fill-depth", type=int, default=1000, help="deepest rank used by --shortfall fill")
+    p.add_argument("--cache-dir", type=Path, default=None, help="reuse / store corpus embeddings as .npy here")
+    p.set_defaults(func=run_mine)
+
+
+def _default_mining_instruction(args: argparse.Namespace, encoder: TextEncoder) -> str | None:
+    from f2llm.evaluation.encoding import TASK_INSTRUCTIONS, uses_instructions
+    from f2llm.evaluation.tasks import resolve_task_name
+
+    if args.instruction is not None or not uses_instructions(encoder):
+        return args.instruction
+    if not args.input.is_dir():
+        print("note: queries used as they are (F2LLM-format data carries its instructions in the query text)")
+        return None
+    try:
+        instruction = TASK_INSTRUCTIONS[resolve_task_name(args.input.name).metadata.name]
+    except KeyError:
+        print(f"warning: no instruction known for {args.input.name!r}; queries encoded without one (--instruction)")
+        return None
+    print(f"query instruction: {instruction!r}")
+    return instruction
+
+
+def run_mine(args: argparse.Namespace) -> int:
+    from f2llm.mine import MiningConfig, load_mining_input, mine_hard_negatives, write_parquet
+
+    try:
+        config = MiningConfig(
+            depth=args.depth,
+            skip_top=args.skip_top,
+            max_score=args.max_score,
+            max_positive_ratio=args.max_positive_ratio,
+            num_negatives=args.num_negatives,
+            shortfall=args.shortfall,
+            fill_depth=args.fill_depth,
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.output.suffix != ".parquet":
+        raise UsageError(f"--output {args.output}: the mined data is written as .parquet")
+    data = load_mining_input(args.input, args.split)
+    print(f"{len(data.rows)} rows, {len(data.queries)} queries, {len(data.documents)} documents")
+    encoder = load_encoder(args)
+    table, report = mine_hard_negatives(
+        encoder,
+        data,
+        config,
+        instruction=_default_mining_instruction(args, encoder),
+        cache_dir=args.cache_dir,
+        model_key=_model_key(args),
+        batch_size=args.batch_size,
+        show_progress=not args.no_progress,
+    )
+    print(report.summary())
+    print(f"written: {write_parquet(table, args.output)}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# f2llm encode
+# ----------------------------------------------------------------------------------------------------------
+def add_encode_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "encode",
+        help="encode texts into embeddings (.npy or parquet)",
+        description="Texts from .txt (one per line), .jsonl (--field) or .parquet (--field column) -> embeddings.",
+    )
+    _add_model_arguments(p)
+    p.add_argument("input", type=Path, help=".txt, .jsonl or .parquet")
+    p.add_argument("--output", type=Path, required=True, help=".npy (float32 [n, D]) or .parquet (text, embedding)")
+    p.add_argument("--field", default="text", help="JSON field / parquet column holding the text (default: text)")
+    p.add_argument("--instruction", default=None, help="instruction given to every text (decoder query side)")
+    p.set_defaults(func=run_encode)
+
+
+def read_texts(path: Path, field: str = "text") -> list[str]:
+    """Texts of a .txt (one per line), .jsonl (``field``) or .parquet (column ``field``); errors name file and line."""
+    from f2llm.evaluation.data import DataFormatError, read_jsonl
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    texts: list[str] = []
+    if path.suffix == ".txt":
+        for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                raise DataFormatError(path, line_no, "empty line (one text per line expected)")
+            texts.append(line)
+    elif path.suffix == ".jsonl" or path.name.endswith(".jsonl.gz"):
+        for line_no, obj in read_jsonl(path, required=(field,)):
+            if not isinstance(obj[field], str):
+                raise DataFormatError(path, line_no, f"field {field!r} is {type(obj[field]).__name__}, not a string")
+            texts.append(obj[field])
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if field not in table.column_names:
+            raise DataFormatError(path, None, f"no column {field!r}; columns: {table.column_names} (use --field)")
+        for row, value in enumerate(table.column(field).to_pylist()):
+            if not isinstance(value, str):
+                raise DataFormatError(path, None, f"row {row}: column {field!r} is {value!r}, not a string")
+            texts.append(value)
+    else:
+        raise DataFormatError(path, None, "unsupported input; expected .txt, .jsonl or .parquet")
+    if not texts:
+        raise DataFormatError(path, None, "no texts")
+    return texts
+
+
+def write_embeddings(path: Path, texts: Sequence[str], embeddings: np.ndarray) -> Path:
+    """``.npy``: the float32 matrix; ``.parquet``: columns ``text`` and ``embedding`` (fixed-size float32 list)."""
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    if path.suffix == ".npy":
+        np.save(path, embeddings)
+    elif path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        values = pa.array(embeddings.reshape(-1), type=pa.float32())
+        column = pa.FixedSizeListArray.from_arrays(values, embeddings.shape[1])
+        pq.write_table(pa.table({"text": pa.array(list(texts), pa.string()), "embedding": column}), path)
+    else:
+        raise ValueError(f"{path}: unsupported output; expected .npy or .parquet")
+    return path
+
+
+def run_encode(args: argparse.Namespace) -> int:
+    if args.output.suffix not in (".npy", ".parquet"):
+        raise UsageError(f"--output {args.output}: expected a .npy or .parquet file")
+    texts = read_texts(args.input, args.field)
+    encoder = load_encoder(args)
+    embeddings = encoder.encode(
+        texts, batch_size=args.batch_size, instruction=args.instruction, show_progress=not args.no_progress
+    )
+    path = write_embeddings(args.output, texts, embeddings)
+    print(f"{len(texts)} embeddings of dimension {embeddings.shape[1]} written to {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train
+# ----------------------------------------------------------------------------------------------------------
+def add_train_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train an embedding model with the F2LLM recipe (under torchrun for several processes)",
+        description="Train with a YAML config (train/configs/) and key.path=value overrides. Several processes: "
+        "torchrun --nproc-per-node N -m f2llm.cli train --config ... (or train/train.py).",
+    )
+    parser.add_argument("--config", type=Path, required=True, help="YAML config, e.g. train/configs/f2llm-0.6b.yaml")
+    parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. optim.lr=1e-5 data.batch_size=8")
+    parser.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from f2llm.config import load_config
+    from f2llm.trainer import train
+
+    train(load_config(args.config, args.overrides))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------------------
+SUBCOMMANDS: list[Callable[[Any], None]] = [add_evaluate_parser, add_mine_parser, add_encode_parser, add_train_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="f2llm", description="Train, evaluate and use F2LLM-style embedding models.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status. Bad inputs print one line and give status 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except Exception as e:
+        # imported here: f2llm.evaluation pulls in mteb, which `f2llm --help` should not wait for
+        from f2llm.config import ConfigError
+        from f2llm.data.sources import DataError
+        from f2llm.evaluation.data import DataFormatError
+
+        if not isinstance(e, DataFormatError | DataError | ConfigError | FileNotFoundError | UsageError):
+            raise
+        print(f"f2llm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
