@@ -21,11 +21,9 @@ $(STAMP): pyproject.toml
 	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
-# The main job. Until the training demo lands: the pooling kernel's correctness check (Triton interpreter and
-# CPU path vs float64) and its CPU benchmark table.
+# The main job: the CPU training demo (f2llm/demo.py): mine, evaluate, train under torchrun, evaluate again.
 demo: $(STAMP)
-	$(TEST_ENV) $(BIN)/python benchmarks/bench_pooling.py --check --out outputs/demo
-	$(TEST_ENV) $(BIN)/python benchmarks/bench_pooling.py --cpu --out outputs/demo
+	$(TEST_ENV) $(BIN)/python -m f2llm.demo
 
 test: $(STAMP)
 	$(BIN)/ruff check .

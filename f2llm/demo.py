@@ -1,8 +1,8 @@
 """The CPU demo (``make demo``): F2LLM training of a real model on real data, evaluated before and after.
 
 1. Build F2LLM-format training sources from the shipped data: SciFact train claims -> cited abstracts with 24
-   hard negatives mined by the base model (``f2llm mine``'s filters), and SNLI premise -> entailment with the
-   contradiction as hard negative.
+   hard negatives mined by the base model (``f2llm mine``'s filters), and a seeded subset of SNLI premise ->
+   entailment with the contradiction as hard negative (``data/f2llm/snli.parquet``).
 2. Evaluate the base model (all-MiniLM-L6-v2, packaged) on SciFact (nDCG@10) and STSBenchmark (Spearman) with
    MTEB's evaluators; the SciFact corpus embeddings computed for mining are reused.
 3. Train with ``train/configs/demo-cpu.yaml``: 2 processes under torchrun (gloo), gradient cache on, the F2LLM loss
@@ -43,7 +43,6 @@ def log(message: str, started: float) -> None:
 
 def build_training_data(out: Path, encoder, model_key: str, cache_dir: Path, snli_rows: int, seed: int) -> list[Path]:
     """scifact.parquet (mined negatives) and snli.parquet under ``out``."""
-    from f2llm.data.convert import convert
     from f2llm.evaluation import default_data_dir
     from f2llm.mine import MiningConfig, load_beir_input, mine_hard_negatives, write_parquet
 
@@ -54,10 +53,10 @@ def build_training_data(out: Path, encoder, model_key: str, cache_dir: Path, snl
     )
     print(f"SciFact mining: {report.summary()}")
     scifact = write_parquet(table, out / "scifact.parquet")
-    snli = convert(out, sources=["snli"], seed=seed)["snli"]
-    full = pq.read_table(snli)
+    full = pq.read_table(default_data_dir() / "f2llm" / "snli.parquet")  # built by python -m f2llm.data
     # A seeded subset keeps the demo's training time to a few minutes on 2 cores.
     keep = np.sort(np.random.default_rng(seed).choice(full.num_rows, size=min(snli_rows, full.num_rows), replace=False))
+    snli = out / "snli.parquet"
     pq.write_table(full.take(keep), snli)
     print(f"SNLI: {len(keep)} of {full.num_rows} rows")
     return [scifact, snli]

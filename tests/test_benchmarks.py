@@ -47,3 +47,14 @@ def test_bench_contrastive_cpu_quick(tmp_path: Path) -> None:
     run_bench("bench_contrastive.py", "--cpu", "--quick", out=tmp_path)
     rows = json.loads((tmp_path / "contrastive_cpu.json").read_text())["rows"]
     assert rows
+
+
+@pytest.mark.slow
+def test_bench_data_quick(tmp_path: Path) -> None:
+    run_bench("bench_data.py", "--quick", out=tmp_path)
+    rows = json.loads((tmp_path / "bench_data.json").read_text())["rows"]
+    packed = [r for r in rows if r["measure"] == "tokenize+collate" and r["layout"].startswith("packed")]
+    padded = [r for r in rows if r["measure"] == "tokenize+collate" and r["layout"] == "padded"]
+    assert packed and padded and all(r["texts_per_s"] > 0 for r in rows if r["measure"] == "tokenize")
+    assert min(r["real_token_share"] for r in packed) >= 0.95  # packing removes the padding
+    assert max(r["real_token_share"] for r in padded) < 0.95
