@@ -140,6 +140,11 @@ class Encoder(nn.Module):
         self.normalize = normalize
         self.query_instruction = query_instruction
         self.text_tokenizer = TextTokenizer(tokenizer, max_length, append_eos=self.is_decoder)
+        # BERT-like models carry a pooler head ([CLS] -> dense -> tanh) that embeddings never use: frozen, it gets
+        # no optimizer state and DDP does not wait for its gradients (which would never come).
+        pooler = getattr(model, "pooler", None)
+        if isinstance(pooler, nn.Module):
+            pooler.requires_grad_(False)
 
     # ------------------------------------------------------------------------------------------------------
     # Construction

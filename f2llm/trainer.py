@@ -253,20 +253,22 @@ class Trainer:
             seed=config.data.seed,
             epochs=config.optim.epochs,
         )
-        try:
+        # Held-out sources are small (1%): validation batches shrink to what the largest one can fill, so that
+        # small datasets are validated too (the in-batch term then sees fewer negatives than in training).
+        largest = max(len(s.validation_rows) for s in sources) // runtime.world_size
+        validation = None
+        if largest >= 1:
             validation = F2LLMBatchSampler(
                 sources,
-                config.data.batch_size,
+                min(config.data.batch_size, largest),
                 world_size=runtime.world_size,
                 rank=runtime.rank,
                 seed=config.data.seed,
                 epochs=1,
                 split="validation",
             )
-        except ValueError as e:  # too few held-out rows for one global batch
-            validation = None
-            if runtime.main:
-                print(f"f2llm: validation disabled: {e}")
+        elif runtime.main:
+            print("f2llm: validation disabled: fewer held-out rows than ranks (raise data.validation_fraction)")
         total_steps = len(sampler) if config.optim.max_steps is None else min(config.optim.max_steps, len(sampler))
 
         optimizer = torch.optim.AdamW(

@@ -248,3 +248,15 @@ def test_liger_patch_replaces_norm_rope_swiglu_only(qwen3_path, monkeypatch: pyt
 
     with pytest.raises(ValueError, match="no Liger patch for model type 'bert'"):
         apply_liger_kernels(AutoModel.from_config(BertConfig(num_hidden_layers=1)))
+
+
+@pytest.mark.parametrize("which", ["qwen3", "minilm"])
+def test_every_trainable_parameter_gets_a_gradient(which: str, qwen3_path, minilm_path: str) -> None:
+    """DDP fails on parameters that take no part in the embedding (e.g. BERT's pooler head): none may be trainable."""
+    encoder = Encoder.from_pretrained(qwen3_path if which == "qwen3" else minilm_path).train()
+    batch = pad_sequences(encoder.tokenize(CORPUS[:3]), encoder.text_tokenizer.pad_token_id)
+    encoder(batch).sum().backward()
+    missing = [n for n, p in encoder.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"trainable parameters without gradient: {missing}"
+    if which == "minilm":
+        assert not any(p.requires_grad for p in encoder.model.pooler.parameters())

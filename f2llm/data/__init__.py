@@ -14,10 +14,9 @@ A training step, on each rank::
         emb = encoder(collate(batch.sequences()))  # [B + B + B*k, D], in that order
 """
 
+from typing import TYPE_CHECKING
+
 from f2llm.data.collate import Collator, EncoderBatch, pack_sequences, pad_sequences
-from f2llm.data.convert import convert
-from f2llm.data.readers import TokenizedSource, load_source, load_sources, read_raw
-from f2llm.data.sampler import F2LLMBatchSampler, TrainingBatch, negative_columns_for_step
 from f2llm.data.sources import (
     INSTRUCTIONS,
     SOURCE_KINDS,
@@ -28,6 +27,35 @@ from f2llm.data.sources import (
     resolve_source,
 )
 from f2llm.data.tokenize import TextTokenizer, is_decoder_model_type
+
+if TYPE_CHECKING:
+    from f2llm.data.convert import convert
+    from f2llm.data.readers import TokenizedSource, load_source, load_sources, read_raw
+    from f2llm.data.sampler import F2LLMBatchSampler, TrainingBatch, negative_columns_for_step
+
+# The readers, sampler and converters need `datasets` and pyarrow; the encoder (f2llm.model) only needs the
+# tokenizer and collators. Loading the former on first use keeps `import f2llm.model` light, e.g. on a GPU image
+# that runs the benchmarks without `datasets` installed.
+_LAZY = {
+    "convert": "f2llm.data.convert",
+    "TokenizedSource": "f2llm.data.readers",
+    "load_source": "f2llm.data.readers",
+    "load_sources": "f2llm.data.readers",
+    "read_raw": "f2llm.data.readers",
+    "F2LLMBatchSampler": "f2llm.data.sampler",
+    "TrainingBatch": "f2llm.data.sampler",
+    "negative_columns_for_step": "f2llm.data.sampler",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'f2llm.data' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
 
 __all__ = [
     "INSTRUCTIONS",
