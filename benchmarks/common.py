@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -43,6 +44,7 @@ def environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "host": platform.node(),
         "interpreter": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+        "command": command_line(),
     }
     try:
         import triton
@@ -57,6 +59,16 @@ def environment() -> dict[str, Any]:
     return env
 
 
+def command_line() -> str:
+    """This process's command line, with the script path relative to the repository root when inside it."""
+    argv = list(sys.argv)
+    if argv and argv[0]:
+        script = Path(argv[0]).resolve()
+        root = Path(__file__).resolve().parents[1]
+        argv[0] = str(script.relative_to(root)) if script.is_relative_to(root) else argv[0]
+    return " ".join(["python", *map(shlex.quote, argv)])
+
+
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     """||x - ref|| / ||ref|| in float64; inf when ``x`` holds a nan or inf (a non-finite result never passes)."""
     x, ref = x.double(), ref.double()
@@ -68,7 +80,8 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     def fmt(v: Any) -> str:
         if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
+            # 3 significant digits; from 1000 on, the whole number (no 7.25e+03)
+            return f"{v:.3g}" if abs(v) < 1e3 else f"{v:.0f}"
         return str(v)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -76,15 +89,30 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def write_results(out: Path, name: str, rows: list[dict], columns: list[str], title: str) -> Path:
-    """Write ``out/name.json`` and ``out/name.md``, print the table; returns the JSON path."""
+def write_results(
+    out: Path,
+    name: str,
+    rows: list[dict],
+    columns: list[str],
+    title: str,
+    meta: dict[str, Any] | None = None,
+    quiet: bool = False,
+) -> Path:
+    """Write ``out/name.json`` and ``out/name.md``, print the table (unless ``quiet``); returns the JSON path.
+
+    ``meta`` (settings of the run that hold for every row) is stored under ``"meta"`` in the JSON. A script that
+    writes partial results after every row passes ``quiet=True`` until the last write.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": name, "env": environment(), "rows": rows}
+    payload: dict[str, Any] = {"benchmark": name, "env": environment(), "rows": rows}
+    if meta is not None:
+        payload["meta"] = meta
     path = out / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2))
     table = markdown_table(rows, columns)
     (out / f"{name}.md").write_text(f"# {title}\n\n{json.dumps(payload['env'])}\n\n{table}\n")
-    print(f"\n{title}\n{table}\nwrote {path}")
+    if not quiet:
+        print(f"\n{title}\n{table}\nwrote {path}")
     return path
 
 

@@ -1,55 +1,127 @@
 #!/usr/bin/env bash
-# The one script to run on a GPU machine (see benchmarks/README.md). Checks every kernel against its float64
-# reference at real sizes on CUDA (bf16 and fp32), then times each kernel against the PyTorch reference and
-# installed peers. Writes JSON + markdown under $OUT (default benchmarks/results/<gpu>/<date>) and prints a
-# short summary last. Needs no network: wheels the image lacks are installed from $WHEELS (default .whl/).
+# The one script to run on a GPU machine (see benchmarks/README.md), within SUITE_BUDGET_S seconds (default 480):
+#   1. kernel correctness on CUDA against float64 at real sizes (pooling, contrastive; bf16 and fp32);
+#   2. kernel benchmarks: time + peak memory vs the PyTorch reference and the peers whose wheels are carried;
+#   3. the training-step ablation (Qwen3-0.6B dimensions), with whatever time is left as its --budget-s;
+#   4. PNG plots and a summary table (printed last).
+# Every step runs under `timeout`; a failed or timed-out step is recorded and the suite goes on.
+#
+# Usage: bash benchmarks/gpu_suite.sh [--quick] [--dry-run] [--only STEP,...]
+#   --quick    smallest sizes of every benchmark (a smoke test on the GPU, about a minute)
+#   --dry-run  no GPU: every step in its CPU mode (--cpu, --quick for the timings), to prove the plumbing
+#   --only     run only these steps (pooling_check, pooling_bench, contrastive_check, contrastive_bench,
+#              train_step), e.g. to rerun the training step alone in a short GPU window
+# Environment:
+#   RESULTS_ROOT  results go to $RESULTS_ROOT/<device>/<yyyy-mm-dd>/ (default benchmarks/results; dry run: a
+#                 folder under ${TMPDIR:-/tmp})
+#   OUT           when set (the device tool sets it): also write $OUT/results.tar.gz (the whole results folder, as
+#                 <device>/<date>/...), $OUT/summary.md and the PNGs, so that everything comes back in a few files
+#   WHEELS        folder of carried wheels installed into a private site dir (default .whl)
+#   PYTHON        the interpreter (default python3)
+#   SUITE_BUDGET_S  total seconds for all steps (default 480)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 WHEELS=${WHEELS:-.whl}
+SUITE_BUDGET_S=${SUITE_BUDGET_S:-480}
+suite_start=$SECONDS
 
-gpu=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))" 2>/dev/null) || {
-  echo "gpu_suite: no CUDA device visible to $PY (torch.cuda.get_device_name failed)"; exit 2; }
-OUT=${OUT:-benchmarks/results/$gpu/$(date +%F)}
-mkdir -p "$OUT"
+dry_run=0
+quick=()
+only=""
+while [ $# -gt 0 ]; do
+  case $1 in
+    --dry-run) dry_run=1 ;;
+    --quick) quick=(--quick) ;;
+    --only) only=",${2:?--only needs a comma-separated list of steps},"; shift ;;
+    *) echo "gpu_suite: unknown argument $1 (use --quick, --dry-run, --only STEP,...)"; exit 2 ;;
+  esac
+  shift
+done
 
-# Carried wheels (liger-kernel, deepspeed, inf-cl, cut-cross-entropy) go to a private site dir: nothing in the
-# image is replaced.
-if compgen -G "$WHEELS/*.whl" >/dev/null; then
+if [ "$dry_run" = 1 ]; then
+  device=cpu-dry-run
+  cpu=(--cpu)
+  quick=(--quick)
+  export TRITON_INTERPRET=1  # the Triton paths of the checks run through the interpreter
+  RESULTS_ROOT=${RESULTS_ROOT:-${TMPDIR:-/tmp}/f2llm-suite-dry-run}
+else
+  device=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))" 2>/dev/null) || {
+    echo "gpu_suite: no CUDA device visible to $PY (torch.cuda.get_device_name failed); --dry-run runs on CPU"
+    exit 2
+  }
+  cpu=()
+  RESULTS_ROOT=${RESULTS_ROOT:-benchmarks/results}
+fi
+run_dir="$device/$(date +%F)"
+RESULTS="$RESULTS_ROOT/$run_dir"
+mkdir -p "$RESULTS"
+rm -f "$RESULTS/steps.txt"
+
+# Carried wheels (liger-kernel, inf-cl, cut-cross-entropy, ...) go to a private site dir: nothing in the image
+# is replaced. A dry run leaves the environment as it is.
+if [ "$dry_run" = 0 ] && compgen -G "$WHEELS/*.whl" >/dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/f2llm-wheels "$WHEELS"/*.whl \
     && export PYTHONPATH=/tmp/f2llm-wheels${PYTHONPATH:+:$PYTHONPATH}
 fi
 # f2llm itself without pip: kernels/ is the package f2llm.kernels.
-site=/tmp/f2llm-src
-rm -rf "$site" && mkdir -p "$site" && cp -r f2llm "$site/" && cp -r kernels "$site/f2llm/kernels"
+site=$(mktemp -d "${TMPDIR:-/tmp}/f2llm-src.XXXXXX")
+cp -r f2llm "$site/" && cp -r kernels "$site/f2llm/kernels"
 export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null
   $PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
-  $PY -m pip list 2>/dev/null | grep -iE '^(transformers|liger|deepspeed|inf.cl|cut.cross|sentence)' || true
-} | tee "$OUT/environment.txt"
+  $PY -m pip list 2>/dev/null | grep -iE '^(transformers|datasets|pyarrow|liger|deepspeed|inf.cl|cut.cross|sentence|flash|matplotlib)' || true
+} | tee "$RESULTS/environment.txt"
 
 status=0
-step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, remember failures, keep going
-  local name=$1; shift
-  echo "== $name: $*"
+remaining() { echo $((SUITE_BUDGET_S - (SECONDS - suite_start))); }
+# step NAME LIMIT_S COMMAND...: run under `timeout` (the smaller of LIMIT_S and the suite's time left), log to
+# $RESULTS/NAME.log, append "NAME EXIT SECONDS LIMIT" to steps.txt, remember failures, keep going.
+step() {
+  local name=$1 limit=$2; shift 2
+  [ -z "$only" ] || [[ $only == *",$name,"* ]] || return 0
+  local left; left=$(remaining)
+  [ "$limit" -le "$left" ] || limit=$left
+  if [ "$limit" -lt 10 ]; then
+    echo "== $name: skipped, ${left} s left of SUITE_BUDGET_S=$SUITE_BUDGET_S"
+    echo "$name skipped 0 $limit" >> "$RESULTS/steps.txt"
+    status=1
+    return
+  fi
+  echo "== $name (limit ${limit} s): $*"
   local t0=$SECONDS
-  "$@" 2>&1 | tee "$OUT/$name.log"
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$RESULTS/$name.log"
   local rc=${PIPESTATUS[0]}
   echo "== $name: exit $rc after $((SECONDS - t0)) s"
   [ "$rc" -eq 0 ] || status=1
-  echo "$name $rc $((SECONDS - t0))" >> "$OUT/steps.txt"
+  echo "$name $rc $((SECONDS - t0)) $limit" >> "$RESULTS/steps.txt"
 }
 
-step pooling_check $PY benchmarks/bench_pooling.py --check --out "$OUT"
-step pooling_bench $PY benchmarks/bench_pooling.py --out "$OUT"
-step contrastive_check $PY benchmarks/bench_contrastive.py --check --out "$OUT"
-step contrastive_bench $PY benchmarks/bench_contrastive.py --out "$OUT"
+REPORT_RESERVE_S=30  # plots, summary and tarball at the end (they have their own timeouts)
+step pooling_check 60 $PY benchmarks/bench_pooling.py --check "${cpu[@]}" --out "$RESULTS"
+step pooling_bench 90 $PY benchmarks/bench_pooling.py "${cpu[@]}" "${quick[@]}" --out "$RESULTS"
+step contrastive_check 75 $PY benchmarks/bench_contrastive.py --check "${cpu[@]}" --out "$RESULTS"
+step contrastive_bench 120 $PY benchmarks/bench_contrastive.py "${cpu[@]}" "${quick[@]}" --out "$RESULTS"
+# The training step gets the rest; its own --budget-s stops starting gradient-cache rows 30 s before the timeout.
+train_limit=$(($(remaining) - REPORT_RESERVE_S))
+step train_step "$train_limit" $PY benchmarks/bench_train_step.py "${cpu[@]}" "${quick[@]}" \
+  --budget-s $((train_limit > 60 ? train_limit - 30 : train_limit / 2)) --out "$RESULTS"
 
+timeout 45 $PY benchmarks/report.py plots "$RESULTS" || { echo "gpu_suite: report.py plots failed"; status=1; }
+timeout 20 $PY benchmarks/report.py summary "$RESULTS" >/dev/null || { echo "gpu_suite: report.py summary failed"; status=1; }
+rm -rf "$site"
+
+if [ -n "${OUT:-}" ]; then
+  mkdir -p "$OUT"
+  tar -czf "$OUT/results.tar.gz" -C "$RESULTS_ROOT" "$run_dir"
+  cp "$RESULTS"/summary.md "$OUT"/ 2>/dev/null
+  cp "$RESULTS"/*.png "$OUT"/ 2>/dev/null
+  echo "gpu_suite: wrote $OUT/results.tar.gz (unpack into benchmarks/results/ to commit $run_dir)"
+fi
+echo "gpu_suite: results in $RESULTS, $((SECONDS - suite_start)) s in all"
 echo
-echo "== summary ($OUT)"
-column -t "$OUT/steps.txt" 2>/dev/null || cat "$OUT/steps.txt"
-for f in "$OUT"/pooling_cuda.md "$OUT"/contrastive_cuda.md; do [ -f "$f" ] && tail -n +5 "$f"; done
+cat "$RESULTS/summary.md" 2>/dev/null || echo "gpu_suite: no summary (report.py summary failed)"
 exit $status

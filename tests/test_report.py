@@ -1,0 +1,230 @@
+"""benchmarks/report.py: README tables and PNGs from a fixture result set, the suite summary, and README drift."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORT = ROOT / "benchmarks" / "report.py"
+FIXTURES = ROOT / "tests" / "fixtures" / "results"
+GPU_RUN = Path("FIXTURE-GPU") / "2000-01-01"
+CPU_RUN = Path("cpu") / "2000-01-01"
+BEFORE = "# project\n\nintro text\n\n## Performance\n\n"
+START = "<!-- performance:start (rendered by benchmarks/report.py; do not edit by hand) -->\n"
+AFTER = "<!-- performance:end -->\n\n## Licence\n\ntext after\n"
+
+
+@pytest.fixture(scope="module")
+def report():
+    """benchmarks/report.py imported as a module (its folder on sys.path for `common`)."""
+    sys.path.insert(0, str(REPORT.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("report", REPORT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up by name
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(REPORT.parent))
+        sys.modules.pop("report", None)
+
+
+@pytest.fixture(scope="module")
+def rendered(report, tmp_path_factory) -> Path:
+    """A copy of the fixture results and a README with markers, rendered once; returns the folder holding both."""
+    root = tmp_path_factory.mktemp("report")
+    shutil.copytree(FIXTURES, root / "results")
+    (root / "README.md").write_text(BEFORE + START + "stale text\n" + AFTER)
+    assert report.main(["--results", str(root / "results"), "--readme", str(root / "README.md")]) == 0
+    return root
+
+
+def region_of(readme: Path) -> str:
+    text = readme.read_text()
+    return text[text.index(START) + len(START) : text.index(AFTER)]
+
+
+def tables(region: str) -> dict[str, list[dict[str, str]]]:
+    """Every markdown table of the region, keyed by the '#### ' heading above it, as dicts header -> cell."""
+    out: dict[str, list[dict[str, str]]] = {}
+    heading, lines = "", region.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("#### "):
+            heading = line[5:]
+        if line.startswith("| ") and lines[i + 1].startswith("|---"):
+            headers = [c.strip() for c in line.strip("|").split("|")]
+            rows = []
+            for row in lines[i + 2 :]:
+                if not row.startswith("|"):
+                    break
+                rows.append(dict(zip(headers, (c.strip() for c in row.strip("|").split("|")), strict=True)))
+            out[heading] = rows
+    return out
+
+
+def cell(value: float | str) -> str:
+    """How a results value must appear in a table: 3 significant digits, whole numbers from 1000 on."""
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1e3 else f"{value:.0f}"
+    return str(value)
+
+
+def load(run: Path, name: str) -> dict:
+    return json.loads((FIXTURES / run / f"{name}.json").read_text())
+
+
+def test_readme_region_replaced_and_ordered(rendered: Path) -> None:
+    text = (rendered / "README.md").read_text()
+    assert text.startswith(BEFORE + START) and text.endswith(AFTER)
+    region = region_of(rendered / "README.md")
+    assert "stale text" not in region
+    gpu = region.index("### FIXTURE GPU (synthetic test numbers), 2000-01-01")
+    cpu = region.index("### CPU: ")
+    assert gpu < cpu, "GPU runs come before CPU runs"
+    assert "not GPU performance figures" in region[cpu:]
+    assert "No GPU run has been committed yet" not in region
+    # The earlier run of the same device is linked, not rendered; local/ runs are never shown.
+    assert region.count("1999-12-31") == 2 and "Earlier runs: [FIXTURE-GPU/1999-12-31]" in region
+    assert "local/" not in region
+    assert "**16/16 PASS**" in region and "**3/4 PASS**" in region
+    # Commands are shown without their --out folder.
+    assert "`python benchmarks/bench_train_step.py --budget-s 200`" in region and "--out" not in region
+
+
+def test_tables_hold_the_results(rendered: Path) -> None:
+    found = tables(region_of(rendered / "README.md"))
+    device = "FIXTURE GPU (synthetic test numbers), 2000-01-01"
+    pooling = found[f"Pooling + L2 norm ({device})"]
+    expected = load(GPU_RUN, "pooling_cuda")["rows"]
+    assert len(pooling) == len(expected)
+    for want, got in zip(expected, pooling, strict=True):
+        assert (got["B"], got["L"], got["D"], got["mode"], got["impl"]) == tuple(
+            str(want[k]) for k in ("B", "L", "D", "mode", "impl")
+        )
+        assert got["fwd+bwd ms"] == cell(want["fwd_bwd_ms"])
+        assert got["peak extra MiB"] == cell(want["peak_extra_mib"])
+        assert got["fwd % of copy bandwidth"] == cell(want["fwd_pct_copy_bw"])
+
+    contrastive = found[f"Contrastive loss (InfoNCE) ({device})"]
+    expected = load(GPU_RUN, "contrastive_cuda")["rows"]
+    assert [(r["impl"], r["fwd+bwd ms"]) for r in contrastive] == [(w["impl"], cell(w["fwd_bwd_ms"])) for w in expected]
+    assert [r["speedup vs ref"] for r in contrastive] == [cell(w.get("speedup_vs_ref", "")) for w in expected]
+    assert "OOM" in {r["peak extra MiB"] for r in contrastive}
+
+    train = found[f"Training step ablation ({device})"]
+    expected = load(GPU_RUN, "train_step_cuda")["rows"]
+    assert [r["row"] for r in train] == [w["row"] for w in expected]
+    assert [r["status"] for r in train] == [w["status"] for w in expected]
+    assert [r["tokens/s"] for r in train] == [cell(w.get("tokens_per_s", "")) for w in expected]
+    assert [r["MFU %"] for r in train] == [cell(w.get("mfu_pct", "")) for w in expected]
+
+    cpu = found["Training step ablation (cpu (2 cores, 2 torch threads), 2000-01-01)"]
+    assert [r["row"] for r in cpu] == [w["row"] for w in load(CPU_RUN, "train_step_cpu")["rows"]]
+    cpu_pool = found["Pooling + L2 norm (cpu (2 cores, 2 torch threads), 2000-01-01)"]
+    want = load(CPU_RUN, "pooling_cpu")["rows"]
+    assert [r["speedup"] for r in cpu_pool] == [cell(w["speedup"]) for w in want]
+
+
+def test_links_and_plots_exist(rendered: Path) -> None:
+    import matplotlib.image
+
+    region = region_of(rendered / "README.md")
+    readme = rendered / "README.md"
+    links = [os.path.normpath(readme.parent / t) for t in re.findall(r"\]\(([^)]+)\)", region)]
+    assert links and all(Path(p).exists() for p in links), [p for p in links if not Path(p).exists()]
+    for run, names in ((GPU_RUN, ("pooling", "contrastive", "train_step")), (CPU_RUN, ("pooling", "contrastive"))):
+        for name in names:
+            png = rendered / "results" / run / f"{name}.png"
+            assert str(png) in links
+            image = matplotlib.image.imread(png)
+            assert image.shape[0] > 200 and image.shape[1] > 400 and image.std() > 0.01, (png, image.shape)
+
+
+def test_check_detects_drift(report, rendered: Path, tmp_path: Path) -> None:
+    shutil.copytree(rendered, tmp_path / "copy")
+    args = ["--results", str(tmp_path / "copy" / "results"), "--readme", str(tmp_path / "copy" / "README.md")]
+    assert report.main(args) == 0  # links to the scripts depend on where the README is
+    assert report.main([*args, "--check"]) == 0
+    train = tmp_path / "copy" / "results" / GPU_RUN / "train_step_cuda.json"
+    payload = json.loads(train.read_text())
+    payload["rows"][0]["tokens_per_s"] = 12345.0
+    train.write_text(json.dumps(payload))
+    assert report.main([*args, "--check"]) == 1
+    assert report.main(args) == 0  # re-render
+    assert report.main([*args, "--check"]) == 0
+    (tmp_path / "copy" / "results" / GPU_RUN / "pooling.png").unlink()
+    assert report.main([*args, "--check"]) == 1, "a linked plot that is missing is drift too"
+
+
+def test_summary(report, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "run"
+    shutil.copytree(FIXTURES / GPU_RUN, folder)
+    assert report.main(["summary", str(folder)]) == 0
+    printed = capsys.readouterr().out
+    assert printed == (folder / "summary.md").read_text() + "\n"
+    lines = {line.split("|")[1].strip(): line for line in printed.splitlines() if line.startswith("| ")}
+    assert "| PASS | 20 | 60 | 16/16 cases PASS |" in lines["pooling_check"]
+    assert "FAIL (exit 1)" in lines["contrastive_check"] and "3/4 cases PASS" in lines["contrastive_check"]
+    assert "TIMEOUT" in lines["contrastive_bench"] and "reference OOM at 1 sizes" in lines["contrastive_bench"]
+    assert "f2llm fwd at 12-90% of copy bandwidth" in lines["pooling_bench"]
+    assert "4.2-4.67x" in lines["pooling_bench"]
+    assert "5/7 rows measured" in lines["train_step"]
+    assert "| e. + gradient cache, 4k queries | OOM |" in printed
+
+
+def test_committed_readme_matches_committed_results() -> None:
+    """README's performance section is exactly what report.py renders from benchmarks/results/ (no drift)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    result = subprocess.run(
+        [sys.executable, str(REPORT), "--check"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_gpu_suite_dry_run(tmp_path: Path) -> None:
+    """benchmarks/gpu_suite.sh --dry-run: steps in CPU mode, then plots, summary (printed last) and tarball.
+
+    Two steps only (--only), to keep the test short: every step goes through the same plumbing.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env.update(PYTHON=sys.executable, RESULTS_ROOT=str(tmp_path / "results"), OUT=str(tmp_path / "out"))
+    result = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--dry-run", "--only", "contrastive_check,train_step"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=480,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    runs = list((tmp_path / "results" / "cpu-dry-run").iterdir())
+    assert len(runs) == 1
+    run = runs[0]
+    steps = [line.split() for line in (run / "steps.txt").read_text().splitlines()]
+    names = ["contrastive_check", "train_step"]
+    assert [s[0] for s in steps] == names and all(s[1] == "0" for s in steps), steps
+    # $OUT holds few files (the device tool brings back at most 8): the tarball, the summary and the plots.
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["results.tar.gz", "summary.md", "train_step.png"]
+    with tarfile.open(out / "results.tar.gz") as tar:
+        members = set(tar.getnames())
+    prefix = f"cpu-dry-run/{run.name}/"
+    for name in ["contrastive_check_cpu.json", "contrastive_check.log", "train_step_cpu.json", "train_step.log",
+                 "train_step.png", "steps.txt", "summary.md", "environment.txt"]:  # fmt: skip
+        assert prefix + name in members, (name, sorted(members))
+    summary = (out / "summary.md").read_text()
+    assert result.stdout.rstrip().endswith(summary.rstrip()), "the summary is printed last"
+    for name in names:
+        assert f"| {name} | PASS |" in summary
+    assert "| pooling_check |" not in summary
+    assert "| e. + gradient cache, 16 queries | ok |" in summary
