@@ -585,4 +585,3 @@ def train(config: TrainConfig) -> Path:
     finally:
         if distributed.is_distributed():
             dist.destroy_process_group()
-
