@@ -6,9 +6,15 @@ No model hub is reached: the tokenizer is a byte-level BPE trained on :data:`COR
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -108,3 +114,40 @@ def make_rows(n: int, num_negatives: int, prefix: str = "") -> list[dict]:
 def _text(words: list[str], prefix: str, tag: str, i: int, j: int = 0) -> str:
     length = 2 + (i * 7 + j * 3) % 11
     return f"{prefix}{tag} {i} {j} " + " ".join(words[(i + j + t) % len(words)] for t in range(length))
+
+
+class LookupEncoder:
+    """A TextEncoder embedding each text by a fixed table (KeyError for a text the test did not plan).
+
+    Outputs are L2-normalized, as Encoder's; every call is recorded as (texts, instruction).
+    """
+
+    def __init__(self, table: dict[str, np.ndarray], pooling: str = "mean") -> None:
+        self.table = table
+        self.pooling = pooling
+        self.calls: list[tuple[list[str], str | None]] = []
+
+    def encode(
+        self, texts: list[str], *, batch_size: int = 32, instruction: str | None = None, show_progress: bool = True
+    ) -> np.ndarray:
+        self.calls.append((list(texts), instruction))
+        emb = np.stack([self.table[t] for t in texts]).astype(np.float32)
+        return emb / np.linalg.norm(emb, axis=1, keepdims=True)
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@contextlib.contextmanager
+def benchmark_module(name: str) -> Iterator[ModuleType]:
+    """benchmarks/<name>.py imported as a module (its folder on sys.path for `common`), removed afterwards."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up by name
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+        sys.modules.pop(name, None)

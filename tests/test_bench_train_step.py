@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import os
@@ -15,6 +14,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModel, Qwen3Config
+
+from tests.helpers import benchmark_module
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_train_step.py"
@@ -30,17 +31,9 @@ def run_bench(out: Path, *args: str) -> dict:
 
 @pytest.fixture(scope="module")
 def bench_module():
-    """benchmarks/bench_train_step.py imported as a module (its folder on sys.path for `common`)."""
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_train_step", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up by name
-        spec.loader.exec_module(module)
+    """benchmarks/bench_train_step.py imported as a module."""
+    with benchmark_module("bench_train_step") as module:
         yield module
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-        sys.modules.pop("bench_train_step", None)
 
 
 @pytest.mark.slow

@@ -36,27 +36,12 @@ from f2llm.evaluation import (
 )
 from f2llm.evaluation.data import read_banking77, read_sts_benchmark
 from f2llm.evaluation.tasks import BUILTIN_TASKS, default_data_dir, resolve_task_name
+from tests.helpers import LookupEncoder
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Fake encoders
 # ----------------------------------------------------------------------------------------------------------
-class LookupEncoder:
-    """Embeds each text by a fixed table (KeyError for a text the test did not plan); records every call."""
-
-    def __init__(self, table: dict[str, np.ndarray], pooling: str = "mean") -> None:
-        self.table = table
-        self.pooling = pooling
-        self.calls: list[tuple[list[str], str | None]] = []
-
-    def encode(
-        self, texts: list[str], *, batch_size: int = 32, instruction: str | None = None, show_progress: bool = True
-    ) -> np.ndarray:
-        self.calls.append((list(texts), instruction))
-        emb = np.stack([self.table[t] for t in texts]).astype(np.float32)
-        return emb / np.linalg.norm(emb, axis=1, keepdims=True)
-
-
 class HashingEncoder:
     """Bag of hashed words in ``dim`` buckets, L2-normalized: deterministic and cheap."""
 

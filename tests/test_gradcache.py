@@ -7,24 +7,17 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import Qwen3Config, Qwen3Model
+from transformers import Qwen3Model
 
 from f2llm.gradcache import GradientCache, RngState
 from f2llm.ops import pool
+from tests.helpers import tiny_qwen3_config
 
 
 def tiny_qwen3(dropout: float) -> Qwen3Model:
-    config = Qwen3Config(
-        vocab_size=101,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        attention_dropout=dropout,
-        attn_implementation="eager",  # eager applies attention dropout with torch's RNG, as every backend does
-    )
+    # eager applies attention dropout with torch's RNG, as every backend does
+    config = tiny_qwen3_config(101, hidden_size=32, intermediate_size=64, head_dim=8, attention_dropout=dropout)
+    config._attn_implementation = "eager"
     torch.manual_seed(1)
     return Qwen3Model(config).float().train()
 

@@ -21,21 +21,7 @@ from f2llm.mine import (
     select_negatives,
     write_parquet,
 )
-
-
-class LookupEncoder:
-    """Embeds each text by a fixed table; records every call."""
-
-    def __init__(self, table: dict[str, np.ndarray], pooling: str = "mean") -> None:
-        self.table = table
-        self.pooling = pooling
-        self.calls: list[tuple[list[str], str | None]] = []
-
-    def encode(
-        self, texts: list[str], *, batch_size: int = 32, instruction: str | None = None, show_progress: bool = True
-    ) -> np.ndarray:
-        self.calls.append((list(texts), instruction))
-        return np.stack([self.table[t] for t in texts]).astype(np.float32)
+from tests.helpers import LookupEncoder
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -13,6 +12,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import benchmark_module
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "benchmarks" / "report.py"
@@ -26,17 +27,9 @@ AFTER = "<!-- performance:end -->\n\n## Licence\n\ntext after\n"
 
 @pytest.fixture(scope="module")
 def report():
-    """benchmarks/report.py imported as a module (its folder on sys.path for `common`)."""
-    sys.path.insert(0, str(REPORT.parent))
-    try:
-        spec = importlib.util.spec_from_file_location("report", REPORT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up by name
-        spec.loader.exec_module(module)
+    """benchmarks/report.py imported as a module."""
+    with benchmark_module("report") as module:
         yield module
-    finally:
-        sys.path.remove(str(REPORT.parent))
-        sys.modules.pop("report", None)
 
 
 @pytest.fixture(scope="module")
