@@ -58,3 +58,12 @@ def test_bench_data_quick(tmp_path: Path) -> None:
     assert packed and padded and all(r["texts_per_s"] > 0 for r in rows if r["measure"] == "tokenize")
     assert min(r["real_token_share"] for r in packed) >= 0.95  # packing removes the padding
     assert max(r["real_token_share"] for r in padded) < 0.95
+
+
+@pytest.mark.slow
+def test_bench_gradcache_memory_quick(tmp_path: Path) -> None:
+    """Doubling the effective batch (same chunk size) must not double the step's peak memory."""
+    run_bench("bench_gradcache_memory.py", "--quick", out=tmp_path)
+    small, large = json.loads((tmp_path / "gradcache_memory_cpu.json").read_text())["rows"]
+    assert large["queries"] == 2 * small["queries"] and large["chunks"] == 2 * small["chunks"]
+    assert large["peak_extra_mib"] < 1.5 * small["peak_extra_mib"]
