@@ -29,7 +29,6 @@ MALLOC_MMAP_THRESHOLD_=65536 so that resident memory follows live tensors rather
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -39,12 +38,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from common import (
-    DEFAULT_OUT,
     cpu_median_s,
     cpu_peak_extra_mib,
     cuda_median_ms,
     cuda_peak_extra_mib,
     is_oom,
+    kernel_benchmark_parser,
     rel_err,
     run_json_subprocess,
     write_results,
@@ -311,11 +310,7 @@ def run_cpu(out: Path, quick: bool, repeats: int, rounds: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="correctness vs float64 instead of timing")
-    parser.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available")
-    parser.add_argument("--quick", action="store_true", help="smallest sizes only (smoke test)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
+    parser = kernel_benchmark_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=3, help="CPU: timed runs per subprocess")
     parser.add_argument("--rounds", type=int, default=2, help="CPU: subprocesses per implementation")
     parser.add_argument("--cpu-case", choices=["chunked", "naive"], help="run one CPU case here, print a JSON line")

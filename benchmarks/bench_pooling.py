@@ -16,7 +16,6 @@ copy of the same tensor measured in the same process.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -24,7 +23,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import DEFAULT_OUT, cuda_median_ms, cuda_peak_extra_mib, is_oom, rel_err, write_results
+from common import (
+    cuda_median_ms,
+    cuda_peak_extra_mib,
+    is_oom,
+    kernel_benchmark_parser,
+    rel_err,
+    write_results,
+)
 
 from f2llm.kernels.pooling import MODES, pool_reference, triton_interpreting
 from f2llm.ops import pool
@@ -220,11 +226,7 @@ def run_cpu(out: Path, quick: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="correctness vs float64 instead of timing")
-    parser.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available")
-    parser.add_argument("--quick", action="store_true", help="smallest sizes only (smoke test)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
+    parser = kernel_benchmark_parser(__doc__)
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     if args.check:

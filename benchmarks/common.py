@@ -16,6 +16,7 @@ Measuring:
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -114,6 +115,16 @@ def write_results(
     if not quiet:
         print(f"\n{title}\n{table}\nwrote {path}")
     return path
+
+
+def kernel_benchmark_parser(description: str) -> argparse.ArgumentParser:
+    """The options every kernel benchmark takes: --check, --cpu, --quick, --out."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="correctness vs float64 instead of timing")
+    parser.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available")
+    parser.add_argument("--quick", action="store_true", help="smallest sizes only (smoke test)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
+    return parser
 
 
 # ------------------------------------------------------------------------------------------------ CUDA
