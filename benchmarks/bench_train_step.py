@@ -63,7 +63,7 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -78,7 +78,7 @@ from transformers.utils import is_flash_attn_2_available
 
 from f2llm.config import DataConfig, OptimConfig, TrainConfig
 from f2llm.data import INSTRUCTIONS, Collator, EncoderBatch, format_query
-from f2llm.gradcache import GradientCache
+from f2llm.gradcache import GradientCache, chunk_by_tokens
 from f2llm.loss import F2LLMLoss
 from f2llm.model import Encoder, apply_liger_kernels
 
@@ -201,22 +201,6 @@ def draw_batch(pool: LengthPool, queries: int, negatives: int, vocab_size: int, 
     tokens = rng.integers(0, vocab_size, int(lengths.sum()), dtype=np.int64)
     tokens[np.cumsum(lengths) - 1] = eos_id
     return StepBatch(queries, negatives, np.split(tokens, np.cumsum(lengths)[:-1]))
-
-
-def chunk_by_tokens(seqs: Sequence[np.ndarray], chunk_tokens: int) -> list[list[np.ndarray]]:
-    """Consecutive groups of at most ``chunk_tokens`` real tokens (a longer text is a group of its own), like the
-    trainer's gradient-cache chunks with ``grad_cache.chunk_tokens``."""
-    groups: list[list[np.ndarray]] = []
-    current: list[np.ndarray] = []
-    tokens = 0
-    for s in seqs:
-        if current and tokens + len(s) > chunk_tokens:
-            groups.append(current)
-            current, tokens = [], 0
-        current.append(s)
-        tokens += len(s)
-    groups.append(current)
-    return groups
 
 
 # ------------------------------------------------------------------------------------------------ model

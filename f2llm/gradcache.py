@@ -23,13 +23,30 @@ Peak activation memory is that of one chunk; the embeddings and their gradients 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import torch
 
 Chunk = TypeVar("Chunk")
+Text = TypeVar("Text", bound=Sized)
+
+
+def chunk_by_tokens(seqs: Sequence[Text], chunk_tokens: int) -> list[list[Text]]:
+    """Consecutive groups of token sequences holding at most ``chunk_tokens`` tokens each (a longer sequence is a
+    group of its own): the gradient cache's chunks when their size is set in tokens."""
+    groups: list[list[Text]] = []
+    current: list[Text] = []
+    tokens = 0
+    for s in seqs:
+        if current and tokens + len(s) > chunk_tokens:
+            groups.append(current)
+            current, tokens = [], 0
+        current.append(s)
+        tokens += len(s)
+    groups.append(current)
+    return groups
 
 
 @dataclass

@@ -44,7 +44,7 @@ from f2llm.checkpoint import (
 )
 from f2llm.config import TrainConfig, to_dict
 from f2llm.data import Collator, EncoderBatch, F2LLMBatchSampler, SourceOverride, TrainingBatch, load_sources
-from f2llm.gradcache import GradientCache
+from f2llm.gradcache import GradientCache, chunk_by_tokens
 from f2llm.loss import F2LLMLoss, LossOutput
 from f2llm.model import Encoder
 
@@ -342,18 +342,10 @@ class Trainer:
     def chunks(self, seqs: list[np.ndarray]) -> list[EncoderBatch]:
         """The gradient cache's chunks of a step's texts, in order: by text count, or by real tokens."""
         gc = self.config.grad_cache
-        groups: list[list[np.ndarray]] = []
         if gc.chunk_tokens is None:
             groups = [seqs[i : i + gc.chunk_texts] for i in range(0, len(seqs), gc.chunk_texts)]
         else:
-            current, tokens = [], 0
-            for s in seqs:
-                if current and tokens + len(s) > gc.chunk_tokens:
-                    groups.append(current)
-                    current, tokens = [], 0
-                current.append(s)
-                tokens += len(s)
-            groups.append(current)
+            groups = chunk_by_tokens(seqs, gc.chunk_tokens)
         return [self.collator(g) for g in groups]
 
     def batch_loss(self, emb: torch.Tensor, batch: TrainingBatch) -> LossOutput:
