@@ -10,10 +10,11 @@ Two ops:
   which is ``F.cross_entropy(q @ c.T / T, targets, ignore_index=...)`` without the [B, N] matrix.
 
   Triton (CUDA): the forward pass streams candidate tiles through an online log-sum-exp (flash-attention style)
-  and keeps only the per-query log-sum-exp (float32, [B]) and positive score (float32, [B]). Backward recomputes
-  the scores tile by tile: ``dq_i = K sum_j (p_ij - y_ij) c_j`` and ``dc_j = K sum_i (p_ij - y_ij) q_i`` with
-  ``K = grad_out / (n_valid T)``, in two kernels (one parallel over query blocks, one over candidate blocks) so
-  no atomics are needed. Extra memory: O(B + N) floats plus a float32 accumulator the size of each gradient.
+  and keeps only the per-query log-sum-exp (float32, [B]; base 2, as the backward uses it) and positive score
+  (float32, [B]). Backward recomputes the scores tile by tile: ``dq_i = K sum_j (p_ij - y_ij) c_j`` and
+  ``dc_j = K sum_i (p_ij - y_ij) q_i`` with ``K = grad_out / (n_valid T)``, in two kernels (one parallel over
+  query blocks, one over candidate blocks) so no atomics are needed. Extra memory: O(B + N) floats plus a float32
+  accumulator the size of each gradient.
 
   PyTorch (CPU): blocks of query rows against all candidates, at most ``_TORCH_TILE_ELEMENTS`` scores at a time
   (16 MiB in float32; at least one row). A block sees every candidate, so its softmax is exact at once and, when
@@ -58,6 +59,7 @@ Fp32Precision = Literal["ieee", "tf32"]
 DEFAULT_TEMPERATURE = 0.05
 IGNORE_INDEX = -100
 _LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -260,7 +262,7 @@ def _infonce_fwd_kernel(
     q_ptr,
     c_ptr,
     tgt_ptr,
-    lse_ptr,  # [splits, B] float32: natural-log log-sum-exp over each split's candidates
+    lse_ptr,  # [splits, B] float32: base-2 log-sum-exp of z = s log2(e) / T over each split's candidates
     pos_ptr,  # [B] float32: q_i . c_t(i) (0 for rows without target)
     B,
     N,
@@ -319,7 +321,8 @@ def _infonce_fwd_kernel(
         l_sum = l_sum * tl.exp2(m - m_safe) + tl.sum(tl.exp2(z - m_safe[:, None]), axis=1)
         m = m_new
     # l_sum = 0: every candidate of this split masked (or a row past B); its share of the log-sum-exp is -inf.
-    lse = tl.where(l_sum > 0, (m + tl.log2(tl.maximum(l_sum, 1e-30))) * 0.6931471805599453, float("-inf"))
+    # Kept in base 2, as the backward consumes it: with one candidate, lse = z exactly and p = exp2(z - lse) = 1.
+    lse = tl.where(l_sum > 0, m + tl.log2(tl.maximum(l_sum, 1e-30)), float("-inf"))
     tl.store(lse_ptr + pid_s * B + offs_b, lse, mask=mask_b)
     if pid_s == 0:
         tl.store(pos_ptr + offs_b, pos, mask=mask_b)
@@ -330,7 +333,7 @@ def _infonce_bwd_dq_kernel(
     q_ptr,
     c_ptr,
     tgt_ptr,
-    lse_ptr,  # [B] float32, +inf for rows without target (their p is then exactly 0)
+    lse_ptr,  # [B] float32 base-2 log-sum-exp, +inf for rows without target (their p is then exactly 0)
     pos_ptr,
     dq_ptr,  # [splits, B, D] float32: unscaled sum_j (p_ij - y_ij) c_j over each split's candidates
     B,
@@ -352,7 +355,7 @@ def _infonce_bwd_dq_kernel(
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
     tgt = tl.load(tgt_ptr + offs_b, mask=mask_b, other=-1)
-    lse2 = tl.load(lse_ptr + offs_b, mask=mask_b, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(lse_ptr + offs_b, mask=mask_b, other=float("inf"))
     pos = tl.load(pos_ptr + offs_b, mask=mask_b, other=0.0)
     q_off = offs_b.to(tl.int64) * D
     out_off = (pid_s * B + offs_b).to(tl.int64) * D
@@ -427,7 +430,7 @@ def _infonce_bwd_dc_kernel(
         offs_b = b0 + tl.arange(0, BLOCK_B)
         mask_b = offs_b < b_end
         tgt = tl.load(tgt_ptr + offs_b, mask=mask_b, other=-1)
-        lse2 = tl.load(lse_ptr + offs_b, mask=mask_b, other=float("inf")) * 1.4426950408889634
+        lse2 = tl.load(lse_ptr + offs_b, mask=mask_b, other=float("inf"))
         q_off = offs_b.to(tl.int64) * D
         # Transposed scores: s[j, i] = c_j . q_i.
         if ONE_D:
@@ -495,8 +498,14 @@ def _triton_infonce_forward(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    lse = lse_parts[0] if splits == 1 else torch.logsumexp(lse_parts, 0)
-    return lse, pos
+    return (lse_parts[0] if splits == 1 else _logsumexp2(lse_parts)), pos
+
+
+def _logsumexp2(parts: torch.Tensor) -> torch.Tensor:
+    """log2(sum_s 2**parts[s]) over dim 0 (-inf where every part is -inf): base-2 partial log-sum-exps combined."""
+    top = parts.max(0).values
+    shift = torch.where(torch.isinf(top), 0.0, top)
+    return shift + torch.exp2(parts - shift).sum(0).log2()
 
 
 def _triton_infonce_grad(
@@ -637,11 +646,14 @@ class InfoNCEFunction(torch.autograd.Function):
         need_q, need_c = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
         grads = (None, None)
         if use_triton:
+            # The kernels keep the log-sum-exp in base 2 (what their backward consumes); the loss is in nats.
             lse, pos = _triton_infonce_forward(q, c, tgt, temperature, margin, precision, cfg)
+            per_query = lse * _LN2 - pos / temperature
         else:
             lse, pos, *grads = _torch_infonce(q, c, tgt, temperature, margin, need_q, need_c)
+            per_query = lse - pos / temperature
         n_valid = valid.sum()
-        loss = torch.where(valid, lse - pos / temperature, 0).sum() / n_valid.clamp_min(1)
+        loss = torch.where(valid, per_query, 0).sum() / n_valid.clamp_min(1)
         # +inf log-sum-exp makes every p of an ignored query exactly 0 in backward, with no extra mask.
         lse = torch.where(valid, lse, float("inf"))
         ctx.save_for_backward(q, c, tgt, lse, pos, n_valid)
@@ -791,7 +803,7 @@ def _grouped_fwd_kernel(
     q_ptr,
     docs_ptr,
     s_ptr,  # [B, G] float32 raw scores q_i . d_ig
-    lse_ptr,  # [B] float32 natural-log log-sum-exp of s / T
+    lse_ptr,  # [B] float32 base-2 log-sum-exp of z = s log2(e) / T (the backward's p = exp2(z - lse))
     B,
     G,
     D,
@@ -823,7 +835,7 @@ def _grouped_fwd_kernel(
         s += tl.sum(qv.to(tl.float32)[:, None, :] * dv.to(tl.float32), axis=2)
     z = tl.where(mask_g[None, :], s * scale_log2, float("-inf"))
     m = tl.max(z, axis=1)
-    lse = (m + tl.log2(tl.sum(tl.exp2(z - m[:, None]), axis=1))) * 0.6931471805599453
+    lse = m + tl.log2(tl.sum(tl.exp2(z - m[:, None]), axis=1))
     tl.store(s_ptr + offs_b[:, None] * G + offs_g[None, :], s, mask=mask_bg)
     tl.store(lse_ptr + offs_b, lse, mask=mask_b)
 
@@ -853,7 +865,7 @@ def _grouped_bwd_kernel(
     mask_g = offs_g < G
     mask_bg = mask_b[:, None] & mask_g[None, :]
     s = tl.load(s_ptr + offs_b[:, None] * G + offs_g[None, :], mask=mask_bg, other=0.0)
-    lse2 = tl.load(lse_ptr + offs_b, mask=mask_b, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(lse_ptr + offs_b, mask=mask_b, other=0.0)
     p = tl.where(mask_bg, tl.exp2(s * scale_log2 - lse2[:, None]), 0.0)
     w = (p - tl.where(offs_g[None, :] == 0, 1.0, 0.0)) * tl.load(scale_ptr)  # [BLOCK_B, BLOCK_G]
     q_rows = offs_b.to(tl.int64) * D
@@ -893,6 +905,7 @@ class GroupedInfoNCEFunction(torch.autograd.Function):
             _grouped_fwd_kernel[(triton.cdiv(B, block_b),)](
                 q, docs, s, lse, B, G, D, _LOG2E / temperature, BLOCK_B=block_b, BLOCK_G=block_g, BLOCK_D=block_d
             )
+            loss = (lse * _LN2 - s[:, 0] / temperature).mean()  # the kernel's log-sum-exp is in base 2
         else:
             compute = torch.promote_types(q.dtype, torch.float32)
             s = torch.empty((B, G), device=q.device, dtype=compute)
@@ -901,9 +914,10 @@ class GroupedInfoNCEFunction(torch.autograd.Function):
                 b1 = min(B, b0 + step)
                 s[b0:b1] = torch.bmm(docs[b0:b1].to(compute), q[b0:b1].to(compute)[:, :, None])[:, :, 0]
             lse = torch.logsumexp(s / temperature, 1)
+            loss = (lse - s[:, 0] / temperature).mean()
         ctx.save_for_backward(q, docs, s, lse)
         ctx.temperature, ctx.use_triton = temperature, use_triton
-        return (lse - s[:, 0] / temperature).mean()
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
