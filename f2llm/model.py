@@ -257,7 +257,11 @@ class Encoder(nn.Module):
     # Forward
     # ------------------------------------------------------------------------------------------------------
     def forward(self, batch: EncoderBatch) -> torch.Tensor:
-        """Embeddings ``[batch.num_texts, D]`` in the order the texts were collated, with autograd."""
+        """Float32 embeddings ``[batch.num_texts, D]`` in the order the texts were collated, with autograd.
+
+        Float32 whatever the backbone computes in: the pooling kernel works in float32, and the loss and the
+        gradient cache's d(loss)/d(embedding) keep that precision instead of a bf16 rounding of it.
+        """
         batch = batch.to(self.device, non_blocking=True)
         positions = batch.position_ids + self.position_offset if self.position_offset else batch.position_ids
         kwargs: dict[str, Any] = {"use_cache": False} if self.is_decoder else {}
@@ -265,7 +269,14 @@ class Encoder(nn.Module):
             hidden = self.model(
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions, **kwargs
             ).last_hidden_state
-            return pool(hidden, batch.attention_mask, mode=self.pooling, normalize=self.normalize, validate=False)
+            return pool(
+                hidden,
+                batch.attention_mask,
+                mode=self.pooling,
+                normalize=self.normalize,
+                validate=False,
+                out_dtype=torch.float32,
+            )
 
         input_ids = batch.input_ids
         if self.is_decoder and self.attn_implementation in _FLASH:
@@ -281,7 +292,14 @@ class Encoder(nn.Module):
         hidden = hidden.reshape(-1, hidden.shape[-1])
         if batch.token_index is not None:
             hidden = hidden.index_select(0, batch.token_index)
-        emb = pool(hidden, cu_seqlens=batch.cu_seqlens, mode=self.pooling, normalize=self.normalize, validate=False)
+        emb = pool(
+            hidden,
+            cu_seqlens=batch.cu_seqlens,
+            mode=self.pooling,
+            normalize=self.normalize,
+            validate=False,
+            out_dtype=torch.float32,
+        )
         return emb.index_select(0, batch.text_position)
 
     def _packed_encoder_mask(self, position_ids: torch.Tensor) -> torch.Tensor:
@@ -342,15 +360,31 @@ class Encoder(nn.Module):
     # ------------------------------------------------------------------------------------------------------
     # Saving
     # ------------------------------------------------------------------------------------------------------
-    def save_pretrained(self, path: str | os.PathLike) -> None:
+    def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
         """Write weights (safetensors), tokenizer, sentence-transformers modules and ``f2llm_config.json``.
+
+        ``dtype``: the weights' dtype on disk (None: as in memory). A trainer holding fp32 master weights saves a
+        bf16 model this way without converting the model it trains.
 
         For decoders the saved tokenizer appends EOS itself (``add_eos_token``), so that sentence-transformers,
         which tokenizes with special tokens, gets exactly the ids of :meth:`encode`.
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path)
+        if dtype is None or all(p.dtype == dtype for p in self.model.parameters()):
+            self.model.save_pretrained(path)
+        else:
+            # Converted tensor by tensor on the CPU: no second copy of the model on its device.
+            state = {
+                k: v.detach().to("cpu", dtype) if v.is_floating_point() else v
+                for k, v in self.model.state_dict().items()
+            }
+            self.model.save_pretrained(path, state_dict=state)
+            # transformers writes the in-memory dtype into config.json; the files hold `dtype`.
+            config_file = path / "config.json"
+            saved = json.loads(config_file.read_text())
+            saved["dtype"] = str(dtype).removeprefix("torch.")
+            config_file.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
         tokenizer = copy.deepcopy(self.tokenizer)
         tokenizer.model_max_length = self.max_length
         if self.is_decoder:

@@ -9,7 +9,7 @@ One op, three pooling modes, two layouts:
 Modes: ``last`` (the last real token: the EOS the F2LLM recipe pools), ``mean`` (mean over real tokens),
 ``first`` (the first real token, i.e. CLS). With ``normalize=True`` the pooled vector is divided by
 ``max(||p||_2, eps)`` (``torch.nn.functional.normalize``'s definition). All arithmetic is float32; the output
-has the input's dtype.
+has the input's dtype, or ``out_dtype`` (float32 for a loss: the fp32 result is then kept, not rounded to bf16).
 
 This file holds the definition (:func:`pool_reference`), the Triton kernels (CUDA, or CPU under
 ``TRITON_INTERPRET=1``), a PyTorch path for CPU tensors, and the autograd Function that dispatches.
@@ -289,12 +289,11 @@ def _block_sizes(D: int) -> tuple[int, int, int]:
 
 
 def _triton_forward(
-    hidden: torch.Tensor, seg: _Segments, mode: str, normalize: bool, eps: float
+    hidden: torch.Tensor, seg: _Segments, mode: str, normalize: bool, eps: float, out_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     n, D = seg.start.numel(), hidden.shape[-1]
-    out_dtype = torch.float32 if normalize else hidden.dtype
     # With normalization the fp32 output is kept for backward (n x D, tiny next to hidden).
-    out = torch.empty((n, D), device=hidden.device, dtype=out_dtype)
+    out = torch.empty((n, D), device=hidden.device, dtype=torch.float32 if normalize else out_dtype)
     norm = torch.empty((n,), device=hidden.device, dtype=torch.float32)
     block_l, block_d, num_warps = _block_sizes(D)
     weights = seg.weights if seg.weights is not None else seg.count  # any tensor: unused when HAS_WEIGHTS=False
@@ -376,7 +375,7 @@ def _torch_rows(hidden: torch.Tensor, seg: _Segments, rows: torch.Tensor) -> tor
 
 
 def _torch_forward(
-    hidden: torch.Tensor, seg: _Segments, mode: str, normalize: bool, eps: float
+    hidden: torch.Tensor, seg: _Segments, mode: str, normalize: bool, eps: float, out_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     D = hidden.shape[-1]
     if mode == "last":
@@ -403,7 +402,7 @@ def _torch_forward(
     if normalize:
         norm = pooled.norm(dim=-1).clamp_min(eps)
         pooled = pooled / norm[:, None]
-    return (pooled if normalize else pooled.to(hidden.dtype)), norm
+    return (pooled if normalize else pooled.to(out_dtype)), norm
 
 
 def _packed_tokens(seg: _Segments) -> tuple[torch.Tensor, torch.Tensor]:
@@ -463,20 +462,22 @@ class PoolFunction(torch.autograd.Function):
     """Pooling + normalization with a hand-written backward (gradient only at pooled positions)."""
 
     @staticmethod
-    def forward(ctx, hidden, seg: _Segments, mode: str, normalize: bool, eps: float, use_triton: bool):
+    def forward(
+        ctx, hidden, seg: _Segments, mode: str, normalize: bool, eps: float, use_triton: bool, out_dtype: torch.dtype
+    ):
         fwd = _triton_forward if use_triton else _torch_forward
-        out, norm = fwd(hidden, seg, mode, normalize, eps)
+        out, norm = fwd(hidden, seg, mode, normalize, eps, out_dtype)
         ctx.seg, ctx.mode, ctx.normalize, ctx.use_triton = seg, mode, normalize, use_triton
         ctx.hidden_shape, ctx.hidden_dtype = hidden.shape, hidden.dtype
         ctx.save_for_backward(out if normalize else None, norm)
-        return out.to(hidden.dtype)
+        return out.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         out, norm = ctx.saved_tensors
         bwd = _triton_backward if ctx.use_triton else _torch_backward
         grad_hidden = bwd(grad_out, out, norm, ctx.hidden_shape, ctx.hidden_dtype, ctx.seg, ctx.mode, ctx.normalize)
-        return grad_hidden, None, None, None, None, None
+        return grad_hidden, None, None, None, None, None, None
 
 
 def pool(
@@ -489,6 +490,7 @@ def pool(
     eps: float = DEFAULT_EPS,
     backend: Backend = "auto",
     validate: bool = True,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Pool token states into one vector per sequence, optionally L2-normalized, in one fused pass.
 
@@ -503,9 +505,11 @@ def pool(
         validate: check for sequences without tokens and out-of-range offsets (one host sync) and raise a
             ValueError naming them. With ``validate=False`` the caller guarantees that every sequence is
             non-empty and in range (a violation gives garbage, never a crash on padded input).
+        out_dtype: dtype of the result; None: ``hidden``'s. ``torch.float32`` keeps the float32 result of a
+            16-bit ``hidden`` (what a contrastive loss should see) at no extra cost.
 
     Returns:
-        [B, D] or [n, D] in ``hidden``'s dtype; arithmetic in float32.
+        [B, D] or [n, D] in ``out_dtype``; arithmetic in float32.
     """
     if mode not in MODES:
         raise ValueError(f"pool: mode must be one of {MODES}, got {mode!r}")
@@ -525,4 +529,6 @@ def pool(
             raise ValueError("pool: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
     else:
         raise ValueError(f"pool: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    return PoolFunction.apply(hidden, seg, mode, normalize, float(eps), use_triton)
+    if out_dtype is not None and not out_dtype.is_floating_point:
+        raise ValueError(f"pool: out_dtype must be a floating-point dtype, got {out_dtype}")
+    return PoolFunction.apply(hidden, seg, mode, normalize, float(eps), use_triton, out_dtype or hidden.dtype)

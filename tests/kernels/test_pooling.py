@@ -90,6 +90,34 @@ def test_half_precision(backend: str, dtype: torch.dtype, mode: str) -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_bf16_states_give_fp32_embeddings(backend: str, mode: str, normalize: bool) -> None:
+    """out_dtype=float32 keeps the fp32 result of the pooling arithmetic for bf16 states (what a loss needs): as
+    exact as the fp32 op on the same bf16 inputs, far more exact than a bf16 output, and it back-propagates."""
+    hidden = torch.randn(4, 19, 96, dtype=torch.float64)
+    mask = padded_mask([19, 3, 11, 8], 19, "right")
+    x = hidden.to(torch.bfloat16)
+    ref_in = x.double().requires_grad_()
+    ref = pool_reference(ref_in, mask, mode=mode, normalize=normalize)
+    grad_out = torch.randn_like(ref)
+    ref.backward(grad_out)
+    inp = x.clone().requires_grad_()
+    out = pool(inp, mask, mode=mode, normalize=normalize, backend=backend, out_dtype=torch.float32)
+    assert out.dtype == torch.float32
+    out.backward(grad_out.float())
+    assert inp.grad.dtype == torch.bfloat16
+    assert rel_err(out, ref) < 1e-6, rel_err(out, ref)
+    bf16_out = pool(x, mask, mode=mode, normalize=normalize, backend=backend)
+    assert bf16_out.dtype == torch.bfloat16
+    if normalize or mode == "mean":  # arithmetic: a bf16 output rounds its fp32 result away
+        assert rel_err(bf16_out, ref) > 10 * rel_err(out, ref)
+    else:  # a gather of bf16 values: exact either way
+        assert torch.equal(bf16_out.float(), out)
+    assert rel_err(inp.grad, ref_in.grad) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
 def test_single_row_single_token(backend: str, mode: str) -> None:
     hidden = torch.randn(1, 1, 33, dtype=torch.float64)  # B = 1, L = 1
     check_against_reference(hidden, torch.float32, backend, attention_mask=torch.ones(1, 1), mode=mode)
