@@ -5,6 +5,7 @@ Commands (from the repository root):
     python benchmarks/bench_train_step.py --model 4b --budget-s 300
     python benchmarks/bench_train_step.py --cpu                    # tiny Qwen3 on CPU (committed CPU results)
     python benchmarks/bench_train_step.py --cpu --quick            # seconds: every row type (CI smoke test)
+    python benchmarks/bench_train_step.py --comm                   # what each engine communicates per step
 It writes train_step_<device>.json and .md under --out (default benchmarks/results/local), after every row, so
 that a run stopped by a timeout keeps the rows it finished.
 
@@ -50,6 +51,14 @@ Metrics per row:
     peak_mib    CUDA: torch.cuda.max_memory_allocated over the timed steps (weights, optimizer state, activations);
                 CPU: the process's peak resident memory over the timed steps (VmHWM after a reset).
 An out-of-memory row is recorded as OOM, any other failure as the error's text; the next rows still run.
+
+--comm measures what one training step sends between ranks, per engine (DDP, DeepSpeed ZeRO-1/2/3) and gradient-
+cache chunk count, by running the trainer's own step (``f2llm.trainer.Trainer.train_step``) under torchrun with 2
+ranks (gloo, CPU, a tiny Qwen3, the shipped SNLI triplets) and counting every collective and the bytes of the
+tensors handed to it (torch.distributed's Python API, and DDP's gradient buckets through a comm hook). Bytes are
+those of the collectives' input tensors on one rank, not wire bytes (an all-reduce moves about twice its input,
+a reduce-scatter about once); ``per_gradient`` divides them by one full set of gradients, which makes the figures
+hold for any model size. It writes train_step_comm.json and .md.
 """
 
 from __future__ import annotations
@@ -59,6 +68,7 @@ import contextlib
 import gc
 import gzip
 import json
+import os
 import statistics
 import sys
 import time
@@ -66,7 +76,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -76,7 +86,7 @@ from tokenizers import Tokenizer, models
 from transformers import AutoModel, PreTrainedTokenizerFast, Qwen3Config
 from transformers.utils import is_flash_attn_2_available
 
-from f2llm.config import DataConfig, OptimConfig, TrainConfig
+from f2llm.config import DataConfig, OptimConfig, TrainConfig, load_config
 from f2llm.data import INSTRUCTIONS, Collator, EncoderBatch, format_query
 from f2llm.gradcache import GradientCache, chunk_by_tokens
 from f2llm.loss import F2LLMLoss
@@ -87,7 +97,7 @@ SCIFACT = ROOT / "data" / "retrieval" / "scifact"
 MAX_LENGTH = 1024  # the recipe's maximum tokens per text
 WORDS_TO_TOKENS = 1.3
 EOS = "<|endoftext|>"
-TEMPERATURE = TrainConfig().temperature
+TEMPERATURE = TrainConfig().loss.temperature
 # Dimensions of the released Qwen3 base models (their config.json); "tiny" is the CPU mode's model.
 QWEN3_DIMS: dict[str, dict[str, int]] = {
     "0.6b": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
@@ -546,6 +556,176 @@ def run_all(settings: Settings, out: Path) -> list[dict[str, Any]]:
     return rows
 
 
+# ------------------------------------------------------------------------------------------------ communication
+COMM_ENGINES = {"ddp": None, "zero1": "zero1.json", "zero2": "zero2.json", "zero3": "zero3.json"}
+COMM_COLUMNS = ["row", "status", "chunks", "collectives", "comm_mib", "gradient_mib", "per_gradient",
+                "per_chunk_gradients"]  # fmt: skip
+COMM_QUERIES = 8  # per rank; SNLI triplets: 3 texts per query
+COMM_CHUNK_TEXTS = 6  # 24 texts per rank and step: 4 chunks
+COMM_WARMUP = 3  # steps before the measured ones
+SNLI = ROOT / "data" / "f2llm" / "snli.parquet"
+
+
+def _tensor_bytes(*tensors: Any) -> int:
+    total = 0
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            total += t.numel() * t.element_size()
+        elif isinstance(t, (list, tuple)):
+            total += _tensor_bytes(*t)
+    return total
+
+
+class CollectiveCounter:
+    """Counts the collectives of this process and the bytes of their input tensors.
+
+    It wraps torch.distributed's Python functions (DeepSpeed binds some of them when its communication backend
+    starts, so :meth:`install` must run before). DDP's C++ reducer all-reduces its gradient buckets without going
+    through Python unless a comm hook is registered: :func:`ddp_allreduce_hook` (torch's default all-reduce,
+    registered from Python) routes them through the wrapped ``all_reduce``.
+    """
+
+    # name -> the collective's input tensor(s), from its arguments
+    INPUTS: ClassVar[dict[str, Callable[..., Any]]] = {
+        "all_reduce": lambda tensor, *a, **k: tensor,
+        "reduce": lambda tensor, *a, **k: tensor,
+        "broadcast": lambda tensor, *a, **k: tensor,
+        "all_gather": lambda tensor_list, tensor, *a, **k: tensor,
+        "all_gather_into_tensor": lambda output_tensor, input_tensor, *a, **k: input_tensor,
+        "reduce_scatter": lambda output, input_list, *a, **k: input_list,
+        "reduce_scatter_tensor": lambda output, input, *a, **k: input,
+        "all_to_all_single": lambda output, input, *a, **k: input,
+    }
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.bytes = 0
+
+    def reset(self) -> None:
+        self.calls = self.bytes = 0
+
+    def install(self) -> None:
+        import torch.distributed as dist
+
+        for name, inputs in self.INPUTS.items():
+            original = getattr(dist, name)
+
+            def counted(*args: Any, _original: Callable = original, _inputs: Callable = inputs, **kwargs: Any) -> Any:
+                self.calls += 1
+                self.bytes += _tensor_bytes(_inputs(*args, **kwargs))
+                return _original(*args, **kwargs)
+
+            setattr(dist, name, counted)
+
+
+
+def write_comm_model(folder: Path) -> Path:
+    """A tiny random Qwen3 with a whitespace tokenizer (every word one token): real text lengths, nothing to
+    download."""
+    from tokenizers import pre_tokenizers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = eos_tokenizer()
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    config = Qwen3Config(**QWEN3_DIMS["tiny"], max_position_embeddings=512, use_cache=False)
+    config.eos_token_id = config.pad_token_id = tokenizer.eos_token_id
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def deepspeed_json(work: Path, name: str, rank: int) -> Path:
+    """train/configs/<name>; for ZeRO-3 with every weight partitioned: the tiny model's matrices are all below
+    the shipped stage3_param_persistence_threshold (1e5 elements, which Qwen3's matrices all exceed), so ZeRO-3
+    would keep them whole on every rank and gather nothing."""
+    path = ROOT / "train" / "configs" / name
+    ds = json.loads(path.read_text())
+    if ds["zero_optimization"]["stage"] != 3:
+        return path
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    mine = work / f"{path.stem}-partitioned-rank{rank}.json"
+    mine.write_text(json.dumps(ds))
+    return mine
+
+
+def comm_worker(work: Path, out: Path, steps: int) -> int:
+    """One rank of --comm: every (engine, chunking) row in one process group, through the trainer's own step."""
+    counter = CollectiveCounter()
+    counter.install()
+    import torch.distributed as dist
+
+    from f2llm.trainer import Trainer, init_runtime
+
+    runtime = init_runtime()
+    rows: list[dict[str, Any]] = []
+    for engine, ds_json in COMM_ENGINES.items():
+        for chunks in (1, COMM_QUERIES * 3 // COMM_CHUNK_TEXTS):
+            overrides = [
+                f"model.name_or_path={work / 'model'}", "model.max_length=64", "model.gradient_checkpointing=false",
+                f"data.paths=[{SNLI}]", f"data.batch_size={COMM_QUERIES}", f"data.cache_dir={work / 'cache'}",
+                "data.sources.snli.num_negatives=1", f"optim.max_steps={steps + COMM_WARMUP}", "optim.epochs=1",
+                f"output_dir={work / 'runs' / f'{engine}-{chunks}'}", "tensorboard=false", "plot=false",
+                f"engine={'ddp' if ds_json is None else 'deepspeed'}",
+            ]  # fmt: skip
+            if ds_json is not None:
+                overrides.append(f"deepspeed_config={deepspeed_json(work, ds_json, runtime.rank)}")
+            if chunks > 1:
+                overrides += ["grad_cache.enabled=true", f"grad_cache.chunk_texts={COMM_CHUNK_TEXTS}"]
+            trainer = Trainer.from_config(load_config(None, overrides), runtime)
+            if engine == "ddp":
+                from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+                trainer.engine.module.register_comm_hook(None, allreduce_hook)
+            batches = iter(trainer.sampler)
+            # Warm-up: one-time set-up collectives are not a step's, and ZeRO-3 traces its first steps' order
+            # of parameter use before it settles.
+            for _ in range(COMM_WARMUP):
+                trainer.train_step(next(batches))
+            per_step = []
+            for _ in range(steps):
+                counter.reset()
+                trainer.train_step(next(batches))
+                per_step.append((counter.calls, counter.bytes))
+            if runtime.main:
+                print(f"bench_train_step --comm: {engine}, {chunks} chunk(s): (collectives, bytes) per step {per_step}")
+            gradient = trainer.engine.gradient_bytes()
+            calls, sent = per_step[-1]
+            rows.append({
+                "row": f"{engine}, {chunks} chunk{'s' if chunks > 1 else ''}", "status": "ok", "engine": engine,
+                "chunks": chunks, "collectives": calls, "comm_mib": sent / MIB, "gradient_mib": gradient / MIB,
+                "per_gradient": sent / gradient, "per_chunk_gradients": sent / gradient / chunks,
+                "steps_measured": steps, "same_every_step": len(set(per_step)) == 1,
+            })  # fmt: skip
+            del trainer
+            gc.collect()
+    if runtime.main:
+        meta = {"ranks": runtime.world_size, "backend": dist.get_backend(), "model": "Qwen3-tiny, random weights",
+                "data": str(SNLI.relative_to(ROOT)), "queries_per_rank": COMM_QUERIES, "texts_per_query": 3,
+                "chunk_texts": COMM_CHUNK_TEXTS, "counted": "input bytes of collectives, one rank",
+                "zero3": "stage3_param_persistence_threshold 0 (every weight partitioned, as Qwen3's are)"}  # fmt: skip
+        write_results(out, "train_step_comm", rows, COMM_COLUMNS, "what one training step communicates", meta=meta)
+    dist.destroy_process_group()
+    return 0
+
+
+def run_comm(out: Path, steps: int) -> int:
+    """--comm: torchrun with 2 ranks of comm_worker, in a scratch folder."""
+    import subprocess
+    import tempfile
+
+    from f2llm.distributed import free_port
+
+    with tempfile.TemporaryDirectory(prefix="f2llm-comm-") as tmp:
+        work = Path(tmp)
+        write_comm_model(work / "model")
+        script = str(Path(__file__).resolve())
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+               script, "--comm-worker", str(work), "--steps", str(steps), "--out", str(out)]  # fmt: skip
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        return subprocess.run(cmd, env=env, check=False).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available (tiny model)")
@@ -557,8 +737,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gc-steps", type=int, help="timed steps per gradient-cache row")
     parser.add_argument("--gc-chunk-tokens", type=int, help="real tokens per gradient-cache chunk at most")
     parser.add_argument("--max-tokens", type=int, help="packed row capacity of row d")
+    parser.add_argument("--comm", action="store_true", help="what each engine communicates per step (2 CPU ranks)")
+    parser.add_argument("--comm-worker", type=Path, help=argparse.SUPPRESS)  # one rank of --comm, under torchrun
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
     args = parser.parse_args(argv)
+    if args.comm_worker is not None:
+        return comm_worker(args.comm_worker, args.out, args.steps or 2)
+    if args.comm:
+        return run_comm(args.out, args.steps or 2)
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     settings = default_settings(device, args.model, args.quick)
     gc_batches = tuple(int(b) for b in args.gc_batches.split(",") if b) if args.gc_batches is not None else None

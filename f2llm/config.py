@@ -15,6 +15,22 @@ from typing import Any, Literal
 
 import yaml
 
+from f2llm.data.sources import SourceOverride
+
+# DeepSpeed JSON keys that f2llm fills from the training config (f2llm.engine.deepspeed_config).
+DEEPSPEED_KEYS_OWNED = frozenset(
+    {
+        "train_micro_batch_size_per_gpu",
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "gradient_clipping",
+        "bf16",
+        "fp16",
+        "optimizer",
+        "scheduler",
+    }
+)
+
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names where and why."""
@@ -27,20 +43,13 @@ class ModelConfig:
     name_or_path: str = ""
     pooling: Literal["last", "mean", "first"] | None = None  # None: last for decoders, mean for BERT-like
     max_length: int = 1024
-    dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    # Compute dtype: auto = bf16 on CUDA, fp32 on CPU. bf16 trains with fp32 master weights and optimizer state
+    # (engine ddp: the forward under torch.autocast; engine deepspeed: DeepSpeed's bf16 with fp32 partitions).
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    final_dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # dtype of final/; auto = the compute dtype
     attn_implementation: str | None = None
     gradient_checkpointing: bool = True
     liger: bool | None = None  # None: on for CUDA
-
-
-@dataclass
-class SourceSettings:
-    """Per-source settings replacing the built-in tables (f2llm.data.sources)."""
-
-    kind: Literal["retrieval", "classification", "clustering"] | None = None
-    instruction: str | None = None
-    add_instruction: bool | None = None
-    num_negatives: int | None = None
 
 
 @dataclass
@@ -48,12 +57,16 @@ class DataConfig:
     """Training data in the F2LLM layout: one parquet / jsonl file per source."""
 
     paths: list[str] = field(default_factory=list)  # files, or directories holding one file per source
-    sources: dict[str, SourceSettings] = field(default_factory=dict)
+    sources: dict[str, SourceOverride] = field(default_factory=dict)  # per-source settings (f2llm.data.sources)
     batch_size: int = 16  # queries per rank per step (recipe: 16 x 32 GPUs = 512)
     validation_fraction: float = 0.01
     cache_dir: str = ".cache/f2llm/tokenized"
     packing: bool = False  # pack texts into rows of max_tokens (no padding FLOPs)
     max_tokens: int = 8192  # tokens per packed row
+    # A source's last incomplete global batch: wrap (filled from the start of its shuffled rows, as the recipe's
+    # accelerate `even_batches` does: no row is left out, a source smaller than one global batch still trains)
+    # or drop (every row of a batch distinct; a source smaller than one global batch never trains).
+    last_batch: Literal["wrap", "drop"] = "wrap"
     seed: int = 42
 
 
@@ -66,6 +79,9 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 0.01
     warmup_steps: int = 500
+    # steps: warmup_steps optimizer steps. per_process: warmup_steps / world_size, as the official F2LLM v1 code
+    # ran it (accelerate stepped its scheduler once per process per optimizer step).
+    warmup: Literal["steps", "per_process"] = "steps"
     epochs: int = 2
     max_steps: int | None = None  # stop earlier than `epochs`
     grad_clip: float = 1.0
@@ -81,6 +97,17 @@ class GradCacheConfig:
 
 
 @dataclass
+class LossConfig:
+    """The F2LLM loss (f2llm.loss.F2LLMLoss)."""
+
+    temperature: float = 0.05
+    # full: the in-batch term sends gradient to every positive of the global batch (textbook InfoNCE).
+    # queries_only: no positive gets gradient from the in-batch term, as in the official F2LLM v1 code, whose
+    # cross-GPU gather has no autograd (positives then learn from the hard-negative term only).
+    in_batch_gradient: Literal["full", "queries_only"] = "full"
+
+
+@dataclass
 class TrainConfig:
     """A whole training run."""
 
@@ -88,9 +115,11 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     grad_cache: GradCacheConfig = field(default_factory=GradCacheConfig)
-    temperature: float = 0.05
+    loss: LossConfig = field(default_factory=LossConfig)
     engine: Literal["ddp", "deepspeed"] = "ddp"
-    deepspeed_config: str | None = None  # a DeepSpeed JSON; its ZeRO stage is used as is
+    deepspeed_config: str | None = None  # a DeepSpeed JSON (engine: deepspeed); its ZeRO stage is used as is
+    # A rank that waits longer than this in a collective (a peer died or hangs) ends the job with an error.
+    dist_timeout_minutes: float = 30.0
     output_dir: str = "runs/f2llm"
     seed: int = 42
     log_every: int = 10
@@ -230,8 +259,16 @@ def validate(config: TrainConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be > 0, got {value}")
-    if config.temperature <= 0:
-        raise ConfigError(f"temperature must be > 0, got {config.temperature}")
+    if config.loss.temperature <= 0:
+        raise ConfigError(f"loss.temperature must be > 0, got {config.loss.temperature}")
+    if config.dist_timeout_minutes <= 0:
+        raise ConfigError(f"dist_timeout_minutes must be > 0, got {config.dist_timeout_minutes}")
+    if config.grad_cache.chunk_tokens is not None and config.grad_cache.chunk_tokens <= 0:
+        raise ConfigError(f"grad_cache.chunk_tokens must be > 0 or null, got {config.grad_cache.chunk_tokens}")
+    if config.optim.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps must be >= 0, got {config.optim.warmup_steps}")
+    if config.optim.max_steps is not None and config.optim.max_steps <= 0:
+        raise ConfigError(f"optim.max_steps must be > 0 or null, got {config.optim.max_steps}")
     if not 0 <= config.data.validation_fraction < 1:
         raise ConfigError(f"data.validation_fraction must be in [0, 1), got {config.data.validation_fraction}")
     if config.data.packing and config.data.max_tokens < config.model.max_length:
@@ -243,6 +280,27 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"optim.min_lr ({config.optim.min_lr}) must be <= optim.lr ({config.optim.lr})")
     if config.engine == "deepspeed" and not config.deepspeed_config:
         raise ConfigError("engine: deepspeed needs deepspeed_config (a DeepSpeed JSON, e.g. train/configs/zero2.json)")
+    if config.engine == "deepspeed" and config.nan_policy == "skip":
+        raise ConfigError(
+            "nan_policy: skip needs engine: ddp. DeepSpeed applies an update before its gradient norm is known, so "
+            "a non-finite step cannot be skipped; use nan_policy: stop with engine: deepspeed"
+        )
+    if config.engine == "deepspeed":
+        path = Path(config.deepspeed_config)
+        if not path.is_file():
+            raise ConfigError(f"deepspeed_config: {path} does not exist")
+        import json
+
+        try:
+            ds = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"deepspeed_config: {path} is not valid JSON: {e}") from None
+        owned = sorted(set(ds) & DEEPSPEED_KEYS_OWNED)
+        if owned:
+            raise ConfigError(
+                f"deepspeed_config: {path} sets {owned}, which f2llm fills from the training config "
+                "(data.batch_size, optim.grad_clip, model.dtype; f2llm's AdamW and schedule); remove them"
+            )
 
 
 def to_dict(config: TrainConfig) -> dict:

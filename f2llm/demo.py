@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,16 +24,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from f2llm.distributed import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_MAX_LENGTH = 256  # MTEB's setting for all-MiniLM-L6-v2 (its max_seq_length)
 TASKS = ("scifact", "stsb")
 TARGETS = {"SciFact": 0.02, "STSBenchmark": -0.01}  # improvement wanted (SciFact), largest loss allowed (STS)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def log(message: str, started: float) -> None:

@@ -6,6 +6,8 @@ gather returns its input.
 
 from __future__ import annotations
 
+import socket
+
 import torch
 import torch.distributed as dist
 
@@ -23,6 +25,13 @@ def rank(group: dist.ProcessGroup | None = None) -> int:
 def world_size(group: dist.ProcessGroup | None = None) -> int:
     """Number of processes in ``group`` (1 without a process group)."""
     return dist.get_world_size(group) if is_distributed() else 1
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now: a launcher's rendezvous port (torchrun --master-port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def all_gather_sizes(n: int, device: torch.device, group: dist.ProcessGroup | None = None) -> list[int]:

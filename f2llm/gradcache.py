@@ -14,8 +14,12 @@ only through the embeddings (chain rule). Two details make it exact in practice:
 
 * randomness (dropout) is replayed: each chunk's RNG state is captured before pass 1 and restored for pass 2,
   so both passes compute the same function;
-* gradient synchronization across ranks happens once per step: every chunk but the last runs under the
-  engine's ``no_sync`` context (DDP), so gradients are all-reduced once, after the last chunk.
+* gradient synchronization across ranks is deferred where the engine can defer it: every chunk but the last
+  runs under the engine's ``no_sync`` context, so DDP all-reduces the gradients once, after the last chunk
+  (DeepSpeed ZeRO-2/3 still reduce-scatter in every chunk's backward: see f2llm.engine);
+* with several ranks, every rank runs the same number of chunks (:func:`split_to_count`): a forward or backward
+  may be a collective (ZeRO-3 gathers weights, ZeRO-2 reduce-scatters gradients), and unequal counts would
+  leave the ranks' collectives mismatched.
 
 Peak activation memory is that of one chunk; the embeddings and their gradients are the only per-batch cost.
 """
@@ -49,26 +53,57 @@ def chunk_by_tokens(seqs: Sequence[Text], chunk_tokens: int) -> list[list[Text]]
     return groups
 
 
+def split_to_count(groups: Sequence[Sequence[Text]], count: int) -> list[list[Text]]:
+    """``groups`` split further into exactly ``count`` consecutive non-empty groups (order kept).
+
+    While there are fewer than ``count`` groups, the group with the most tokens among those holding two or more
+    sequences is cut where its tokens are halved; no group grows, so a token budget ``groups`` respected still
+    holds. Used to give every rank the same chunk count (the largest any rank needs) when chunks are sized in
+    tokens.
+    """
+    out = [list(g) for g in groups if len(g)]
+    total = sum(len(g) for g in out)
+    if not 1 <= count <= total:
+        raise ValueError(f"split_to_count: cannot make {count} non-empty groups of {total} sequences")
+    if len(out) > count:
+        raise ValueError(f"split_to_count: already {len(out)} groups, more than {count}")
+    while len(out) < count:
+        i = max((j for j, g in enumerate(out) if len(g) > 1), key=lambda j: sum(len(s) for s in out[j]))
+        group = out[i]
+        half, acc, cut = sum(len(s) for s in group) / 2, 0, 1
+        for cut in range(1, len(group)):
+            acc += len(group[cut - 1])
+            if acc >= half:
+                break
+        out[i : i + 1] = [group[:cut], group[cut:]]
+    return out
+
+
 @dataclass
 class RngState:
-    """CPU and (when used) CUDA generator states, captured before a chunk's first forward."""
+    """The CPU generator's state and, for a model on a GPU, that GPU's, captured before a chunk's first forward.
+
+    Only the model's device is captured and restored (as GradCache and torch.utils.checkpoint do): forking every
+    visible GPU for every chunk costs a device sync per GPU and touches devices the model does not use.
+    """
 
     cpu: torch.Tensor
-    cuda: list[torch.Tensor] | None
+    cuda: torch.Tensor | None
+    device: torch.device | None
 
     @classmethod
-    def capture(cls) -> RngState:
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-        return cls(torch.get_rng_state(), cuda)
+    def capture(cls, device: torch.device | None = None) -> RngState:
+        on_cuda = device is not None and device.type == "cuda"
+        return cls(torch.get_rng_state(), torch.cuda.get_rng_state(device) if on_cuda else None, device)
 
     @contextlib.contextmanager
     def replay(self) -> Iterator[None]:
         """Run the body with this state, then put the generators back where they were."""
-        devices = list(range(len(self.cuda))) if self.cuda is not None else []
-        with torch.random.fork_rng(devices=devices, enabled=True):
+        devices = [self.device] if self.cuda is not None else []
+        with torch.random.fork_rng(devices=devices, enabled=True, device_type="cuda"):
             torch.set_rng_state(self.cpu)
             if self.cuda is not None:
-                torch.cuda.set_rng_state_all(self.cuda)
+                torch.cuda.set_rng_state(self.cuda, self.device)
             yield
 
 
@@ -90,6 +125,7 @@ class GradientCache(Generic[Chunk]):
             ``model.no_sync``); used for every chunk but the last. None when there is nothing to suppress.
         backward: how to back-propagate a scalar (``loss.backward()`` by default; a DeepSpeed engine's
             ``engine.backward``).
+        device: the model's device, whose random generator is replayed with the CPU's (None: CPU only).
     """
 
     def __init__(
@@ -97,17 +133,19 @@ class GradientCache(Generic[Chunk]):
         encode: Callable[[Chunk], torch.Tensor],
         no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
         backward: Callable[[torch.Tensor], None] | None = None,
+        device: torch.device | None = None,
     ) -> None:
         self.encode = encode
         self.no_sync = no_sync
         self.backward = backward or (lambda t: t.backward())
+        self.device = device
 
     def embed_without_grad(self, chunks: Sequence[Chunk]) -> tuple[torch.Tensor, list[RngState]]:
         """Pass 1: embeddings of all chunks (concatenated in order) and each chunk's RNG state."""
         states, outs = [], []
         with torch.no_grad():
             for chunk in chunks:
-                states.append(RngState.capture())
+                states.append(RngState.capture(self.device))
                 outs.append(self.encode(chunk))
         return torch.cat(outs), states
 

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -65,6 +65,10 @@ class F2LLMLoss(nn.Module):
         mask_margin: optional false-negative filter of the in-batch term (see :class:`InfoNCELoss`). None = off,
             as in the recipe.
         group: process group to gather positives over (default: the world).
+        in_batch_gradient: ``"full"`` (default): the in-batch term sends gradient to every positive, local and
+            gathered. ``"queries_only"``: to the queries only, no positive gets gradient from the in-batch term
+            (positives learn from the hard term alone), which is what the official F2LLM v1 code computes: its
+            ``accelerator.gather`` has no autograd, even on one GPU. Use it to reproduce the published models.
     """
 
     def __init__(
@@ -72,11 +76,17 @@ class F2LLMLoss(nn.Module):
         temperature: float = 0.05,
         mask_margin: float | None = None,
         group: torch.distributed.ProcessGroup | None = None,
+        in_batch_gradient: Literal["full", "queries_only"] = "full",
     ) -> None:
         super().__init__()
+        if in_batch_gradient not in ("full", "queries_only"):
+            raise ValueError(
+                f"F2LLMLoss: in_batch_gradient must be 'full' or 'queries_only', got {in_batch_gradient!r}"
+            )
         self.temperature = temperature
         self.mask_margin = mask_margin
         self.group = group
+        self.in_batch_gradient = in_batch_gradient
 
     def forward(
         self, query_emb: torch.Tensor, pos_emb: torch.Tensor, neg_emb: torch.Tensor, in_batch: bool
@@ -95,7 +105,9 @@ class F2LLMLoss(nn.Module):
         if not in_batch:
             return LossOutput(hard, hard, torch.zeros((), device=hard.device, dtype=hard.dtype))
         sizes = distributed.all_gather_sizes(B, query_emb.device, self.group)
-        all_pos = distributed.all_gather_with_grad(pos_emb, self.group, sizes=sizes)
+        # queries_only: a detached input gathers without autograd, as the reference's accelerator.gather does.
+        in_batch_pos = pos_emb if self.in_batch_gradient == "full" else pos_emb.detach()
+        all_pos = distributed.all_gather_with_grad(in_batch_pos, self.group, sizes=sizes)
         offset = sum(sizes[: distributed.rank(self.group)])
         targets = torch.arange(offset, offset + B, device=query_emb.device)
         in_batch_loss = infonce(
@@ -104,4 +116,7 @@ class F2LLMLoss(nn.Module):
         return LossOutput(hard + in_batch_loss, hard, in_batch_loss)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, mask_margin={self.mask_margin}"
+        return (
+            f"temperature={self.temperature}, mask_margin={self.mask_margin}, "
+            f"in_batch_gradient={self.in_batch_gradient}"
+        )

@@ -1,13 +1,15 @@
-"""The F2LLM training loop: torchrun + (DDP | DeepSpeed ZeRO 0-3), gradient cache, checkpoints, logging.
+"""The F2LLM training loop: torchrun + an engine (f2llm.engine: DDP or DeepSpeed ZeRO 0-3), gradient cache, checkpoints.
 
-Read top to bottom: :func:`train` sets up (process group, encoder, data, engine, optimizer, schedule, resume),
-then runs steps. One step, on every rank:
+Read top to bottom: :meth:`Trainer.from_config` sets up (process group, encoder, data, engine, resume), then
+:meth:`Trainer.train` runs steps. One step, on every rank:
 
 1. the sampler gives this rank's share of a global batch, every rank from the same source;
-2. the texts (queries, positives, negatives) are encoded, in one forward or in gradient-cache chunks;
-3. :class:`f2llm.loss.F2LLMLoss`: hard-negative loss always, in-batch loss (positives gathered from every rank,
-   with gradient) for retrieval sources;
-4. backward, gradient clipping, AdamW step, warmup + cosine schedule; metrics, validation and checkpoints.
+2. the texts (queries, positives, negatives) are encoded, in one forward or in gradient-cache chunks (every rank
+   runs the same number of chunks);
+3. :class:`f2llm.loss.F2LLMLoss`: hard-negative loss always, in-batch loss (positives gathered from every rank)
+   for retrieval sources;
+4. backward, then the engine clips, updates and advances the warmup + cosine schedule; metrics, validation and
+   checkpoints follow.
 
 A non-finite loss or gradient norm stops the run (naming the step and the source) or skips the step, as
 ``nan_policy`` says; all ranks agree before acting, so none is left waiting in a collective.
@@ -15,13 +17,11 @@ A non-finite loss or gradient norm stops the run (naming the step and the source
 
 from __future__ import annotations
 
-import contextlib
+import datetime
 import json
-import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,35 +43,13 @@ from f2llm.checkpoint import (
     set_rng_state,
 )
 from f2llm.config import TrainConfig, to_dict
-from f2llm.data import Collator, EncoderBatch, F2LLMBatchSampler, SourceOverride, TrainingBatch, load_sources
-from f2llm.gradcache import GradientCache, chunk_by_tokens
+from f2llm.data import Collator, EncoderBatch, F2LLMBatchSampler, TrainingBatch, load_sources
+from f2llm.engine import Engine, NonFiniteError, WarmupCosine, build_engine, resolve_dtype, weights_dtype
+from f2llm.gradcache import GradientCache, chunk_by_tokens, split_to_count
 from f2llm.loss import F2LLMLoss, LossOutput
 from f2llm.model import Encoder
 
-
-class NonFiniteError(RuntimeError):
-    """The loss or the gradient norm was NaN or infinite (the message names step, source and which)."""
-
-
-# ------------------------------------------------------------------------------------------------ schedule
-@dataclass
-class WarmupCosine:
-    """LR multiplier: linear warmup to 1, cosine decay to 0 at ``total_steps``, floored at ``min_ratio``.
-
-    A plain callable object (not a lambda) so that LambdaLR's state_dict holds only numbers.
-    """
-
-    warmup_steps: int
-    total_steps: int
-    min_ratio: float
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            factor = (step + 1) / self.warmup_steps
-        else:
-            progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
-            factor = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return max(factor, self.min_ratio)
+__all__ = ["NonFiniteError", "Runtime", "Trainer", "WarmupCosine", "init_runtime", "train"]
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -91,15 +69,22 @@ class Runtime:
 
     def any_failed(self, failed: bool) -> bool:
         """True on every rank when any rank passes True (one all-reduce; no-op in a single process)."""
+        return self.max(int(failed)) > 0
+
+    def max(self, value: int) -> int:
+        """The largest ``value`` of all ranks, on every rank (one all-reduce; no-op in a single process)."""
         if not distributed.is_distributed():
-            return failed
-        flag = torch.tensor([float(failed)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            return value
+        t = torch.tensor([value], device=self.device, dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
 
 
-def init_runtime() -> Runtime:
-    """Join the torchrun process group (when launched by torchrun) and pick this rank's device."""
+def init_runtime(timeout_minutes: float = 30.0) -> Runtime:
+    """Join the torchrun process group (when launched by torchrun) and pick this rank's device.
+
+    A rank that waits longer than ``timeout_minutes`` in a collective raises instead of hanging forever.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -108,7 +93,10 @@ def init_runtime() -> Runtime:
     else:
         device = torch.device("cpu")
     if world > 1 and not distributed.is_distributed():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
     return Runtime(distributed.rank(), distributed.world_size(), device)
 
 
@@ -120,38 +108,35 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
-
-
-def deepspeed_config(config: TrainConfig, dtype: torch.dtype) -> dict:
-    """The DeepSpeed JSON with the keys f2llm owns filled from the training config."""
-    ds = json.loads(Path(config.deepspeed_config).read_text())
-    ds.pop("_comment", None)
-    ds["train_micro_batch_size_per_gpu"] = config.data.batch_size
-    ds["gradient_accumulation_steps"] = 1
-    ds["gradient_clipping"] = config.optim.grad_clip
-    ds["bf16"] = {"enabled": dtype == torch.bfloat16}
-    ds.pop("fp16", None)
-    return ds
-
-
 # ------------------------------------------------------------------------------------------------ metrics
 class MetricLogger:
-    """Rank 0 writes metrics.jsonl and (optionally) TensorBoard scalars; other ranks write nothing."""
+    """Rank 0 writes metrics.jsonl and (optionally) TensorBoard scalars; other ranks write nothing.
+
+    :meth:`start` is called with the step a run starts from: a resumed run first drops what the killed run logged
+    after its last checkpoint (those steps run again), so every step is in the log once.
+    """
 
     def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool) -> None:
         self.enabled = enabled
+        self.output_dir = output_dir
         self.path = output_dir / "metrics.jsonl"
+        self.tensorboard = tensorboard
         self.writer = None
-        if enabled:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            if tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+    def start(self, step: int) -> None:
+        if not self.enabled:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if _logged_step(line) <= step]
+            tmp = self.path.with_name(f".tmp-{self.path.name}")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        if self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step hides the events of steps after the checkpoint that an earlier run wrote.
+            self.writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=step + 1 if step else None)
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -166,6 +151,14 @@ class MetricLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; a line torn by a kill counts as after every step (it is dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def plot_loss_curve(metrics_file: Path, out: Path) -> None:
@@ -214,10 +207,7 @@ class Trainer:
 
     config: TrainConfig
     runtime: Runtime
-    encoder: Encoder
-    model: torch.nn.Module  # what forward runs through: the encoder, its DDP wrapper or the DeepSpeed engine
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
+    engine: Engine
     sampler: F2LLMBatchSampler
     validation: F2LLMBatchSampler | None
     collator: Collator
@@ -226,96 +216,49 @@ class Trainer:
     step: int = 0
     logger: MetricLogger | None = None
     checkpoints: CheckpointWriter | None = None
-    deepspeed: Any = None
     history: list[dict] = field(default_factory=list)
+
+    @property
+    def encoder(self) -> Encoder:
+        return self.engine.encoder
 
     # ---------------------------------------------------------------------------------------------- building
     @classmethod
     def from_config(cls, config: TrainConfig, runtime: Runtime | None = None) -> Trainer:
-        runtime = runtime or init_runtime()
+        runtime = runtime or init_runtime(config.dist_timeout_minutes)
         seed_everything(config.seed + runtime.rank)  # dropout differs across ranks, data order does not
         out = Path(config.output_dir)
-        dtype = resolve_dtype(config.model.dtype, runtime.device)
         encoder = Encoder.from_pretrained(
             config.model.name_or_path,
             pooling=config.model.pooling,
             max_length=config.model.max_length,
-            dtype=dtype,
+            dtype=weights_dtype(config, runtime.device),
             attn_implementation=config.model.attn_implementation,
             gradient_checkpointing=config.model.gradient_checkpointing,
             liger=config.model.liger if runtime.device.type == "cuda" else False,
             device=runtime.device,
         ).train()
 
-        overrides = {name: SourceOverride(**vars(s)) for name, s in config.data.sources.items()}
         sources = load_sources(
             config.data.paths,
             encoder.text_tokenizer,
             config.data.cache_dir,
-            overrides=overrides,
+            overrides=config.data.sources,
             seed=config.data.seed,
             validation_fraction=config.data.validation_fraction,
         )
-        sampler = F2LLMBatchSampler(
-            sources,
-            config.data.batch_size,
-            world_size=runtime.world_size,
-            rank=runtime.rank,
-            seed=config.data.seed,
-            epochs=config.optim.epochs,
+        sampling = dict(
+            world_size=runtime.world_size, rank=runtime.rank, seed=config.data.seed, last_batch=config.data.last_batch
         )
-        # Held-out sources are small (1%): validation batches shrink to what the largest one can fill, so that
-        # small datasets are validated too (the in-batch term then sees fewer negatives than in training).
-        largest = max(len(s.validation_rows) for s in sources) // runtime.world_size
-        validation = None
-        if largest >= 1:
-            validation = F2LLMBatchSampler(
-                sources,
-                min(config.data.batch_size, largest),
-                world_size=runtime.world_size,
-                rank=runtime.rank,
-                seed=config.data.seed,
-                epochs=1,
-                split="validation",
-            )
-        elif runtime.main:
-            print("f2llm: validation disabled: fewer held-out rows than ranks (raise data.validation_fraction)")
+        sampler = F2LLMBatchSampler(sources, config.data.batch_size, epochs=config.optim.epochs, **sampling)
+        validation = validation_sampler(config, sources, runtime, sampling)
         total_steps = len(sampler) if config.optim.max_steps is None else min(config.optim.max_steps, len(sampler))
-
-        optimizer = torch.optim.AdamW(
-            encoder.parameters(),
-            lr=config.optim.lr,
-            betas=config.optim.betas,
-            weight_decay=config.optim.weight_decay,
-        )
-        schedule = WarmupCosine(config.optim.warmup_steps, total_steps, config.optim.min_lr / config.optim.lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-
-        engine = None
-        model: torch.nn.Module = encoder
-        if config.engine == "deepspeed":
-            import deepspeed
-
-            engine, optimizer, _, scheduler = deepspeed.initialize(
-                model=encoder,
-                optimizer=optimizer,
-                lr_scheduler=scheduler,
-                config=deepspeed_config(config, dtype),
-                dist_init_required=False,
-            )
-            model = engine
-        elif runtime.world_size > 1:
-            model = torch.nn.parallel.DistributedDataParallel(
-                encoder, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
-            )
+        engine = build_engine(config, encoder, total_steps, runtime.world_size)
 
         trainer = cls(
             config=config,
             runtime=runtime,
-            encoder=encoder,
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
+            engine=engine,
             sampler=sampler,
             validation=validation,
             collator=Collator(
@@ -323,30 +266,49 @@ class Trainer:
                 mode="packed" if config.data.packing else "padded",
                 max_tokens=config.data.max_tokens,
             ),
-            loss_fn=F2LLMLoss(config.temperature),
+            loss_fn=F2LLMLoss(config.loss.temperature, in_batch_gradient=config.loss.in_batch_gradient),
             total_steps=total_steps,
             logger=MetricLogger(out, runtime.main, config.tensorboard),
             checkpoints=CheckpointWriter(out / "checkpoints", config.keep_last, runtime.rank, runtime.any_failed),
-            deepspeed=engine,
         )
         if runtime.main:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+            for line in [*sampler.summary(), *(validation.summary() if validation else [])]:
+                print(f"f2llm: {line}")
+            print(f"f2llm: {engine.communication(trainer.chunking())}")
         trainer.maybe_resume()
         return trainer
 
     # ---------------------------------------------------------------------------------------------- one step
-    def encode(self, batch: EncoderBatch) -> torch.Tensor:
-        return self.model(batch)
+    def chunking(self) -> str:
+        """What a step's encoder work is split into (for log lines)."""
+        gc = self.config.grad_cache
+        if not gc.enabled:
+            return "one forward and backward per step"
+        size = f"{gc.chunk_texts} texts" if gc.chunk_tokens is None else f"at most {gc.chunk_tokens} real tokens"
+        return f"the gradient cache's chunks of {size} (same count on every rank)"
 
     def chunks(self, seqs: list[np.ndarray]) -> list[EncoderBatch]:
-        """The gradient cache's chunks of a step's texts, in order: by text count, or by real tokens."""
+        """The gradient cache's chunks of a step's texts, in order: by text count, or by real tokens.
+
+        Every rank gets the same number of chunks: by text count it is the same by construction (every rank has
+        the same number of texts); by tokens the ranks agree on the largest count (one small all-reduce) and the
+        others split their chunks further (f2llm.gradcache.split_to_count).
+        """
         gc = self.config.grad_cache
         if gc.chunk_tokens is None:
             groups = [seqs[i : i + gc.chunk_texts] for i in range(0, len(seqs), gc.chunk_texts)]
         else:
             groups = chunk_by_tokens(seqs, gc.chunk_tokens)
+            groups = split_to_count(groups, self.runtime.max(len(groups)))
         return [self.collator(g) for g in groups]
+
+    def embed(self, seqs: list[np.ndarray]) -> torch.Tensor:
+        """Embeddings of texts without autograd, in the step's chunks (validation: a training step's memory)."""
+        if not self.config.grad_cache.enabled:
+            return self.engine.forward(self.collator(seqs))
+        return torch.cat([self.engine.forward(chunk) for chunk in self.chunks(seqs)])
 
     def batch_loss(self, emb: torch.Tensor, batch: TrainingBatch) -> LossOutput:
         """F2LLMLoss of a batch's embeddings (queries, positives, negatives row-major, as sequences() orders them)."""
@@ -362,90 +324,43 @@ class Trainer:
 
     def check_finite(self, value: torch.Tensor, what: str, batch: TrainingBatch) -> None:
         """Raise NonFiniteError on every rank when ``value`` is non-finite on any rank."""
-        bad = (~torch.isfinite(value.float())).to(torch.float32).reshape(1)
-        if distributed.is_distributed():
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item() > 0:
+        if self.runtime.any_failed(not bool(torch.isfinite(value.float()).all())):
             raise NonFiniteError(
                 f"non-finite {what} at step {self.step + 1} (epoch {batch.epoch}, step {batch.step} of the epoch), "
                 f"source {batch.source!r}, rows {batch.rows[:8].tolist()}..."
             )
 
-    def no_sync(self) -> Callable[[], contextlib.AbstractContextManager] | None:
-        if self.deepspeed is not None:
-            engine = self.deepspeed
-
-            @contextlib.contextmanager
-            def ds_no_sync() -> Iterator[None]:
-                engine.set_gradient_accumulation_boundary(False)
-                try:
-                    yield
-                finally:
-                    engine.set_gradient_accumulation_boundary(True)
-
-            return ds_no_sync
-        if isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
-            return self.model.no_sync
-        return None
-
-    def backward(self, loss: torch.Tensor) -> None:
-        if self.deepspeed is not None:
-            self.deepspeed.backward(loss)
-        else:
-            loss.backward()
-
     def train_step(self, batch: TrainingBatch) -> StepResult:
+        engine = self.engine
         seqs = batch.sequences()
-        tokens = sum(len(s) for s in seqs)
-        lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
+        lr = engine.lr  # the rate this step's update uses
         if self.config.grad_cache.enabled:
-            cache = GradientCache(self.encode, no_sync=self.no_sync(), backward=self.backward)
-            result = cache.step(self.chunks(seqs), lambda emb: self.compute_loss(emb, batch))
-            out = result.aux
+            cache = GradientCache(engine.forward, engine.no_sync, engine.backward, device=self.runtime.device)
+            out = cache.step(self.chunks(seqs), lambda emb: self.compute_loss(emb, batch)).aux
         else:
-            emb = self.encode(self.collator(seqs))
-            total, out = self.compute_loss(emb, batch)
-            self.backward(total)
-        if self.deepspeed is not None:
-            self.deepspeed.step()  # clips, steps the optimizer and the schedule, zeroes gradients
-            norm = self.deepspeed.get_global_grad_norm()
-            grad_norm = float(norm) if norm is not None else float("nan")
-            if not math.isfinite(grad_norm) and norm is not None:
-                # The engine has already applied this update; the only safe policy is to stop.
-                raise NonFiniteError(
-                    f"non-finite gradient norm at step {self.step + 1}, source {batch.source!r} (DeepSpeed: the "
-                    "update was applied before the norm is known, so the run stops whatever nan_policy says)"
-                )
-        else:
-            norm = torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), self.config.optim.grad_clip)
-            self.check_finite(norm, "gradient norm", batch)
-            grad_norm = float(norm)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=detach_loss(out), grad_norm=grad_norm, tokens=tokens, lr=lr)
+            total, out = self.compute_loss(engine.forward(self.collator(seqs)), batch)
+            engine.backward(total)
+        grad_norm = engine.step(lambda norm: self.check_finite(norm, "gradient norm", batch))
+        return StepResult(loss=detach_loss(out), grad_norm=grad_norm, tokens=sum(map(len, seqs)), lr=lr)
 
     def skip_step(self) -> None:
         """Drop this step's gradients; the schedule still advances so it stays aligned with the data."""
-        if self.deepspeed is not None:
-            raise NonFiniteError("nan_policy=skip is not available with DeepSpeed; use engine: ddp or nan_policy: stop")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        self.engine.skip()
 
     # ---------------------------------------------------------------------------------------------- validation
     @torch.no_grad()
     def validate(self) -> dict[str, float] | None:
         if self.validation is None:
             return None
-        self.model.eval()
+        self.engine.train(False)
         totals = torch.zeros(4, dtype=torch.float64)
         try:
             for step in range(self.validation.steps_per_epoch):
                 batch = self.validation.batch_at(0, step)
-                out = self.batch_loss(self.encode(self.collator(batch.sequences())), batch)
+                out = self.batch_loss(self.embed(batch.sequences()), batch)
                 totals += torch.tensor([*map(float, out), 1.0], dtype=torch.float64)
         finally:
-            self.model.train()
+            self.engine.train(True)
         if distributed.is_distributed():
             dist.all_reduce(totals)
         n = max(1.0, float(totals[3]))
@@ -454,14 +369,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
         def write(folder: Path) -> None:
-            if self.deepspeed is not None:
-                self.deepspeed.save_checkpoint(str(folder), tag="deepspeed")
-            elif self.runtime.main:
-                from safetensors.torch import save_model
-
-                save_model(self.encoder.model, str(folder / "model.safetensors"))
-                save_state(self.optimizer.state_dict(), folder / "optimizer.pt")
-                save_state(self.scheduler.state_dict(), folder / "scheduler.pt")
+            self.engine.save(folder, self.runtime.main)
             if self.runtime.main:
                 state = {"step": self.step, "sampler": self.sampler.state_dict(), "world_size": self.runtime.world_size}
                 (folder / "trainer_state.json").write_text(json.dumps(state, indent=1))
@@ -470,6 +378,8 @@ class Trainer:
         return self.checkpoints.save(self.step, write)
 
     def maybe_resume(self) -> None:
+        """Continue from a checkpoint: weights, optimizer state, data position and RNG come from it; the schedule is
+        rebuilt from the current config at the checkpoint's step (a changed max_steps / epochs takes effect)."""
         resume = self.config.resume
         if resume == "never":
             return
@@ -484,25 +394,19 @@ class Trainer:
                 f"resume: {path} was written by {state['world_size']} ranks, this run has {self.runtime.world_size}; "
                 "resume with the same number of processes"
             )
-        if self.deepspeed is not None:
-            use_weights_only_loading(self.deepspeed)
-            self.deepspeed.load_checkpoint(str(path), tag="deepspeed")
-        else:
-            from safetensors.torch import load_model
-
-            load_model(self.encoder.model, str(path / "model.safetensors"), device=str(self.runtime.device))
-            self.optimizer.load_state_dict(load_state(path / "optimizer.pt"))
-            self.scheduler.load_state_dict(load_state(path / "scheduler.pt"))
+        self.engine.load(path)
         self.sampler.load_state_dict(state["sampler"])
         self.step = int(state["step"])
+        self.engine.set_schedule_step(self.step)
         set_rng_state(load_state(path / f"rng-rank{self.runtime.rank}.pt"))
         if self.runtime.main:
-            print(f"f2llm: resumed from {path} at step {self.step}")
+            print(f"f2llm: resumed from {path} at step {self.step} of {self.total_steps}")
 
     # ---------------------------------------------------------------------------------------------- the loop
     def train(self) -> Path:
         """Run to ``total_steps``; returns the folder of the final model (rank 0 writes it)."""
         config, out = self.config, Path(self.config.output_dir)
+        self.logger.start(self.step)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.runtime.main)
         batches = iter(self.sampler)
         if self.runtime.device.type == "cuda":
@@ -562,22 +466,20 @@ class Trainer:
         self.history.append({"step": self.step, **metrics})
 
     def save_final(self, folder: Path) -> None:
-        """The trained encoder, loadable by transformers, sentence-transformers and Encoder.load.
+        """The trained encoder in ``model.final_dtype``, loadable by transformers, sentence-transformers and
+        Encoder.load.
 
         Written under a temporary name and renamed when complete: a job killed while saving never leaves a partial
         model where a complete one is expected (a rerun resumes from the last checkpoint and saves it again).
         """
+        model = self.config.model
+        dtype = resolve_dtype(model.dtype if model.final_dtype == "auto" else model.final_dtype, self.runtime.device)
         tmp = folder.with_name(f".tmp-{folder.name}")
         if self.runtime.main and tmp.exists():
             shutil.rmtree(tmp)
-        if self.deepspeed is not None and self.deepspeed.zero_optimization_stage() == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(self.encoder.parameters()), modifier_rank=None):
-                if self.runtime.main:
-                    self.encoder.save_pretrained(tmp)
-        elif self.runtime.main:
-            self.encoder.save_pretrained(tmp)
+        with self.engine.full_weights():
+            if self.runtime.main:
+                self.encoder.save_pretrained(tmp, dtype=dtype)
         if self.runtime.main:
             fsync_tree(tmp)
             if folder.exists():
@@ -587,29 +489,24 @@ class Trainer:
         self.runtime.barrier()
 
 
-def use_weights_only_loading(engine: Any) -> None:
-    """Make a DeepSpeed engine load checkpoints with ``torch.load(weights_only=True)``.
+def validation_sampler(
+    config: TrainConfig, sources: list, runtime: Runtime, sampling: dict[str, Any]
+) -> F2LLMBatchSampler | None:
+    """Batches of the held-out rows, or None when there are none.
 
-    DeepSpeed's TorchCheckpointEngine unpickles arbitrary objects (``weights_only=False``): a planted file in a
-    checkpoint folder would run code on resume. Its checkpoints hold tensors, plain data and three DeepSpeed
-    classes, which are the only globals allowed here.
+    Held-out sources are small (1%): validation batches shrink to what the largest one can fill per rank, so that
+    small held-out sets are validated too (the in-batch term then sees fewer negatives than in training).
     """
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    base = type(engine.checkpoint_engine)
-    if getattr(base, "weights_only", False):
-        return
-
-    class WeightsOnlyCheckpointEngine(base):
-        weights_only = True
-
-        def load(self, path: str, map_location: Any = None) -> Any:
-            with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
-                return torch.load(path, map_location=map_location, weights_only=True)
-
-    engine.checkpoint_engine.__class__ = WeightsOnlyCheckpointEngine
+    held_out = max(len(s.validation_rows) for s in sources)
+    if held_out == 0 or (config.data.last_batch == "drop" and held_out < runtime.world_size):
+        if runtime.main:
+            print(
+                f"f2llm: validation disabled: the largest held-out set has {held_out} rows for "
+                f"{runtime.world_size} rank(s) (raise data.validation_fraction, or use data.last_batch: wrap)"
+            )
+        return None
+    batch_size = min(config.data.batch_size, max(1, held_out // runtime.world_size))
+    return F2LLMBatchSampler(sources, batch_size, epochs=1, split="validation", **sampling)
 
 
 def detach_loss(out: LossOutput) -> LossOutput:

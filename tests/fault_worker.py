@@ -80,6 +80,7 @@ def act(fault: dict[str, Any], where: str) -> None:
 
 def install_faults(faults: list[dict[str, Any]]) -> None:
     """Patch the trainer so that each fault fires at its place."""
+    from f2llm import engine as engine_module
     from f2llm import trainer as trainer_module
     from f2llm.loss import LossOutput
     from f2llm.model import Encoder
@@ -91,12 +92,16 @@ def install_faults(faults: list[dict[str, Any]]) -> None:
         found = [f for f in mine if f["at"] == at and (step is None or f.get("step") == step)]
         return [f for f in found if all(f.get(k) == v for k, v in fields.items())]
 
-    train_step, backward, batch_loss, train = Trainer.train_step, Trainer.backward, Trainer.batch_loss, Trainer.train
+    train_step, batch_loss, train = Trainer.train_step, Trainer.batch_loss, Trainer.train
     save_state, write_st_files = trainer_module.save_state, Encoder._write_sentence_transformers_files
+    engines = (engine_module.DDPEngine, engine_module.DeepSpeedEngine)
+    backwards = {cls: cls.backward for cls in engines}
+    # The step being run (1-based) and whether its first backward has fired its faults.
+    current = {"step": 0, "backward_done": False}
 
     def patched_train_step(self: Trainer, batch: Any) -> Any:
         step = self.step + 1
-        self._fault_backward_done = False
+        current.update(step=step, backward_done=False)
         for fault in matching("step", step, phase="before"):
             act(fault, f"step {step} before")
         hooks = []
@@ -112,11 +117,11 @@ def install_faults(faults: list[dict[str, Any]]) -> None:
             act(fault, f"step {step} after_update")
         return result
 
-    def patched_backward(self: Trainer, loss: torch.Tensor) -> None:
-        backward(self, loss)
-        step = self.step + 1
-        if not getattr(self, "_fault_backward_done", False):
-            self._fault_backward_done = True
+    def patched_backward(self: Any, loss: torch.Tensor) -> None:
+        backwards[type(self)](self, loss)
+        step = current["step"]
+        if not current["backward_done"]:
+            current["backward_done"] = True
             for fault in matching("step", step, phase="after_backward"):
                 act(fault, f"step {step} after_backward")
 
@@ -153,10 +158,12 @@ def install_faults(faults: list[dict[str, Any]]) -> None:
         write_st_files(self, path)
 
     Trainer.train_step = patched_train_step
-    Trainer.backward = patched_backward
+    for cls in engines:
+        cls.backward = patched_backward
     Trainer.batch_loss = patched_batch_loss
     Trainer.train = patched_train
     trainer_module.save_state = patched_save_state
+    engine_module.save_state = patched_save_state
     Encoder._write_sentence_transformers_files = patched_write_st_files
 
 

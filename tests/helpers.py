@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +21,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import transformers
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from f2llm.distributed import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
 
 EOS = "<|endoftext|>"
 CORPUS = [
@@ -151,3 +158,65 @@ def benchmark_module(name: str) -> Iterator[ModuleType]:
     finally:
         sys.path.remove(str(BENCHMARKS))
         sys.modules.pop(name, None)
+
+
+# ------------------------------------------------------------------------------------------------ training runs
+def trainer_workdir(root: Path) -> Path:
+    """Tiny Qwen3s (one without dropout, one with), two sources and base.yaml: 4 short steps of f2llm train."""
+    import yaml
+
+    tiny_qwen3(root)  # no dropout: runs with different chunking / ranks must agree exactly
+    tiny_qwen3(root, seed=1, attention_dropout=0.2)  # dropout on: resume must replay the RNG
+    write_source(root / "data" / "msmarco.parquet", make_rows(70, 3))
+    write_source(root / "data" / "banking77.parquet", make_rows(40, 1, prefix="b "))
+    config = {
+        "model": {"name_or_path": str(root / "tiny-qwen3-0"), "max_length": 64, "gradient_checkpointing": False},
+        "data": {
+            "paths": [str(root / "data" / "msmarco.parquet"), str(root / "data" / "banking77.parquet")],
+            "batch_size": 4,
+            "cache_dir": str(root / "cache"),
+            "validation_fraction": 0.1,
+            "sources": {"msmarco": {"num_negatives": 2}, "banking77": {"num_negatives": 1}},
+        },
+        "optim": {"lr": 1e-3, "warmup_steps": 2, "epochs": 1, "max_steps": 4},
+        "log_every": 1,
+        "validate_every": 2,
+        "save_every": 2,
+        "tensorboard": False,
+        "plot": False,
+    }
+    (root / "base.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+def train_command(workdir: Path, out: Path, *overrides: str, nproc: int = 1) -> list[str]:
+    """train/train.py with workdir's base.yaml, as one process or under torchrun with ``nproc`` ranks."""
+    script = str(ROOT / "train" / "train.py")
+    args = ["--config", str(workdir / "base.yaml"), f"output_dir={out}", *overrides]
+    if nproc == 1:
+        return [sys.executable, script, *args]
+    launch = ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}"]
+    return [sys.executable, *launch, script, *args]
+
+
+def run(cmd: list[str], timeout: int = 600) -> str:
+    """Run a command to success (one OpenMP thread per process); returns its stdout."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, f"{cmd}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result.stdout
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path, atol: float) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=atol, msg=f"weight {key}")
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

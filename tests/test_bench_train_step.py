@@ -115,3 +115,22 @@ def test_chunks_keep_order_and_respect_the_token_limit(bench_module) -> None:
     assert all(sum(len(s) for s in g) <= 64 for g in groups)
     # Greedy: a group closes only when the next text would not fit.
     assert all(sum(len(s) for s in g) + len(nxt[0]) > 64 for g, nxt in itertools.pairwise(groups))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_comm_mode_measures_what_each_engine_sends(tmp_path: Path) -> None:
+    """The trainer's own step under 2 ranks: DDP and ZeRO-1 send one set of gradients per step whatever the chunk
+    count (no_sync defers it); ZeRO-2 one more reduce-scatter of the gradients for every further chunk."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    cmd = [sys.executable, str(SCRIPT), "--comm", "--steps", "2", "--out", str(tmp_path)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    rows = {(r["engine"], r["chunks"]): r for r in json.loads((tmp_path / "train_step_comm.json").read_text())["rows"]}
+    assert set(rows) == {(e, c) for e in ("ddp", "zero1", "zero2", "zero3") for c in (1, 4)}
+    assert all(r["status"] == "ok" and r["same_every_step"] for r in rows.values())
+    gradients = {key: r["per_gradient"] for key, r in rows.items()}
+    assert 1.0 <= gradients["ddp", 1] < 1.1 and gradients["ddp", 4] == pytest.approx(gradients["ddp", 1])
+    assert gradients["zero1", 4] == pytest.approx(gradients["zero1", 1])
+    assert gradients["zero2", 4] - gradients["zero2", 1] == pytest.approx(3.0, abs=0.1)
+    assert gradients["zero3", 4] >= gradients["zero2", 4]

@@ -21,6 +21,7 @@ from f2llm.checkpoint import (
 from f2llm.config import ConfigError, load_config
 
 MINIMAL = "model:\n  name_or_path: some/model\ndata:\n  paths: [a.parquet]\n"
+ZERO2 = Path(__file__).resolve().parents[1] / "train" / "configs" / "zero2.json"
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -33,7 +34,7 @@ def test_defaults_are_the_recipe(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, MINIMAL))
     assert config.optim.betas == (0.9, 0.98) and config.optim.weight_decay == 0.01
     assert config.optim.warmup_steps == 500 and config.optim.epochs == 2 and config.optim.grad_clip == 1.0
-    assert config.optim.min_lr == 1e-7 and config.temperature == 0.05 and config.data.batch_size == 16
+    assert config.optim.min_lr == 1e-7 and config.loss.temperature == 0.05 and config.data.batch_size == 16
     assert config.data.validation_fraction == 0.01 and config.model.max_length == 1024
 
 
@@ -57,6 +58,15 @@ def test_overrides_are_typed(tmp_path: Path) -> None:
         (MINIMAL, ["data.sources.x={kind: ranking}"], r"data\.sources\.x\.kind: 'ranking' is not one of"),
         ("model:\n  name_or_path: m\n", [], r"data\.paths is required"),
         (MINIMAL, ["engine=deepspeed"], r"needs deepspeed_config"),
+        (MINIMAL, ["engine=deepspeed", f"deepspeed_config={ZERO2}", "nan_policy=skip"], r"skip needs engine: ddp"),
+        (MINIMAL, ["engine=deepspeed", "deepspeed_config=/nonexistent.json"], r"/nonexistent\.json does not exist"),
+        (MINIMAL, ["data.last_batch=pad"], r"data\.last_batch: 'pad' is not one of"),
+        (MINIMAL, ["optim.warmup=per_gpu"], r"optim\.warmup: 'per_gpu' is not one of"),
+        (MINIMAL, ["loss.in_batch_gradient=none"], r"loss\.in_batch_gradient: 'none' is not one of"),
+        (MINIMAL, ["loss.temperature=0"], r"loss\.temperature must be > 0"),
+        (MINIMAL, ["dist_timeout_minutes=0"], r"dist_timeout_minutes must be > 0"),
+        (MINIMAL, ["grad_cache.chunk_tokens=0"], r"grad_cache\.chunk_tokens must be > 0"),
+        (MINIMAL, ["temperature=0.05"], r"unknown key\(s\) \['temperature'\]"),
         ("- a\n- b\n", [], r"top level must be a mapping"),
         (MINIMAL + "  batch_size: [1\n", [], r"not valid YAML"),
     ],
@@ -65,6 +75,13 @@ def test_bad_configs_name_the_key(tmp_path: Path, text: str, overrides: list[str
     with pytest.raises(ConfigError, match=message) as info:
         load_config(write(tmp_path, text), overrides)
     assert str(tmp_path / "c.yaml") in str(info.value)
+
+
+def test_deepspeed_json_may_not_set_what_f2llm_owns(tmp_path: Path) -> None:
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 2}, "gradient_clipping": 0.5, "optimizer": {"type": "Adam"}}')
+    with pytest.raises(ConfigError, match=r"sets \['gradient_clipping', 'optimizer'\], which f2llm fills"):
+        load_config(write(tmp_path, MINIMAL), ["engine=deepspeed", f"deepspeed_config={ds}"])
 
 
 def test_missing_file(tmp_path: Path) -> None:

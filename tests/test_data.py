@@ -316,11 +316,12 @@ def _rank_batches(sources, world_size: int, **kwargs) -> list[list]:
     return [list(s) for s in samplers]
 
 
-def test_all_ranks_draw_the_same_source_and_disjoint_rows(sources) -> None:
-    per_rank = _rank_batches(sources, world_size=3, seed=7, epochs=2)
+@pytest.mark.parametrize("last_batch", ["wrap", "drop"])
+def test_all_ranks_draw_the_same_source_and_disjoint_rows(sources, last_batch: str) -> None:
+    per_rank = _rank_batches(sources, world_size=3, seed=7, epochs=2, last_batch=last_batch)
     by_name = {s.name: s for s in sources}
     assert len({len(b) for b in per_rank}) == 1
-    seen: dict[tuple[int, str], set[int]] = {}
+    seen: dict[tuple[int, str], list[int]] = {}
     for steps in zip(*per_rank, strict=True):
         assert len({b.source for b in steps}) == 1
         assert len({tuple(b.negative_columns) for b in steps}) == 1
@@ -328,13 +329,17 @@ def test_all_ranks_draw_the_same_source_and_disjoint_rows(sources) -> None:
         assert all(len(r) == 4 for r in rows) and len(set.union(*rows)) == 12  # global batch 3 x 4, disjoint
         src = by_name[steps[0].source]
         assert set.union(*rows) <= set(src.train_rows.tolist())
-        epoch_rows = seen.setdefault((steps[0].epoch, src.name), set())
-        assert not epoch_rows & set.union(*rows)  # a row is used at most once per epoch
-        epoch_rows |= set.union(*rows)
-    # drop_last: every source gives floor(train rows / 12) batches per epoch.
+        seen.setdefault((steps[0].epoch, src.name), []).extend(set.union(*rows))
     counts = Counter((b.epoch, b.source) for b in per_rank[0])
     for src in sources:
-        assert counts[(0, src.name)] == counts[(1, src.name)] == len(src.train_rows) // 12
+        n = len(src.train_rows)
+        for epoch in (0, 1):
+            used = Counter(seen.get((epoch, src.name), []))
+            if last_batch == "drop":  # floor(rows / 12) batches of distinct rows; the rest is left out
+                assert counts[(epoch, src.name)] == n // 12 and max(used.values(), default=1) == 1
+            else:  # ceil(rows / 12) batches: every row, the last batch filled up with rows used earlier
+                assert counts[(epoch, src.name)] == -(-n // 12)
+                assert set(used) == set(src.train_rows.tolist()) and sum(used.values()) == 12 * -(-n // 12)
 
 
 def test_batches_hold_the_rows_tokens(sources, hf_tokenizer) -> None:
@@ -407,7 +412,9 @@ def test_validation_split_and_errors(sources) -> None:
     )
     assert all(b.negative_columns == list(range(b.num_negatives)) for b in val)
     with pytest.raises(ValueError, match="no source has a full global batch of 400 rows"):
-        F2LLMBatchSampler(sources, 100, world_size=4)
+        F2LLMBatchSampler(sources, 100, world_size=4, last_batch="drop")
+    with pytest.raises(ValueError, match="last_batch must be 'wrap' or 'drop'"):
+        F2LLMBatchSampler(sources, 4, last_batch="pad")
     with pytest.raises(ValueError, match="rank 2 is outside"):
         F2LLMBatchSampler(sources, 4, world_size=2, rank=2)
 

@@ -13,7 +13,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,9 +25,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from f2llm import trainer as trainer_module
+from f2llm import engine as engine_module
 from f2llm.checkpoint import CheckpointError, CheckpointWriter, latest_checkpoint, list_checkpoints, load_state
 from f2llm.config import load_config
+from f2llm.distributed import free_port
 from f2llm.model import F2LLM_CONFIG, Encoder
 from f2llm.trainer import Runtime, Trainer
 from tests.helpers import make_rows, tiny_qwen3, write_source
@@ -43,7 +43,7 @@ EXIT_DEADLINE = 60.0
 KILL_SEEDS = (11, 12, 13)
 PHASES = ("before", "after_backward", "after_update")
 # Checkpoint files written through save_state, with the rank that writes each.
-CHECKPOINT_FILES = (("optimizer.pt", 0), ("scheduler.pt", 0), ("rng-rank0.pt", 0), ("rng-rank1.pt", 1))
+CHECKPOINT_FILES = (("optimizer.pt", 0), ("rng-rank0.pt", 0), ("rng-rank1.pt", 1))
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +74,6 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ launching jobs
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Job:
     """A training job (torchrun with ``nproc`` ranks, or one plain process) running tests/fault_worker.py."""
 
@@ -178,7 +172,7 @@ def assert_complete_checkpoint(path: Path, world_size: int) -> None:
     state = json.loads((path / "trainer_state.json").read_text())
     assert state["step"] == int(path.name.split("-")[1]) and state["world_size"] == world_size
     assert load_file(str(path / "model.safetensors"))
-    for name in ("optimizer.pt", "scheduler.pt", *(f"rng-rank{r}.pt" for r in range(world_size))):
+    for name in ("optimizer.pt", *(f"rng-rank{r}.pt" for r in range(world_size))):
         load_state(path / name)
 
 
@@ -271,7 +265,7 @@ def test_disk_full_during_save_keeps_last_checkpoint_and_resumes(
     """ENOSPC halfway through optimizer.pt of step 4: the error reaches the caller, step 2 stays the newest
     complete checkpoint, nothing half-written is left, and a rerun resumes to the uninterrupted weights."""
     single_process(workdir, tmp_path / "straight").train()
-    save_state = trainer_module.save_state
+    save_state = engine_module.save_state  # the engine writes optimizer.pt
 
     def disk_full(obj: Any, path: Path) -> None:
         if path.parent.name == ".tmp-step-00000004" and path.name == "optimizer.pt":
@@ -279,7 +273,7 @@ def test_disk_full_during_save_keeps_last_checkpoint_and_resumes(
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         save_state(obj, path)
 
-    monkeypatch.setattr(trainer_module, "save_state", disk_full)
+    monkeypatch.setattr(engine_module, "save_state", disk_full)
     out = tmp_path / "run"
     with pytest.raises(CheckpointError, match=r"writing checkpoint .*step-00000004 failed on rank 0") as error:
         single_process(workdir, out).train()
@@ -290,7 +284,7 @@ def test_disk_full_during_save_keeps_last_checkpoint_and_resumes(
     assert not list((out / "checkpoints").glob(".tmp-*")), "the failed write left its folder behind"
     assert not (out / "final").exists()
 
-    monkeypatch.setattr(trainer_module, "save_state", save_state)  # space freed
+    monkeypatch.setattr(engine_module, "save_state", save_state)  # space freed
     resumed = single_process(workdir, out)
     assert resumed.step == 2
     resumed.train()
@@ -422,6 +416,20 @@ def test_dead_rank_ends_the_job(workdir: Path, tmp_path: Path) -> None:
     died = float((job.fault_dir / "died-rank1").read_text())
     print(f"rank 1 SIGKILLed: the job exited {time.time() - died:.1f} s later ({seconds:.1f} s after launch)")
     assert re.search(r"Root Cause.*?rank\s*: 1 \(local_rank: 1\)", job.output, re.S), job.output
+    assert not (tmp_path / "run" / "final").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_rank_stuck_outside_a_collective_ends_the_job_at_the_timeout(workdir: Path, tmp_path: Path) -> None:
+    """Rank 1 hangs (alive, never reaching the next collective): rank 0 waits dist_timeout_minutes in its collective,
+    then raises, and the job ends instead of hanging for torch's default 30 minutes."""
+    fault = {"at": "step", "step": 2, "phase": "before", "rank": 1, "action": "hold"}
+    job = Job(workdir, tmp_path / "run", "dist_timeout_minutes=0.1", nproc=2, faults=[fault])
+    code, seconds = job.wait(timeout=EXIT_DEADLINE * 3)
+    assert code != 0 and seconds < EXIT_DEADLINE, (code, seconds, job.output)
+    errors = job.errors()
+    assert 0 in errors and re.search(r"time(d)? ?out", errors[0]["message"], re.I), (errors, job.output)
     assert not (tmp_path / "run" / "final").exists()
 
 

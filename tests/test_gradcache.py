@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Qwen3Model
 
-from f2llm.gradcache import GradientCache, RngState
+from f2llm.gradcache import GradientCache, RngState, chunk_by_tokens, split_to_count
 from f2llm.ops import pool
 from tests.helpers import tiny_qwen3_config
 
@@ -120,3 +120,61 @@ def test_loss_fn_may_return_aux_and_must_be_scalar() -> None:
         cache.step(chunks, lambda e: e.sum(-1))
     with pytest.raises(ValueError, match="no chunks"):
         cache.step([], contrastive_loss)
+
+
+# ------------------------------------------------------------------------------------------------ chunk counts
+def token_lists(lengths: list[int]) -> list[list[int]]:
+    return [[0] * n for n in lengths]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_split_to_count_gives_exactly_the_count_in_order(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    seqs = token_lists(torch.randint(1, 60, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g).tolist())
+    budget = 64
+    groups = chunk_by_tokens(seqs, budget)
+    for count in range(len(groups), len(seqs) + 1):
+        split = split_to_count(groups, count)
+        assert len(split) == count and all(split)
+        assert [s for group in split for s in group] == seqs  # same texts, same order (identity)
+        assert all(a is b for a, b in zip([s for g_ in split for s in g_], seqs, strict=True))
+        # No chunk grows: each stays within the budget, or is a single over-long text.
+        assert all(sum(map(len, c)) <= budget or len(c) == 1 for c in split)
+
+
+def test_split_to_count_halves_the_largest_chunk() -> None:
+    groups = [token_lists([10, 10]), token_lists([30, 5, 5, 20])]
+    split = split_to_count(groups, 3)
+    assert [[len(s) for s in c] for c in split] == [[10, 10], [30], [5, 5, 20]]
+
+
+def test_split_to_count_refuses_impossible_counts() -> None:
+    groups = [token_lists([3, 4]), token_lists([5])]
+    with pytest.raises(ValueError, match="cannot make 4 non-empty groups of 3 sequences"):
+        split_to_count(groups, 4)
+    with pytest.raises(ValueError, match="already 2 groups"):
+        split_to_count(groups, 1)
+
+
+def test_ranks_agree_on_the_chunk_count() -> None:
+    """Two ranks whose token chunking differs in count end with the same count (the larger)."""
+    rank0, rank1 = token_lists([50, 50, 50, 50]), token_lists([10, 10, 10, 10])
+    natural = [len(chunk_by_tokens(r, 64)) for r in (rank0, rank1)]
+    assert natural == [4, 1]
+    agreed = [len(split_to_count(chunk_by_tokens(r, 64), max(natural))) for r in (rank0, rank1)]
+    assert agreed == [4, 4]
+
+
+# ------------------------------------------------------------------------------------------------ RNG replay
+def test_rng_capture_touches_the_model_device_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk's RNG capture reads the model's GPU only, never every visible GPU (one device sync each)."""
+    calls: list[object] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: calls.append("all") or [torch.zeros(1)] * 8)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: calls.append(device) or torch.zeros(1))
+    state = RngState.capture(torch.device("cuda", 3))
+    assert calls == [torch.device("cuda", 3)] and state.device == torch.device("cuda", 3)
+    calls.clear()
+    assert RngState.capture(torch.device("cpu")).cuda is None and calls == []
+    assert RngState.capture().cuda is None and calls == []

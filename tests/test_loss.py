@@ -93,3 +93,25 @@ def test_distributed_helpers_without_process_group() -> None:
     assert distributed.all_gather_sizes(5, torch.device("cpu")) == [5]
     x = torch.randn(3, 2)
     assert distributed.all_gather_with_grad(x) is x
+
+
+def test_queries_only_gives_positives_the_hard_gradient_alone() -> None:
+    """in_batch_gradient='queries_only' (the official v1 code): the in-batch term's gradient reaches the queries,
+    not the positives, which learn from the hard term only; the loss value is unchanged."""
+    B, D, k = 6, 16, 2
+    q, pos, neg = embeddings(B, D, seed=7), embeddings(B, D, seed=8), embeddings(B, k, D, seed=9)
+    out = F2LLMLoss(temperature=0.05, in_batch_gradient="queries_only")(q, pos, neg, in_batch=True)
+    hard, in_batch_full = f2llm_by_definition(q, pos, neg, 0.05, True)
+    in_batch_detached = F.cross_entropy(q @ pos.detach().T / 0.05, torch.arange(B))
+    torch.testing.assert_close(out.total, hard + in_batch_full, rtol=1e-12, atol=1e-15)
+    dq, dpos, dneg = grads(out.total, q, pos, neg)
+    want_q, want_neg = torch.autograd.grad(hard + in_batch_detached, (q, neg), retain_graph=True)
+    (hard_pos,) = torch.autograd.grad(hard, pos)
+    torch.testing.assert_close(dq, want_q, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(dpos, hard_pos, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(dneg, want_neg, rtol=1e-10, atol=1e-13)
+    # Guard: the in-batch term does send positives gradient under the default.
+    full = F2LLMLoss(temperature=0.05)(q, pos, neg, in_batch=True)
+    assert not torch.allclose(grads(full.total, pos)[0], dpos)
+    with pytest.raises(ValueError, match="in_batch_gradient must be 'full' or 'queries_only'"):
+        F2LLMLoss(in_batch_gradient="none")

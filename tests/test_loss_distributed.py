@@ -8,7 +8,6 @@ ranks, the gradient every rank's loss sends to each gathered positive. DDP then 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,16 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from f2llm.distributed import free_port
 from f2llm.loss import F2LLMLoss
 
 WORKER = Path(__file__).with_name("dist_loss_worker.py")
 WORLD = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

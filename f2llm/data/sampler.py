@@ -3,8 +3,15 @@
 Per epoch:
 
 * every source's training rows are shuffled (seeded by seed, epoch and source name) and cut into global batches of
-  ``batch_size * world_size`` rows; the last, incomplete global batch of each source is dropped (``drop_last``),
-  so every rank always gets a full batch and cross-rank gathers see equal shapes;
+  ``batch_size * world_size`` rows, so every rank always gets a full batch and cross-rank gathers see equal
+  shapes. A source's last, incomplete global batch is, by ``last_batch``:
+
+  - ``"wrap"`` (default, the recipe's: accelerate's ``even_batches``): filled up with rows from the start of the
+    source's shuffled order, so every row trains every epoch. A source smaller than one global batch gives one
+    batch in which its rows repeat; a repeated positive is then an in-batch negative of its own query (that
+    query's in-batch loss cannot fall below log 2, its gradient keeps its direction);
+  - ``"drop"``: left out this epoch (every batch holds distinct rows; a source smaller than one global batch
+    never trains). :meth:`F2LLMBatchSampler.summary` says, per source, how many rows each epoch uses;
 * the order of sources is a seeded random interleaving of all sources' batches: each step draws a source with
   probability proportional to its number of batches not yet used in this epoch. Over an epoch every source gives
   exactly its number of batches, and at the start of an epoch a source is drawn with probability proportional to
@@ -86,6 +93,7 @@ class F2LLMBatchSampler:
         seed: shared by all ranks.
         epochs: number of epochs to run.
         split: ``"train"`` (training rows) or ``"validation"`` (held-out rows).
+        last_batch: ``"wrap"`` or ``"drop"`` each source's last incomplete global batch (see the module docstring).
     """
 
     def __init__(
@@ -98,6 +106,7 @@ class F2LLMBatchSampler:
         seed: int = 0,
         epochs: int = 1,
         split: str = "train",
+        last_batch: str = "wrap",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"F2LLMBatchSampler: batch_size must be >= 1, got {batch_size}")
@@ -105,6 +114,8 @@ class F2LLMBatchSampler:
             raise ValueError(f"F2LLMBatchSampler: rank {rank} is outside [0, world_size={world_size})")
         if split not in ("train", "validation"):
             raise ValueError(f"F2LLMBatchSampler: split must be 'train' or 'validation', got {split!r}")
+        if last_batch not in ("wrap", "drop"):
+            raise ValueError(f"F2LLMBatchSampler: last_batch must be 'wrap' or 'drop', got {last_batch!r}")
         names = [s.name for s in sources]
         if len(set(names)) != len(names):
             raise ValueError(f"F2LLMBatchSampler: duplicate source names in {names}")
@@ -115,14 +126,17 @@ class F2LLMBatchSampler:
         self.seed = seed
         self.epochs = epochs
         self.split = split
+        self.last_batch = last_batch
         self.global_batch_size = batch_size * world_size
         self._rows = [s.train_rows if split == "train" else s.validation_rows for s in self.sources]
-        self.batches_per_source = [len(rows) // self.global_batch_size for rows in self._rows]
+        G = self.global_batch_size
+        rounding = (lambda n: -(-n // G)) if last_batch == "wrap" else (lambda n: n // G)
+        self.batches_per_source = [rounding(len(rows)) for rows in self._rows]
         if sum(self.batches_per_source) == 0:
             sizes = {s.name: len(r) for s, r in zip(self.sources, self._rows, strict=True)}
             raise ValueError(
-                f"F2LLMBatchSampler: no source has a full global batch of {self.global_batch_size} rows "
-                f"({split} rows per source: {sizes}); lower batch_size"
+                f"F2LLMBatchSampler: no source has a full global batch of {G} rows ({split} rows per source: "
+                f"{sizes}) and last_batch is 'drop'; lower batch_size or use last_batch: wrap"
             )
         self.epoch = 0
         self.step = 0
@@ -130,6 +144,23 @@ class F2LLMBatchSampler:
         self._schedule: np.ndarray = np.empty(0, dtype=np.int64)
         self._batch_number: np.ndarray = np.empty(0, dtype=np.int64)
         self._orders: dict[int, np.ndarray] = {}
+
+    def summary(self) -> list[str]:
+        """One line per source: rows, batches per epoch, rows each epoch uses (and how many it drops or repeats)."""
+        lines = []
+        for source, rows, batches in zip(self.sources, self._rows, self.batches_per_source, strict=True):
+            used = batches * self.global_batch_size
+            if used > len(rows):
+                what = f"all, {used - len(rows)} repeated to fill the last batch (last_batch: wrap)"
+            elif used < len(rows):
+                what = f"{used}, {len(rows) - used} left out each epoch (last_batch: drop)"
+            else:
+                what = "all"
+            lines.append(
+                f"{self.split} source {source.name!r} ({source.kind}): {len(rows)} rows, {batches} global batches "
+                f"of {self.global_batch_size} per epoch, rows used: {what}"
+            )
+        return lines
 
     @property
     def steps_per_epoch(self) -> int:
@@ -158,11 +189,15 @@ class F2LLMBatchSampler:
         self._schedule_epoch = epoch
 
     def _row_order(self, source_index: int) -> np.ndarray:
+        """The source's rows of this epoch, shuffled, cut or wrapped to its batches' length."""
         order = self._orders.get(source_index)
         if order is None:
             rows = self._rows[source_index]
             name = self.sources[source_index].name
-            order = self._orders[source_index] = _source_seed(self.seed, self._schedule_epoch, name).permutation(rows)
+            shuffled = _source_seed(self.seed, self._schedule_epoch, name).permutation(rows)
+            # np.resize repeats the order from its start as often as needed (wrap), or cuts it (drop).
+            order = np.resize(shuffled, self.batches_per_source[source_index] * self.global_batch_size)
+            self._orders[source_index] = order
         return order
 
     def batch_at(self, epoch: int, step: int) -> TrainingBatch:
@@ -210,16 +245,18 @@ class F2LLMBatchSampler:
             "seed": self.seed,
             "world_size": self.world_size,
             "batch_size": self.batch_size,
+            "last_batch": self.last_batch,
             "sources": {s.name: len(r) for s, r in zip(self.sources, self._rows, strict=True)},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at a saved position. The data, seed and global batch must be those of the saved run."""
         mine = self.state_dict()
-        for key in ("seed", "world_size", "batch_size", "sources"):
-            if state.get(key) != mine[key]:
+        for key in ("seed", "world_size", "batch_size", "last_batch", "sources"):
+            saved = state.get(key)
+            if saved != mine[key]:
                 raise ValueError(
-                    f"F2LLMBatchSampler.load_state_dict: saved {key}={state.get(key)!r} differs from this run's "
-                    f"{mine[key]!r}; a resumed run needs the same data, seed, batch size and world size"
+                    f"F2LLMBatchSampler.load_state_dict: saved {key}={saved!r} differs from this run's "
+                    f"{mine[key]!r}; a resumed run needs the same data, seed, batch size, last_batch and world size"
                 )
         self.epoch, self.step = int(state["epoch"]), int(state["step"])

@@ -1,0 +1,403 @@
+"""Training engines: how one step's forward, backward, gradient synchronization and update run, behind one interface.
+
+The trainer (f2llm.trainer) never asks which engine it has. An :class:`Engine` gives it:
+
+* ``forward(batch)``: float32 embeddings, with the engine's mixed precision;
+* ``backward(loss)`` and ``no_sync()``: the gradient cache runs every chunk but the last under ``no_sync`` (None
+  where the engine cannot defer its gradient communication);
+* ``step(check)``: clip, update, advance the schedule, zero the gradients; returns the gradient norm. ``check`` gets
+  the norm first and raises on a non-finite one (on every rank at once): :class:`DDPEngine` then leaves the weights
+  untouched, :class:`DeepSpeedEngine` has already applied the update (DeepSpeed knows the norm only after its step),
+  which is why ``nan_policy: skip`` is refused with DeepSpeed in config.validate;
+* ``skip()``: drop this step's gradients (the schedule still advances);
+* ``save(folder)`` / ``load(folder)``: weights and optimizer state in fp32; the schedule is not saved but rebuilt
+  from the current config and the step (``set_schedule_step``), so a resume with a changed ``max_steps`` decays on
+  the new horizon;
+* ``full_weights()``: a context in which the encoder holds its whole weights (ZeRO-3 partitions them);
+* ``communication()``: a line saying what each step sends between ranks.
+
+Mixed precision. :class:`DDPEngine` keeps fp32 weights and AdamW state and runs the forward under
+``torch.autocast(bfloat16)``: at the recipe's lr 8e-6 an AdamW update is mostly below bf16's resolution for weights
+of ~0.02, so bf16 weights updated in place would barely move. :class:`DeepSpeedEngine` uses DeepSpeed's own bf16
+(bf16 weights for compute, fp32 master partitions in its optimizer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from f2llm.checkpoint import load_state, save_state
+from f2llm.config import TrainConfig
+from f2llm.data import EncoderBatch
+from f2llm.model import Encoder
+
+NormCheck = Callable[[torch.Tensor], None]
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient norm was NaN or infinite (the message names step, source and which)."""
+
+
+# ------------------------------------------------------------------------------------------------ schedule
+class WarmupCosine:
+    """LR multiplier: linear warmup to 1, cosine decay to 0 at ``total_steps``, floored at ``min_ratio``.
+
+    A plain callable object (not a lambda) so that LambdaLR's state_dict holds only numbers. ``warmup_steps`` may
+    be fractional (``optim.warmup: per_process`` divides it by the number of processes).
+    """
+
+    def __init__(self, warmup_steps: float, total_steps: int, min_ratio: float) -> None:
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.min_ratio = min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            factor = (step + 1) / self.warmup_steps
+        else:
+            progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+            factor = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return max(min(factor, 1.0), self.min_ratio)
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, total_steps: int, world_size: int) -> WarmupCosine:
+        optim = config.optim
+        warmup = optim.warmup_steps / world_size if optim.warmup == "per_process" else optim.warmup_steps
+        return cls(warmup, total_steps, optim.min_lr / optim.lr)
+
+
+def set_schedule_step(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put a LambdaLR at ``step`` (the rate of the step's update is then ``lr * lambda(step)``)."""
+    scheduler.last_epoch = step
+    rates = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    scheduler._last_lr = rates
+
+
+# ------------------------------------------------------------------------------------------------ dtypes
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """A config dtype name: ``auto`` is bf16 on CUDA, fp32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
+# ------------------------------------------------------------------------------------------------ the interface
+class Engine(ABC):
+    """One training run's model, optimizer and schedule, and how a step runs them (see the module docstring)."""
+
+    encoder: Encoder
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    compute_dtype: torch.dtype
+    can_skip_step: bool
+
+    @abstractmethod
+    def forward(self, batch: EncoderBatch) -> torch.Tensor: ...
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def no_sync(self) -> contextlib.AbstractContextManager: ...
+
+    @abstractmethod
+    def step(self, check: NormCheck) -> float: ...
+
+    @abstractmethod
+    def skip(self) -> None: ...
+
+    @abstractmethod
+    def save(self, folder: Path, main: bool) -> None: ...
+
+    @abstractmethod
+    def load(self, folder: Path) -> None: ...
+
+    @abstractmethod
+    def full_weights(self) -> contextlib.AbstractContextManager: ...
+
+    @abstractmethod
+    def communication(self, chunks: str) -> str: ...
+
+    @property
+    def lr(self) -> float:
+        """The rate the next update uses."""
+        return self.scheduler.get_last_lr()[0]
+
+    def set_schedule_step(self, step: int) -> None:
+        set_schedule_step(self.scheduler, step)
+
+    def train(self, mode: bool = True) -> None:
+        self.encoder.train(mode)
+
+    def gradient_bytes(self) -> int:
+        """Bytes of one full set of trainable gradients (in the dtype they are communicated in)."""
+        size = 4 if self.grad_dtype == torch.float32 else 2
+        # ZeRO-3 leaves each parameter an empty placeholder; ds_numel is its real size.
+        return size * sum(getattr(p, "ds_numel", p.numel()) for p in self.encoder.parameters() if p.requires_grad)
+
+    @property
+    def grad_dtype(self) -> torch.dtype:
+        return torch.float32
+
+
+def build_engine(config: TrainConfig, encoder: Encoder, total_steps: int, world_size: int) -> Engine:
+    """The engine ``config.engine`` names, around an encoder loaded with :func:`weights_dtype`'s dtype."""
+    cls = DeepSpeedEngine if config.engine == "deepspeed" else DDPEngine
+    return cls(config, encoder, total_steps, world_size)
+
+
+def weights_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
+    """The dtype to load the encoder's weights in: fp32 master weights for DDP (the forward autocasts to the
+    compute dtype); the compute dtype for DeepSpeed, which keeps its own fp32 master partitions."""
+    compute = resolve_dtype(config.model.dtype, device)
+    return compute if config.engine == "deepspeed" else torch.float32
+
+
+def _adamw(config: TrainConfig, encoder: Encoder) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        [p for p in encoder.parameters() if p.requires_grad],
+        lr=config.optim.lr,
+        betas=config.optim.betas,
+        weight_decay=config.optim.weight_decay,
+    )
+
+
+def _schedule(config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int, world_size: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine.from_config(config, total_steps, world_size))
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+# ------------------------------------------------------------------------------------------------ DDP
+class DDPEngine(Engine):
+    """fp32 weights and AdamW state; forward under autocast to the compute dtype; torch DDP across ranks.
+
+    With several ranks the gradients are all-reduced once per step: DDP's ``no_sync`` defers it past every
+    gradient-cache chunk but the last. Buffers are not broadcast at each forward (``broadcast_buffers=False``):
+    the encoders' buffers (rotary frequencies, position ids) are constants, and a broadcast per forward would make
+    every chunk a collective (they are still synced once, when DDP wraps the model).
+    """
+
+    can_skip_step = True
+
+    def __init__(self, config: TrainConfig, encoder: Encoder, total_steps: int, world_size: int) -> None:
+        self.encoder = encoder
+        self.config = config
+        self.device = encoder.device
+        self.compute_dtype = resolve_dtype(config.model.dtype, self.device)
+        if any(p.dtype != torch.float32 for p in encoder.parameters()):
+            raise ValueError(
+                "DDPEngine: the encoder's weights must be float32 (master weights); load it with weights_dtype()"
+            )
+        self.optimizer = _adamw(config, encoder)
+        self.scheduler = _schedule(config, self.optimizer, total_steps, world_size)
+        self.world_size = world_size
+        self.module: torch.nn.Module = encoder
+        if world_size > 1:
+            ddp = torch.nn.parallel.DistributedDataParallel
+            # torch 2.13 renamed broadcast_buffers (deprecated there) to forward_sync_buffers; both keep the
+            # buffers synced at init only, which is all constant buffers need.
+            no_forward_sync = (
+                {"forward_sync_buffers": False}
+                if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
+                else {"broadcast_buffers": False}
+            )
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.module = ddp(encoder, device_ids=device_ids, **no_forward_sync)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    def forward(self, batch: EncoderBatch) -> torch.Tensor:
+        with self.autocast():
+            return self.module(batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        if isinstance(self.module, torch.nn.parallel.DistributedDataParallel):
+            return self.module.no_sync()
+        return contextlib.nullcontext()
+
+    def step(self, check: NormCheck) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), self.config.optim.grad_clip)
+        check(norm)  # raises before the update: a skipped step leaves weights and moments untouched
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def skip(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def save(self, folder: Path, main: bool) -> None:
+        if main:
+            from safetensors.torch import save_model
+
+            save_model(self.encoder.model, str(folder / "model.safetensors"))
+            save_state(self.optimizer.state_dict(), folder / "optimizer.pt")
+
+    def load(self, folder: Path) -> None:
+        from safetensors.torch import load_model
+
+        load_model(self.encoder.model, str(folder / "model.safetensors"), device=str(self.device))
+        self.optimizer.load_state_dict(load_state(folder / "optimizer.pt"))
+
+    def full_weights(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def communication(self, chunks: str) -> str:
+        if self.world_size == 1:
+            return "engine ddp, 1 process: no gradient communication"
+        return (
+            f"engine ddp, {self.world_size} ranks: one all-reduce of the fp32 gradients per step "
+            f"({_mib(self.gradient_bytes())}), after the last of {chunks} (no_sync before it)"
+        )
+
+
+# ------------------------------------------------------------------------------------------------ DeepSpeed
+def deepspeed_config(config: TrainConfig, dtype: torch.dtype) -> dict:
+    """The DeepSpeed JSON with the keys f2llm owns (config.DEEPSPEED_KEYS_OWNED) filled from the training config."""
+    ds = json.loads(Path(config.deepspeed_config).read_text())
+    ds.pop("_comment", None)
+    ds["train_micro_batch_size_per_gpu"] = config.data.batch_size
+    ds["gradient_accumulation_steps"] = 1
+    ds["gradient_clipping"] = config.optim.grad_clip
+    ds["bf16"] = {"enabled": dtype == torch.bfloat16}
+    return ds
+
+
+class DeepSpeedEngine(Engine):
+    """DeepSpeed ZeRO 0-3 around f2llm's AdamW (a torch optimizer: no op compilation) and schedule.
+
+    Gradient communication per step, by ZeRO stage, with the gradient cache's K chunks:
+
+    * 0 and 1: one all-reduce (0) or reduce (1) of the gradients per step, after the last chunk
+      (``set_gradient_accumulation_boundary(False)`` before it);
+    * 2: a reduce-scatter of the gradients in every chunk's backward (ZeRO-2 partitions gradients as they are
+      produced and cannot defer it), K per step;
+    * 3: as 2, plus an all-gather of the weights for every forward (K in the no-grad pass, K again with grad) and
+      backward.
+
+    Every rank therefore runs the same number of chunks (f2llm.gradcache.split_to_count); otherwise the collectives
+    of the ranks would not match.
+    """
+
+    can_skip_step = False
+
+    def __init__(self, config: TrainConfig, encoder: Encoder, total_steps: int, world_size: int) -> None:
+        import deepspeed
+
+        self.encoder = encoder
+        self.config = config
+        self.world_size = world_size
+        self.compute_dtype = resolve_dtype(config.model.dtype, encoder.device)
+        optimizer = _adamw(config, encoder)
+        scheduler = _schedule(config, optimizer, total_steps, world_size)
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=encoder,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(config, self.compute_dtype),
+            dist_init_required=False,
+        )
+        self.stage = int(self.ds.zero_optimization_stage())
+
+    @property
+    def grad_dtype(self) -> torch.dtype:
+        return self.compute_dtype
+
+    def forward(self, batch: EncoderBatch) -> torch.Tensor:
+        return self.ds(batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        self.ds.set_gradient_accumulation_boundary(False)
+        try:
+            yield
+        finally:
+            self.ds.set_gradient_accumulation_boundary(True)
+
+    def step(self, check: NormCheck) -> float:
+        self.ds.step()  # clips, updates, steps the schedule, zeroes the gradients
+        norm = self.ds.get_global_grad_norm()
+        value = torch.tensor(float("nan") if norm is None else float(norm))
+        try:
+            check(value)
+        except NonFiniteError as e:
+            raise NonFiniteError(f"{e} (DeepSpeed applied this update before the norm was known: the run stops)") from e
+        return float(value)
+
+    def skip(self) -> None:
+        raise NonFiniteError("a step cannot be skipped with DeepSpeed (config.validate refuses nan_policy: skip)")
+
+    def save(self, folder: Path, main: bool) -> None:
+        self.ds.save_checkpoint(str(folder), tag="deepspeed")
+
+    def load(self, folder: Path) -> None:
+        use_weights_only_loading(self.ds)
+        # The schedule is rebuilt from the current config (set_schedule_step), not restored.
+        self.ds.load_checkpoint(str(folder), tag="deepspeed", load_lr_scheduler_states=False)
+
+    def full_weights(self) -> contextlib.AbstractContextManager:
+        if self.stage < 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.encoder.parameters()), modifier_rank=None)
+
+    def communication(self, chunks: str) -> str:
+        grads = _mib(self.gradient_bytes())
+        if self.stage < 2:
+            op = "all-reduce" if self.stage == 0 else "reduce"
+            return f"engine deepspeed ZeRO-{self.stage}: one {op} of the gradients per step ({grads}), after {chunks}"
+        line = f"engine deepspeed ZeRO-{self.stage}: a reduce-scatter of the gradients ({grads}) in the backward "
+        line += f"of each of {chunks}"
+        if self.stage == 3:
+            line += "; the weights are all-gathered for every forward (both gradient-cache passes) and backward"
+        return line
+
+
+def use_weights_only_loading(engine: Any) -> None:
+    """Make a DeepSpeed engine load checkpoints with ``torch.load(weights_only=True)``.
+
+    DeepSpeed's TorchCheckpointEngine unpickles arbitrary objects (``weights_only=False``): a planted file in a
+    checkpoint folder would run code on resume. Its checkpoints hold tensors, plain data and three DeepSpeed
+    classes, which are the only globals allowed here.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    base = type(engine.checkpoint_engine)
+    if getattr(base, "weights_only", False):
+        return
+
+    class WeightsOnlyCheckpointEngine(base):
+        weights_only = True
+
+        def load(self, path: str, map_location: Any = None) -> Any:
+            with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    engine.checkpoint_engine.__class__ = WeightsOnlyCheckpointEngine

@@ -1,0 +1,102 @@
+"""Every engine with every gradient-cache chunking, the way users launch them: 2 ranks under torchrun (gloo).
+
+Each row of the matrix trains 2 ranks x 2 queries and must end at the weights (and the training and validation
+losses) of 1 rank x 4 queries, padded, without the gradient cache (fp32, 1e-5). Rows pair every engine (DDP,
+DeepSpeed ZeRO-2, ZeRO-3) with every chunking (none; by text count, >= 3 chunks; by tokens, where the two ranks
+would make different numbers of chunks), each engine and each chunking once padded and once packed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from f2llm.config import load_config
+from f2llm.data import F2LLMBatchSampler, load_sources
+from f2llm.gradcache import chunk_by_tokens
+from f2llm.model import Encoder
+from tests.helpers import ROOT, assert_same_weights, metrics, run, train_command, trainer_workdir
+
+TEXT_CHUNK = 3  # 2 queries x (2 + 2 negatives) = 8 texts on msmarco steps: 3 chunks per rank
+TOKEN_CHUNK = 40
+ENGINES = {
+    "ddp": (),
+    "zero2": ("engine=deepspeed", f"deepspeed_config={ROOT / 'train' / 'configs' / 'zero2.json'}"),
+    "zero3": ("engine=deepspeed", f"deepspeed_config={ROOT / 'train' / 'configs' / 'zero3.json'}"),
+}
+CHUNKING = {
+    "none": (),
+    "texts": ("grad_cache.enabled=true", f"grad_cache.chunk_texts={TEXT_CHUNK}"),
+    "tokens": ("grad_cache.enabled=true", f"grad_cache.chunk_tokens={TOKEN_CHUNK}"),
+}
+LAYOUT = {"padded": (), "packed": ("data.packing=true", "data.max_tokens=128")}
+MATRIX = [
+    ("ddp", "none", "padded"),
+    ("ddp", "texts", "packed"),
+    ("ddp", "tokens", "padded"),
+    ("zero2", "none", "packed"),
+    ("zero2", "texts", "padded"),
+    ("zero2", "tokens", "packed"),
+    ("zero3", "none", "padded"),
+    ("zero3", "texts", "packed"),
+    ("zero3", "tokens", "padded"),
+]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return trainer_workdir(tmp_path_factory.mktemp("engines"))
+
+
+@pytest.fixture(scope="module")
+def one_rank(workdir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("one-rank") / "run"
+    run(train_command(workdir, out, "data.batch_size=4"))
+    return out
+
+
+def natural_chunk_counts(workdir: Path, steps: int) -> list[tuple[int, int]]:
+    """(rank 0, rank 1) chunk counts that chunking by TOKEN_CHUNK tokens gives each step, before the ranks agree."""
+    config = load_config(workdir / "base.yaml", ["data.batch_size=2"])
+    encoder = Encoder.from_pretrained(config.model.name_or_path, max_length=config.model.max_length)
+    sources = load_sources(
+        config.data.paths,
+        encoder.text_tokenizer,
+        config.data.cache_dir,
+        overrides=config.data.sources,
+        seed=config.data.seed,
+        validation_fraction=config.data.validation_fraction,
+    )
+    counts = []
+    samplers = [F2LLMBatchSampler(sources, 2, world_size=2, rank=r, seed=config.data.seed) for r in (0, 1)]
+    for step in range(steps):
+        seqs = [s.batch_at(0, step).sequences() for s in samplers]
+        counts.append(tuple(len(chunk_by_tokens(x, TOKEN_CHUNK)) for x in seqs))
+    return counts
+
+
+def test_token_chunking_gives_the_ranks_unequal_counts(workdir: Path) -> None:
+    """Guards the matrix: its token-chunked rows really have ranks whose own chunk counts differ."""
+    counts = natural_chunk_counts(workdir, steps=4)
+    assert any(a != b for a, b in counts), counts
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize(("engine", "chunking", "layout"), MATRIX, ids=["-".join(row) for row in MATRIX])
+def test_two_ranks_match_one_rank(
+    workdir: Path, one_rank: Path, tmp_path: Path, engine: str, chunking: str, layout: str
+) -> None:
+    out = tmp_path / "run"
+    overrides = ("data.batch_size=2", *ENGINES[engine], *CHUNKING[chunking], *LAYOUT[layout])
+    stdout = run(train_command(workdir, out, *overrides, nproc=2))
+    assert_same_weights(one_rank, out, atol=1e-5)
+    reference, got = metrics(one_rank), metrics(out)
+    assert [r["step"] for r in got] == [r["step"] for r in reference]
+    for a, b in zip(reference, got, strict=True):
+        for key in ("train/loss", "train/hard", "train/in_batch", "val/loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    # The start of the run says what each step communicates.
+    assert ("ZeRO-" if engine != "ddp" else "engine ddp, 2 ranks") in stdout
