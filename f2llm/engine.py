@@ -127,7 +127,8 @@ class Engine(ABC):
     def full_weights(self) -> contextlib.AbstractContextManager: ...
 
     @abstractmethod
-    def communication(self, chunks: str) -> str: ...
+    def communication(self, chunked: bool) -> str:
+        """What a step sends between ranks (a log line), with or without the gradient cache's chunks."""
 
     @property
     def lr(self) -> float:
@@ -263,13 +264,12 @@ class DDPEngine(Engine):
     def full_weights(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
-    def communication(self, chunks: str) -> str:
+    def communication(self, chunked: bool) -> str:
         if self.world_size == 1:
             return "engine ddp, 1 process: no gradient communication"
-        return (
-            f"engine ddp, {self.world_size} ranks: one all-reduce of the fp32 gradients per step "
-            f"({_mib(self.gradient_bytes())}), after the last of {chunks} (no_sync before it)"
-        )
+        grads = _mib(self.gradient_bytes())
+        line = f"engine ddp, {self.world_size} ranks: one all-reduce of the fp32 gradients ({grads})"
+        return line + (" per step, after the last gradient-cache chunk (no_sync before it)" if chunked else " per step")
 
 
 # ------------------------------------------------------------------------------------------------ DeepSpeed
@@ -366,15 +366,17 @@ class DeepSpeedEngine(Engine):
 
         return deepspeed.zero.GatheredParameters(list(self.encoder.parameters()), modifier_rank=None)
 
-    def communication(self, chunks: str) -> str:
-        grads = _mib(self.gradient_bytes())
+    def communication(self, chunked: bool) -> str:
+        head = f"engine deepspeed ZeRO-{self.stage}, {self.world_size} rank(s)"
+        grads = f"the gradients ({_mib(self.gradient_bytes())})"
         if self.stage < 2:
-            op = "all-reduce" if self.stage == 0 else "reduce"
-            return f"engine deepspeed ZeRO-{self.stage}: one {op} of the gradients per step ({grads}), after {chunks}"
-        line = f"engine deepspeed ZeRO-{self.stage}: a reduce-scatter of the gradients ({grads}) in the backward "
-        line += f"of each of {chunks}"
+            line = f"{head}: one reduction of {grads} per step"
+            return line + (", after the last gradient-cache chunk" if chunked else "")
+        line = f"{head}: a reduce-scatter of {grads} in every backward"
+        if chunked:
+            line += ", i.e. one per gradient-cache chunk (ZeRO-2/3 cannot defer it to the last)"
         if self.stage == 3:
-            line += "; the weights are all-gathered for every forward (both gradient-cache passes) and backward"
+            line += "; the weights are all-gathered for the forwards (both gradient-cache passes) and backwards"
         return line
 
 

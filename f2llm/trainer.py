@@ -276,19 +276,11 @@ class Trainer:
             (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
             for line in [*sampler.summary(), *(validation.summary() if validation else [])]:
                 print(f"f2llm: {line}")
-            print(f"f2llm: {engine.communication(trainer.chunking())}")
+            print(f"f2llm: {engine.communication(chunked=config.grad_cache.enabled)}")
         trainer.maybe_resume()
         return trainer
 
     # ---------------------------------------------------------------------------------------------- one step
-    def chunking(self) -> str:
-        """What a step's encoder work is split into (for log lines)."""
-        gc = self.config.grad_cache
-        if not gc.enabled:
-            return "one forward and backward per step"
-        size = f"{gc.chunk_texts} texts" if gc.chunk_tokens is None else f"at most {gc.chunk_tokens} real tokens"
-        return f"the gradient cache's chunks of {size} (same count on every rank)"
-
     def chunks(self, seqs: list[np.ndarray]) -> list[EncoderBatch]:
         """The gradient cache's chunks of a step's texts, in order: by text count, or by real tokens.
 

@@ -5,7 +5,7 @@ Usage: python -m torch.distributed.run --nproc-per-node 2 tests/dist_loss_worker
 1. Every rank builds the same global batch from a fixed seed (rank 0 saves it to OUT_DIR/inputs.pt), takes its
    equal slice of queries, positives and hard negatives, computes F2LLMLoss with the in-batch term (positives
    gathered from all ranks with gradient), runs backward, and saves its loss terms and the gradients of its own
-   rows to OUT_DIR/rank{r}.pt.
+   rows to OUT_DIR/rank{r}.pt; the same with ``in_batch_gradient="queries_only"``.
 2. all_gather_with_grad with unequal sizes: rank r holds r + 1 rows; each rank's loss weighs the gathered rows
    with a rank-dependent weight. Saves the gathered tensor and the gradient of its own rows.
 """
@@ -52,7 +52,11 @@ def main(out_dir: Path) -> None:
     local = {name: t[rows].clone().requires_grad_() for name, t in batch.items()}
     out = F2LLMLoss(TEMPERATURE)(local["query"], local["pos"], local["neg"], in_batch=True)
     out.total.backward()
+    v1 = {name: t[rows].clone().requires_grad_() for name, t in batch.items()}
+    v1_out = F2LLMLoss(TEMPERATURE, in_batch_gradient="queries_only")(v1["query"], v1["pos"], v1["neg"], in_batch=True)
+    v1_out.total.backward()
     result = {
+        "queries_only": {"total": v1_out.total.detach(), "grads": {name: t.grad for name, t in v1.items()}},
         "total": out.total.detach(),
         "hard": out.hard.detach(),
         "in_batch": out.in_batch.detach(),

@@ -67,3 +67,22 @@ def test_all_gather_with_grad_unequal_sizes(rank_results) -> None:
         want_grad = weights[rows] * sum(rp + 1 for rp in range(WORLD))
         torch.testing.assert_close(result["unequal"]["grad"], want_grad, rtol=0, atol=0)
         offset += r + 1
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_queries_only_on_two_ranks(rank_results) -> None:
+    """queries_only (the official v1 code): no positive, local or on the other rank, gets in-batch gradient; the
+    queries' gradient is the full one; the loss value is unchanged."""
+    batch, ranks = rank_results
+    full = {name: t.clone().requires_grad_() for name, t in batch.items()}
+    q, pos, neg = full["query"], full["pos"], full["neg"]
+    logits_hard = torch.einsum("bd,bgd->bg", q, torch.cat([pos[:, None], neg], 1)) / 0.05
+    hard = torch.nn.functional.cross_entropy(logits_hard, torch.zeros(q.shape[0], dtype=torch.long))
+    in_batch = torch.nn.functional.cross_entropy(q @ pos.detach().T / 0.05, torch.arange(q.shape[0]))
+    (hard + in_batch).backward()
+    mean_over_ranks = sum(r["queries_only"]["total"] for r in ranks) / WORLD
+    torch.testing.assert_close(mean_over_ranks, (hard + in_batch).detach(), rtol=1e-6, atol=1e-6)
+    for name in ("query", "pos", "neg"):
+        distributed_grad = torch.cat([r["queries_only"]["grads"][name] for r in ranks]) / WORLD
+        torch.testing.assert_close(distributed_grad, full[name].grad, rtol=1e-6, atol=1e-6)
