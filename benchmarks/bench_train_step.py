@@ -649,8 +649,9 @@ def deepspeed_json(work: Path, name: str, rank: int) -> Path:
     return mine
 
 
-def comm_worker(work: Path, out: Path, steps: int) -> int:
-    """One rank of --comm: every (engine, chunking) row in one process group, through the trainer's own step."""
+def comm_worker(work: Path, steps: int) -> int:
+    """One rank of --comm: every (engine, chunking) row in one process group, through the trainer's own step.
+    Rank 0 leaves the rows in ``work/rows.json`` for :func:`run_comm`."""
     counter = CollectiveCounter()
     counter.install()
     import torch.distributed as dist
@@ -702,9 +703,10 @@ def comm_worker(work: Path, out: Path, steps: int) -> int:
     if runtime.main:
         meta = {"ranks": runtime.world_size, "backend": dist.get_backend(), "model": "Qwen3-tiny, random weights",
                 "data": str(SNLI.relative_to(ROOT)), "queries_per_rank": COMM_QUERIES, "texts_per_query": 3,
-                "chunk_texts": COMM_CHUNK_TEXTS, "counted": "input bytes of collectives, one rank",
+                "chunk_texts": COMM_CHUNK_TEXTS, "warmup_steps": COMM_WARMUP, "steps": steps,
+                "counted": "input bytes of collectives, one rank",
                 "zero3": "stage3_param_persistence_threshold 0 (every weight partitioned, as Qwen3's are)"}  # fmt: skip
-        write_results(out, "train_step_comm", rows, COMM_COLUMNS, "what one training step communicates", meta=meta)
+        (work / "rows.json").write_text(json.dumps({"rows": rows, "meta": meta}))
     dist.destroy_process_group()
     return 0
 
@@ -721,9 +723,16 @@ def run_comm(out: Path, steps: int) -> int:
         write_comm_model(work / "model")
         script = str(Path(__file__).resolve())
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-               script, "--comm-worker", str(work), "--steps", str(steps), "--out", str(out)]  # fmt: skip
+               script, "--comm-worker", str(work), "--steps", str(steps)]  # fmt: skip
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        return subprocess.run(cmd, env=env, check=False).returncode
+        code = subprocess.run(cmd, env=env, check=False).returncode
+        if code != 0:
+            print(f"bench_train_step --comm: torchrun exited {code}", file=sys.stderr)
+            return code
+        result = json.loads((work / "rows.json").read_text())
+    title = "what one training step communicates (2 CPU ranks, gloo)"
+    write_results(out, "train_step_comm", result["rows"], COMM_COLUMNS, title, meta=result["meta"])
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -742,7 +751,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
     args = parser.parse_args(argv)
     if args.comm_worker is not None:
-        return comm_worker(args.comm_worker, args.out, args.steps or 2)
+        return comm_worker(args.comm_worker, args.steps or 2)
     if args.comm:
         return run_comm(args.out, args.steps or 2)
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"

@@ -35,9 +35,13 @@ README = ROOT / "README.md"
 START = re.compile(r"^<!-- performance:start.*-->$", re.MULTILINE)
 END = "<!-- performance:end -->"
 DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-SCRIPTS = {"pooling": "bench_pooling.py", "contrastive": "bench_contrastive.py", "train_step": "bench_train_step.py"}
+SCRIPTS = {"pooling": "bench_pooling.py", "contrastive": "bench_contrastive.py", "train_step": "bench_train_step.py",
+           "train_step_comm": "bench_train_step.py"}  # fmt: skip
 TITLES = {"pooling": "Pooling + L2 norm", "contrastive": "Contrastive loss (InfoNCE)",
-          "train_step": "Training step ablation"}  # fmt: skip
+          "train_step": "Training step ablation", "train_step_comm": "Communication per training step"}  # fmt: skip
+COMM_TABLE = [("row", "engine, gradient-cache chunks"), ("collectives", "collectives per step"),
+              ("comm_mib", "MiB sent per rank"), ("per_gradient", "x gradient size per step"),
+              ("per_chunk_gradients", "x gradient size per chunk")]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -235,6 +239,24 @@ def render_run(run: Run, link: Callable[[Path], str]) -> str:
             parts += [train_step_note(payload["meta"]), ""]
         parts += [table(payload["rows"], TABLES[(kind, variant)]), ""]
         parts += [f"![{TITLES[kind]}, {device}]({link(run.folder / f'{kind}.png')})", ""]
+    comm = run.results.get("train_step_comm")
+    if comm is not None:
+        meta = comm.get("meta", {})
+        parts += [
+            f"#### {TITLES['train_step_comm']} ({meta.get('ranks')} CPU ranks, {meta.get('backend')}, {run.date})",
+            "",
+            f"`{shown_command(comm, 'train_step_comm')}`; source: "
+            f"[train_step_comm.json]({link(run.folder / 'train_step_comm.json')}), script: "
+            f"[{SCRIPTS['train_step_comm']}]({link(ROOT / 'benchmarks' / SCRIPTS['train_step_comm'])})",
+            "",
+            "The trainer's own step; bytes of the tensors handed to collectives on one rank, also as multiples of one "
+            f"full set of gradients ({num_range([comm['rows'][0].get('gradient_mib')])} MiB here), which holds for "
+            f"any model size. {meta.get('queries_per_rank')} queries x {meta.get('texts_per_query')} texts per rank; "
+            f"{meta.get('zero3', '')}.",
+            "",
+            table(comm["rows"], COMM_TABLE),
+            "",
+        ]
     return "\n".join(parts)
 
 

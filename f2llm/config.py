@@ -280,10 +280,11 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"optim.min_lr ({config.optim.min_lr}) must be <= optim.lr ({config.optim.lr})")
     if config.engine == "deepspeed" and not config.deepspeed_config:
         raise ConfigError("engine: deepspeed needs deepspeed_config (a DeepSpeed JSON, e.g. train/configs/zero2.json)")
-    if config.engine == "deepspeed" and config.nan_policy == "skip":
+    if config.engine == "deepspeed" and config.model.final_dtype == "float32" and config.model.dtype != "float32":
         raise ConfigError(
-            "nan_policy: skip needs engine: ddp. DeepSpeed applies an update before its gradient norm is known, so "
-            "a non-finite step cannot be skipped; use nan_policy: stop with engine: deepspeed"
+            "model.final_dtype: float32 with engine: deepspeed needs model.dtype: float32: with bf16 DeepSpeed "
+            "trains bf16 weights (its fp32 master copy lives in the optimizer partitions), so a float32 final/ "
+            "would only be bf16 weights widened; use engine: ddp (fp32 master weights) or final_dtype: auto"
         )
     if config.engine == "deepspeed":
         path = Path(config.deepspeed_config)
@@ -295,6 +296,11 @@ def validate(config: TrainConfig) -> None:
             ds = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"deepspeed_config: {path} is not valid JSON: {e}") from None
+        if ds.get("zero_optimization", {}).get("compute_grad_norm", True) is False:
+            raise ConfigError(
+                f"deepspeed_config: {path} sets zero_optimization.compute_grad_norm: false; f2llm needs the gradient "
+                "norm to find non-finite steps (and to log it); remove the key"
+            )
         owned = sorted(set(ds) & DEEPSPEED_KEYS_OWNED)
         if owned:
             raise ConfigError(

@@ -6,13 +6,14 @@ The trainer (f2llm.trainer) never asks which engine it has. An :class:`Engine` g
 * ``backward(loss)`` and ``no_sync()``: the gradient cache runs every chunk but the last under ``no_sync`` (None
   where the engine cannot defer its gradient communication);
 * ``step(check)``: clip, update, advance the schedule, zero the gradients; returns the gradient norm. ``check`` gets
-  the norm first and raises on a non-finite one (on every rank at once): :class:`DDPEngine` then leaves the weights
-  untouched, :class:`DeepSpeedEngine` has already applied the update (DeepSpeed knows the norm only after its step),
-  which is why ``nan_policy: skip`` is refused with DeepSpeed in config.validate;
-* ``skip()``: drop this step's gradients (the schedule still advances);
-* ``save(folder)`` / ``load(folder)``: weights and optimizer state in fp32; the schedule is not saved but rebuilt
-  from the current config and the step (``set_schedule_step``), so a resume with a changed ``max_steps`` decays on
-  the new horizon;
+  the norm and raises :class:`NonFiniteError` on a non-finite one (on every rank at once), the update not applied:
+  :class:`DDPEngine` checks before updating; DeepSpeed ZeRO-1/2/3 find a non-finite norm themselves and skip the
+  update (:class:`DeepSpeedEngine` asks DeepSpeed whether it applied it; if a DeepSpeed path ever did, the error
+  says so and the run stops whatever ``nan_policy`` says);
+* ``skip()``: drop this step's gradients (the schedule still advances, so it stays aligned with the data);
+* ``save(folder)`` / ``load(folder)``: weights and optimizer state; the schedule is not saved but rebuilt from the
+  current config and the step (``set_schedule_step``), so a resume with a changed ``max_steps`` decays on the new
+  horizon, and so are the optimizer's betas and weight decay;
 * ``full_weights()``: a context in which the encoder holds its whole weights (ZeRO-3 partitions them);
 * ``communication()``: a line saying what each step sends between ranks.
 
@@ -44,35 +45,53 @@ NormCheck = Callable[[torch.Tensor], None]
 
 
 class NonFiniteError(RuntimeError):
-    """The loss or the gradient norm was NaN or infinite (the message names step, source and which)."""
+    """The loss or the gradient norm was NaN or infinite (the message names step, source and which).
+
+    ``skippable`` is False when the non-finite update was already applied: the run must stop.
+    """
+
+    def __init__(self, message: str, skippable: bool = True) -> None:
+        super().__init__(message)
+        self.skippable = skippable
 
 
 # ------------------------------------------------------------------------------------------------ schedule
 class WarmupCosine:
     """LR multiplier: linear warmup to 1, cosine decay to 0 at ``total_steps``, floored at ``min_ratio``.
 
-    A plain callable object (not a lambda) so that LambdaLR's state_dict holds only numbers. ``warmup_steps`` may
-    be fractional (``optim.warmup: per_process`` divides it by the number of processes).
+    ``warmup: steps``: the factor of step s (0-based) is (s + 1) / warmup_steps during warmup, so the first update
+    already moves. ``warmup: per_process``: exactly what the official F2LLM v1 code ran: transformers' cosine
+    schedule with warmup (factor s / warmup at its step s) over world_size x total_steps scheduler steps, which
+    accelerate advanced world_size times per optimizer step; optimizer step s thus gets the factor of scheduler
+    step s x world_size: the warmup takes warmup_steps / world_size optimizer steps and the decay ends at
+    total_steps. A plain callable object (not a lambda) so that LambdaLR's state_dict holds only numbers.
     """
 
-    def __init__(self, warmup_steps: float, total_steps: int, min_ratio: float) -> None:
+    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float, per_process: int | None = None) -> None:
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
         self.min_ratio = min_ratio
+        self.per_process = per_process
 
     def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
+        if self.per_process is not None:  # transformers' get_cosine_schedule_with_warmup, stepped W times
+            at, warmup, total = step * self.per_process, self.warmup_steps, self.total_steps * self.per_process
+            if at < warmup:
+                factor = at / max(1, warmup)
+            else:
+                factor = max(0.0, 0.5 * (1.0 + math.cos(math.pi * (at - warmup) / max(1, total - warmup))))
+        elif step < self.warmup_steps:
             factor = (step + 1) / self.warmup_steps
         else:
             progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
             factor = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return max(min(factor, 1.0), self.min_ratio)
+        return max(factor, self.min_ratio)
 
     @classmethod
     def from_config(cls, config: TrainConfig, total_steps: int, world_size: int) -> WarmupCosine:
         optim = config.optim
-        warmup = optim.warmup_steps / world_size if optim.warmup == "per_process" else optim.warmup_steps
-        return cls(warmup, total_steps, optim.min_lr / optim.lr)
+        per_process = world_size if optim.warmup == "per_process" else None
+        return cls(optim.warmup_steps, total_steps, optim.min_lr / optim.lr, per_process=per_process)
 
 
 def set_schedule_step(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
@@ -100,7 +119,6 @@ class Engine(ABC):
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     compute_dtype: torch.dtype
-    can_skip_step: bool
 
     @abstractmethod
     def forward(self, batch: EncoderBatch) -> torch.Tensor: ...
@@ -136,7 +154,12 @@ class Engine(ABC):
         return self.scheduler.get_last_lr()[0]
 
     def set_schedule_step(self, step: int) -> None:
+        """Position the schedule at ``step`` and apply the config's AdamW settings (a loaded optimizer state brings
+        the betas and weight decay of the run that saved it)."""
         set_schedule_step(self.scheduler, step)
+        for group in self.scheduler.optimizer.param_groups:
+            group["betas"] = self.config.optim.betas
+            group["weight_decay"] = self.config.optim.weight_decay
 
     def train(self, mode: bool = True) -> None:
         self.encoder.train(mode)
@@ -191,8 +214,6 @@ class DDPEngine(Engine):
     the encoders' buffers (rotary frequencies, position ids) are constants, and a broadcast per forward would make
     every chunk a collective (they are still synced once, when DDP wraps the model).
     """
-
-    can_skip_step = True
 
     def __init__(self, config: TrainConfig, encoder: Encoder, total_steps: int, world_size: int) -> None:
         self.encoder = encoder
@@ -300,8 +321,6 @@ class DeepSpeedEngine(Engine):
     of the ranks would not match.
     """
 
-    can_skip_step = False
-
     def __init__(self, config: TrainConfig, encoder: Encoder, total_steps: int, world_size: int) -> None:
         import deepspeed
 
@@ -319,6 +338,9 @@ class DeepSpeedEngine(Engine):
             dist_init_required=False,
         )
         self.stage = int(self.ds.zero_optimization_stage())
+        # ZeRO-0 in fp32 steps the torch optimizer itself and reports no gradient norm: f2llm computes it (the
+        # gradients are all-reduced by then) and checks it before the update, as DDP does.
+        self.own_norm = self.stage == 0 and self.compute_dtype == torch.float32
 
     @property
     def grad_dtype(self) -> torch.dtype:
@@ -339,17 +361,30 @@ class DeepSpeedEngine(Engine):
             self.ds.set_gradient_accumulation_boundary(True)
 
     def step(self, check: NormCheck) -> float:
-        self.ds.step()  # clips, updates, steps the schedule, zeroes the gradients
-        norm = self.ds.get_global_grad_norm()
-        value = torch.tensor(float("nan") if norm is None else float(norm))
+        if self.own_norm:
+            grads = [p.grad for p in self.encoder.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads)
+            check(norm)
+            self.ds.step()  # clips (by the same norm), updates, steps the schedule, zeroes the gradients
+            return float(norm)
+        self.ds.step()  # ZeRO-1/2/3: finds the norm, skips a non-finite update, else clips and updates
+        reported = self.ds.get_global_grad_norm()
+        if reported is None:  # config.validate refuses compute_grad_norm: false, the one known cause
+            raise RuntimeError("DeepSpeedEngine: DeepSpeed reported no gradient norm after its step")
+        norm = torch.tensor(float(reported))
         try:
-            check(value)
+            check(norm)
         except NonFiniteError as e:
-            raise NonFiniteError(f"{e} (DeepSpeed applied this update before the norm was known: the run stops)") from e
-        return float(value)
+            if self.ds.was_step_applied():
+                raise NonFiniteError(f"{e}; DeepSpeed applied this update, so the run stops", skippable=False) from e
+            raise
+        return float(norm)
 
     def skip(self) -> None:
-        raise NonFiniteError("a step cannot be skipped with DeepSpeed (config.validate refuses nan_policy: skip)")
+        # DeepSpeed skipped the update (and its schedule step) and dropped the gradients itself; a non-finite loss
+        # stopped the step before any backward. What is left is to keep the schedule aligned with the data.
+        self.ds.zero_grad()
+        self.scheduler.step()
 
     def save(self, folder: Path, main: bool) -> None:
         self.ds.save_checkpoint(str(folder), tag="deepspeed")

@@ -93,6 +93,9 @@ class RngState:
 
     @classmethod
     def capture(cls, device: torch.device | None = None) -> RngState:
+        """``device``: the model's; None: the current CUDA device when CUDA is in use, else the CPU only."""
+        if device is None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            device = torch.device("cuda", torch.cuda.current_device())
         on_cuda = device is not None and device.type == "cuda"
         return cls(torch.get_rng_state(), torch.cuda.get_rng_state(device) if on_cuda else None, device)
 
@@ -125,7 +128,8 @@ class GradientCache(Generic[Chunk]):
             ``model.no_sync``); used for every chunk but the last. None when there is nothing to suppress.
         backward: how to back-propagate a scalar (``loss.backward()`` by default; a DeepSpeed engine's
             ``engine.backward``).
-        device: the model's device, whose random generator is replayed with the CPU's (None: CPU only).
+        device: the model's device, whose random generator is replayed with the CPU's (None: the current CUDA
+            device when CUDA is in use).
     """
 
     def __init__(

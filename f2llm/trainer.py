@@ -80,10 +80,12 @@ class Runtime:
         return int(t.item())
 
 
-def init_runtime(timeout_minutes: float = 30.0) -> Runtime:
+def init_runtime(timeout_minutes: float = 30.0, group_of_one: bool = False) -> Runtime:
     """Join the torchrun process group (when launched by torchrun) and pick this rank's device.
 
     A rank that waits longer than ``timeout_minutes`` in a collective raises instead of hanging forever.
+    ``group_of_one``: a single process started without torchrun gets a process group of its own (DeepSpeed
+    needs one even alone).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -92,7 +94,10 @@ def init_runtime(timeout_minutes: float = 30.0) -> Runtime:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    if world > 1 and not distributed.is_distributed():
+    if (world > 1 or group_of_one) and not distributed.is_distributed():
+        if "MASTER_ADDR" not in os.environ:  # started without a launcher: what torchrun would set for one process
+            alone = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+            os.environ.update(alone, MASTER_PORT=str(distributed.free_port()))
         dist.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo",
             timeout=datetime.timedelta(minutes=timeout_minutes),
@@ -136,7 +141,7 @@ class MetricLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step hides the events of steps after the checkpoint that an earlier run wrote.
-            self.writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=step + 1 if step else None)
+            self.writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=step + 1)
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -225,7 +230,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------- building
     @classmethod
     def from_config(cls, config: TrainConfig, runtime: Runtime | None = None) -> Trainer:
-        runtime = runtime or init_runtime(config.dist_timeout_minutes)
+        runtime = runtime or init_runtime(config.dist_timeout_minutes, group_of_one=config.engine == "deepspeed")
         seed_everything(config.seed + runtime.rank)  # dropout differs across ranks, data order does not
         out = Path(config.output_dir)
         encoder = Encoder.from_pretrained(
@@ -409,7 +414,7 @@ class Trainer:
             try:
                 result = self.train_step(batch)
             except NonFiniteError as e:
-                if config.nan_policy == "stop":
+                if config.nan_policy == "stop" or not e.skippable:
                     raise
                 self.skip_step()
                 result = None

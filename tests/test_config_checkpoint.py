@@ -58,7 +58,7 @@ def test_overrides_are_typed(tmp_path: Path) -> None:
         (MINIMAL, ["data.sources.x={kind: ranking}"], r"data\.sources\.x\.kind: 'ranking' is not one of"),
         ("model:\n  name_or_path: m\n", [], r"data\.paths is required"),
         (MINIMAL, ["engine=deepspeed"], r"needs deepspeed_config"),
-        (MINIMAL, ["engine=deepspeed", f"deepspeed_config={ZERO2}", "nan_policy=skip"], r"skip needs engine: ddp"),
+        (MINIMAL, ["engine=deepspeed", f"deepspeed_config={ZERO2}", "model.final_dtype=float32"], r"needs model"),
         (MINIMAL, ["engine=deepspeed", "deepspeed_config=/nonexistent.json"], r"/nonexistent\.json does not exist"),
         (MINIMAL, ["data.last_batch=pad"], r"data\.last_batch: 'pad' is not one of"),
         (MINIMAL, ["optim.warmup=per_gpu"], r"optim\.warmup: 'per_gpu' is not one of"),
@@ -81,6 +81,9 @@ def test_deepspeed_json_may_not_set_what_f2llm_owns(tmp_path: Path) -> None:
     ds = tmp_path / "ds.json"
     ds.write_text('{"zero_optimization": {"stage": 2}, "gradient_clipping": 0.5, "optimizer": {"type": "Adam"}}')
     with pytest.raises(ConfigError, match=r"sets \['gradient_clipping', 'optimizer'\], which f2llm fills"):
+        load_config(write(tmp_path, MINIMAL), ["engine=deepspeed", f"deepspeed_config={ds}"])
+    ds.write_text('{"zero_optimization": {"stage": 2, "compute_grad_norm": false}}')
+    with pytest.raises(ConfigError, match=r"compute_grad_norm: false; f2llm needs the gradient norm"):
         load_config(write(tmp_path, MINIMAL), ["engine=deepspeed", f"deepspeed_config={ds}"])
 
 

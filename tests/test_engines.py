@@ -23,6 +23,7 @@ TEXT_CHUNK = 3  # 2 queries x (2 + 2 negatives) = 8 texts on msmarco steps: 3 ch
 TOKEN_CHUNK = 40
 ENGINES = {
     "ddp": (),
+    "zero0": ("engine=deepspeed", f"deepspeed_config={ROOT / 'train' / 'configs' / 'zero0.json'}"),
     "zero2": ("engine=deepspeed", f"deepspeed_config={ROOT / 'train' / 'configs' / 'zero2.json'}"),
     "zero3": ("engine=deepspeed", f"deepspeed_config={ROOT / 'train' / 'configs' / 'zero3.json'}"),
 }
@@ -42,6 +43,7 @@ MATRIX = [
     ("zero3", "none", "padded"),
     ("zero3", "texts", "packed"),
     ("zero3", "tokens", "padded"),
+    ("zero0", "tokens", "packed"),  # fp32 ZeRO-0 steps the torch optimizer itself: f2llm computes the norm
 ]
 
 
@@ -100,8 +102,8 @@ def test_two_ranks_match_one_rank(
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
     # The start of the run says what each step communicates.
-    said = {"ddp": "engine ddp, 2 ranks: one all-reduce", "zero2": "ZeRO-2, 2 rank(s): a reduce-scatter",
-            "zero3": "ZeRO-3, 2 rank(s): a reduce-scatter"}  # fmt: skip
+    said = {"ddp": "engine ddp, 2 ranks: one all-reduce", "zero0": "ZeRO-0, 2 rank(s): one reduction",
+            "zero2": "ZeRO-2, 2 rank(s): a reduce-scatter", "zero3": "ZeRO-3, 2 rank(s): a reduce-scatter"}  # fmt: skip
     assert said[engine] in stdout and ("gradient-cache chunk" in stdout) == (chunking != "none"), stdout[-2000:]
 
 
@@ -126,3 +128,11 @@ def test_zero2_resume_continues_exactly(workdir: Path, tmp_path: Path) -> None:
     assert_same_weights(straight, resumed, atol=0)
     lrs = [[(r["step"], r["train/lr"]) for r in metrics(run_dir) if "train/lr" in r] for run_dir in (straight, resumed)]
     assert lrs[0] == lrs[1] and [s for s, _ in lrs[1]] == list(range(1, 7))
+
+
+@pytest.mark.slow
+def test_deepspeed_runs_as_one_process_without_torchrun(workdir: Path, one_rank: Path, tmp_path: Path) -> None:
+    """`f2llm train` with a DeepSpeed config and no launcher (the README's first command): a process group of one."""
+    out = tmp_path / "run"
+    run(train_command(workdir, out, "data.batch_size=4", *ENGINES["zero2"]))
+    assert_same_weights(one_rank, out, atol=1e-5)

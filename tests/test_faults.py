@@ -26,6 +26,7 @@ import yaml
 from safetensors.torch import load_file
 
 from f2llm import engine as engine_module
+from f2llm import trainer as trainer_module
 from f2llm.checkpoint import CheckpointError, CheckpointWriter, latest_checkpoint, list_checkpoints, load_state
 from f2llm.config import load_config
 from f2llm.distributed import free_port
@@ -355,18 +356,29 @@ def test_write_failure_on_one_rank_publishes_nothing(write_failure_on_rank_1: tu
 
 
 # ------------------------------------------------------------------------------------------------ NaN on one rank
+def checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The model weights of a DDP (safetensors) or DeepSpeed (module states) checkpoint."""
+    if (checkpoint / "model.safetensors").exists():
+        return load_file(str(checkpoint / "model.safetensors"))
+    return load_state(checkpoint / "deepspeed" / "mp_rank_00_model_states.pt")["module"]
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_nan_on_one_rank_is_skipped_by_all_ranks(workdir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["ddp", "zero2"])
+def test_nan_on_one_rank_is_skipped_by_all_ranks(workdir: Path, tmp_path: Path, engine: str) -> None:
     """nan_policy=skip, 2 ranks: step 2's loss is NaN on rank 1 only, step 3's gradient is NaN on rank 0 only
-    (before the all-reduce). Both ranks skip both steps together: the weights and optimizer moments after steps
-    1, 2 and 3 are identical, step 4 trains again, and the run ends normally."""
+    (before the all-reduce). Both ranks skip both steps together: the weights (and, for DDP, the optimizer moments)
+    after steps 1, 2 and 3 are identical, step 4 trains again at the rate of its step, and the run ends normally.
+    Under DeepSpeed ZeRO-2 the non-finite norm makes DeepSpeed skip its own update; f2llm keeps the schedule."""
     out = tmp_path / "run"
     faults = [
         {"at": "loss", "step": 2, "rank": 1, "action": "nan"},
         {"at": "grad", "step": 3, "rank": 0, "action": "nan"},
     ]
     settings = ("nan_policy=skip", "optim.max_steps=4", "save_every=1", "keep_last=10")
+    if engine == "zero2":
+        settings += ("engine=deepspeed", f"deepspeed_config={ROOT / 'train' / 'configs' / 'zero2.json'}")
     job = Job(workdir, out, *settings, nproc=2, faults=faults)
     code, _ = job.wait(timeout=EXIT_DEADLINE * 3)
     assert code == 0, job.output
@@ -376,13 +388,16 @@ def test_nan_on_one_rank_is_skipped_by_all_ranks(workdir: Path, tmp_path: Path) 
     assert sorted(r["step"] for r in rows if r.get("skipped")) == [2, 3]
     assert sorted(r["step"] for r in rows if "train/loss" in r) == [1, 4]
     ckpt = [out / "checkpoints" / f"step-{s:08d}" for s in range(1, 5)]
-    weights = [load_file(str(c / "model.safetensors")) for c in ckpt]
+    weights = [checkpoint_weights(c) for c in ckpt]
     assert_bitwise_equal(weights[1], weights[0], "step 2 skipped")
     assert_bitwise_equal(weights[2], weights[0], "step 3 skipped")
     assert any(not torch.equal(weights[3][k], weights[2][k]) for k in weights[3]), "step 4 did not train"
-    moments = [load_state(c / "optimizer.pt")["state"] for c in ckpt[:3]]
-    for m in moments[1:]:
-        assert all(torch.equal(m[i][k], moments[0][i][k]) for i in m for k in m[i]), "a skipped step moved Adam"
+    step4 = next(r for r in rows if r["step"] == 4 and "train/lr" in r)
+    assert step4["train/lr"] == pytest.approx(1e-3 * trainer_module.WarmupCosine(2, 4, 1e-4)(3), rel=1e-9)
+    if engine == "ddp":
+        moments = [load_state(c / "optimizer.pt")["state"] for c in ckpt[:3]]
+        for m in moments[1:]:
+            assert all(torch.equal(m[i][k], moments[0][i][k]) for i in m for k in m[i]), "a skipped step moved Adam"
 
 
 @pytest.mark.slow

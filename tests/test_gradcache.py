@@ -177,4 +177,5 @@ def test_rng_capture_touches_the_model_device_only(monkeypatch: pytest.MonkeyPat
     assert calls == [torch.device("cuda", 3)] and state.device == torch.device("cuda", 3)
     calls.clear()
     assert RngState.capture(torch.device("cpu")).cuda is None and calls == []
-    assert RngState.capture().cuda is None and calls == []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert RngState.capture().device == torch.device("cuda", 1) and calls == [torch.device("cuda", 1)]

@@ -50,13 +50,23 @@ def test_warmup_cosine_schedule() -> None:
     assert all(s(i) >= s(i + 1) for i in range(4, 20))
 
 
-def test_per_process_warmup_is_the_official_v1_schedule(workdir: Path) -> None:
-    """optim.warmup: per_process divides the warmup by the world size (v1's accelerate stepped its scheduler once per
-    process per step); the cosine horizon stays that of the real steps."""
-    config = load_config(workdir / "base.yaml", ["optim.warmup_steps=8", "optim.warmup=per_process"])
-    v1 = WarmupCosine.from_config(config, total_steps=20, world_size=4)
-    assert [v1(i) for i in range(3)] == [0.5, 1.0, 1.0]
-    assert v1(11) == pytest.approx(0.5) and v1(20) == pytest.approx(1e-4)
+@pytest.mark.parametrize("world", [1, 4, 32])
+def test_per_process_warmup_is_the_official_v1_schedule(workdir: Path, world: int) -> None:
+    """optim.warmup: per_process gives, at every optimizer step, the rate the official v1 code used: transformers'
+    cosine schedule with warmup over world x total steps, advanced `world` times per optimizer step (accelerate),
+    floored at min_lr."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    total, warmup, lr, min_lr = 40, 50, 1e-3, 1e-7
+    overrides = [f"optim.warmup_steps={warmup}", "optim.warmup=per_process", f"optim.lr={lr}", f"optim.min_lr={min_lr}"]
+    ours = WarmupCosine.from_config(load_config(workdir / "base.yaml", overrides), total_steps=total, world_size=world)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    v1 = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=world * total)
+    for step in range(total + 3):
+        assert lr * ours(step) == pytest.approx(max(v1.get_last_lr()[0], min_lr), rel=1e-12, abs=1e-15), step
+        for _ in range(world):
+            optimizer.step()
+            v1.step()
     steps = WarmupCosine.from_config(load_config(workdir / "base.yaml", ["optim.warmup_steps=8"]), 20, world_size=4)
     assert [steps(i) for i in range(8)] == pytest.approx([(i + 1) / 8 for i in range(8)])
 

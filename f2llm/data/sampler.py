@@ -134,9 +134,10 @@ class F2LLMBatchSampler:
         self.batches_per_source = [rounding(len(rows)) for rows in self._rows]
         if sum(self.batches_per_source) == 0:
             sizes = {s.name: len(r) for s, r in zip(self.sources, self._rows, strict=True)}
+            fix = "lower batch_size or use last_batch: wrap" if last_batch == "drop" else "the sources have no rows"
             raise ValueError(
                 f"F2LLMBatchSampler: no source has a full global batch of {G} rows ({split} rows per source: "
-                f"{sizes}) and last_batch is 'drop'; lower batch_size or use last_batch: wrap"
+                f"{sizes}, last_batch: {last_batch}); {fix}"
             )
         self.epoch = 0
         self.step = 0
@@ -253,7 +254,8 @@ class F2LLMBatchSampler:
         """Resume at a saved position. The data, seed and global batch must be those of the saved run."""
         mine = self.state_dict()
         for key in ("seed", "world_size", "batch_size", "last_batch", "sources"):
-            saved = state.get(key)
+            # Checkpoints written before last_batch existed come from samplers that dropped incomplete batches.
+            saved = state.get(key, "drop") if key == "last_batch" else state.get(key)
             if saved != mine[key]:
                 raise ValueError(
                     f"F2LLMBatchSampler.load_state_dict: saved {key}={saved!r} differs from this run's "
