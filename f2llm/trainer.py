@@ -18,6 +18,7 @@ A non-finite loss or gradient norm stops the run (naming the step and the source
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import shutil
@@ -43,7 +44,15 @@ from f2llm.checkpoint import (
     set_rng_state,
 )
 from f2llm.config import TrainConfig, to_dict
-from f2llm.data import Collator, EncoderBatch, F2LLMBatchSampler, TrainingBatch, load_sources
+from f2llm.data import (
+    Collator,
+    EncoderBatch,
+    F2LLMBatchSampler,
+    TextTokenizer,
+    TokenizedSource,
+    TrainingBatch,
+    load_sources,
+)
 from f2llm.engine import Engine, NonFiniteError, WarmupCosine, build_engine, resolve_dtype, weights_dtype
 from f2llm.gradcache import GradientCache, chunk_by_tokens, split_to_count
 from f2llm.loss import F2LLMLoss, LossOutput
@@ -244,14 +253,7 @@ class Trainer:
             device=runtime.device,
         ).train()
 
-        sources = load_sources(
-            config.data.paths,
-            encoder.text_tokenizer,
-            config.data.cache_dir,
-            overrides=config.data.sources,
-            seed=config.data.seed,
-            validation_fraction=config.data.validation_fraction,
-        )
+        sources = training_sources(config, encoder.text_tokenizer)
         sampling = dict(
             world_size=runtime.world_size, rank=runtime.rank, seed=config.data.seed, last_batch=config.data.last_batch
         )
@@ -486,8 +488,21 @@ class Trainer:
         self.runtime.barrier()
 
 
+def training_sources(config: TrainConfig, tokenizer: TextTokenizer) -> list[TokenizedSource]:
+    """The sources of ``config.data``, tokenized with ``tokenizer`` (cached under data.cache_dir), split into
+    training and held-out rows."""
+    return load_sources(
+        config.data.paths,
+        tokenizer,
+        config.data.cache_dir,
+        overrides=config.data.sources,
+        seed=config.data.seed,
+        validation_fraction=config.data.validation_fraction,
+    )
+
+
 def validation_sampler(
-    config: TrainConfig, sources: list, runtime: Runtime, sampling: dict[str, Any]
+    config: TrainConfig, sources: list[TokenizedSource], runtime: Runtime, sampling: dict[str, Any]
 ) -> F2LLMBatchSampler | None:
     """Batches of the held-out rows, or None when there are none.
 
@@ -519,5 +534,9 @@ def train(config: TrainConfig) -> Path:
             print(f"f2llm: final model saved to {final}")
         return final
     finally:
+        # Release the engine (DeepSpeed keeps collectives' work objects) while torch.distributed and the
+        # interpreter are fully alive: work objects freed during interpreter shutdown can abort the process.
+        del trainer
+        gc.collect()
         if distributed.is_distributed():
             dist.destroy_process_group()

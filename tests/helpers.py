@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -161,8 +162,11 @@ def benchmark_module(name: str) -> Iterator[ModuleType]:
 
 
 # ------------------------------------------------------------------------------------------------ training runs
-def trainer_workdir(root: Path) -> Path:
-    """Tiny Qwen3s (one without dropout, one with), two sources and base.yaml: 4 short steps of f2llm train."""
+def trainer_workdir(root: Path, **updates: Any) -> Path:
+    """Tiny Qwen3s (one without dropout, one with), two sources and base.yaml: 4 short steps of f2llm train.
+
+    ``updates``: a dict per section (model, data, optim) merged into it, or a top-level key's value.
+    """
     import yaml
 
     tiny_qwen3(root)  # no dropout: runs with different chunking / ranks must agree exactly
@@ -185,6 +189,8 @@ def trainer_workdir(root: Path) -> Path:
         "tensorboard": False,
         "plot": False,
     }
+    for key, value in updates.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) else value
     (root / "base.yaml").write_text(yaml.safe_dump(config))
     return root
 

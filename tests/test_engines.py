@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from f2llm.config import load_config
-from f2llm.data import F2LLMBatchSampler, load_sources
+from f2llm.data import F2LLMBatchSampler
 from f2llm.gradcache import chunk_by_tokens
 from f2llm.model import Encoder
+from f2llm.trainer import training_sources
 from tests.helpers import ROOT, assert_same_weights, metrics, run, train_command, trainer_workdir
 
 TEXT_CHUNK = 3  # 2 queries x (2 + 2 negatives) = 8 texts on msmarco steps: 3 chunks per rank
@@ -63,14 +64,7 @@ def natural_chunk_counts(workdir: Path, steps: int) -> list[tuple[int, int]]:
     """(rank 0, rank 1) chunk counts that chunking by TOKEN_CHUNK tokens gives each step, before the ranks agree."""
     config = load_config(workdir / "base.yaml", ["data.batch_size=2"])
     encoder = Encoder.from_pretrained(config.model.name_or_path, max_length=config.model.max_length)
-    sources = load_sources(
-        config.data.paths,
-        encoder.text_tokenizer,
-        config.data.cache_dir,
-        overrides=config.data.sources,
-        seed=config.data.seed,
-        validation_fraction=config.data.validation_fraction,
-    )
+    sources = training_sources(config, encoder.text_tokenizer)
     counts = []
     samplers = [F2LLMBatchSampler(sources, 2, world_size=2, rank=r, seed=config.data.seed) for r in (0, 1)]
     for step in range(steps):

@@ -22,7 +22,6 @@ from typing import Any
 import psutil
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from f2llm import engine as engine_module
@@ -32,7 +31,7 @@ from f2llm.config import load_config
 from f2llm.distributed import free_port
 from f2llm.model import F2LLM_CONFIG, Encoder
 from f2llm.trainer import Runtime, Trainer
-from tests.helpers import make_rows, tiny_qwen3, write_source
+from tests.helpers import trainer_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "fault_worker.py"
@@ -50,28 +49,15 @@ CHECKPOINT_FILES = (("optimizer.pt", 0), ("rng-rank0.pt", 0), ("rng-rank1.pt", 1
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("faults")
-    model = tiny_qwen3(root, seed=1, attention_dropout=0.2)  # dropout on: a resume must replay every rank's RNG
-    write_source(root / "data" / "msmarco.parquet", make_rows(70, 3))
-    write_source(root / "data" / "banking77.parquet", make_rows(40, 1, prefix="b "))
-    config = {
-        "model": {"name_or_path": str(model), "max_length": 64, "gradient_checkpointing": False},
-        "data": {
-            "paths": [str(root / "data" / "msmarco.parquet"), str(root / "data" / "banking77.parquet")],
-            "batch_size": 2,
-            "cache_dir": str(root / "cache"),
-            "validation_fraction": 0.1,
-            "sources": {"msmarco": {"num_negatives": 2}, "banking77": {"num_negatives": 1}},
-        },
-        "optim": {"lr": 1e-3, "warmup_steps": 2, "epochs": 1, "max_steps": MAX_STEPS},
-        "log_every": 1,
-        "validate_every": 100,
-        "save_every": SAVE_EVERY,
-        "keep_last": 2,
-        "tensorboard": False,
-        "plot": False,
-    }
-    (root / "base.yaml").write_text(yaml.safe_dump(config))
-    return root
+    return trainer_workdir(
+        root,
+        model={"name_or_path": str(root / "tiny-qwen3-1")},  # dropout on: a resume must replay every rank's RNG
+        data={"batch_size": 2},
+        optim={"max_steps": MAX_STEPS},
+        validate_every=100,
+        save_every=SAVE_EVERY,
+        keep_last=2,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ launching jobs
