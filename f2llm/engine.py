@@ -115,6 +115,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 class Engine(ABC):
     """One training run's model, optimizer and schedule, and how a step runs them (see the module docstring)."""
 
+    config: TrainConfig
+    world_size: int
     encoder: Encoder
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
