@@ -49,7 +49,7 @@ from common import (
     write_results,
 )
 
-from f2llm.kernels.contrastive import triton_interpreting
+from f2llm.kernels.dispatch import triton_interpreting
 from f2llm.ops import grouped_infonce, grouped_infonce_reference, infonce, infonce_reference
 
 TEMPERATURE = 0.05

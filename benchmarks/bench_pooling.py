@@ -32,7 +32,8 @@ from common import (
     write_results,
 )
 
-from f2llm.kernels.pooling import MODES, pool_reference, triton_interpreting
+from f2llm.kernels.dispatch import triton_interpreting
+from f2llm.kernels.pooling import MODES, pool_reference
 from f2llm.ops import pool
 
 

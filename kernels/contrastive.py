@@ -11,10 +11,12 @@ Two ops:
 
   Triton (CUDA): the forward pass streams candidate tiles through an online log-sum-exp (flash-attention style)
   and keeps only the per-query log-sum-exp (float32, [B]; base 2, as the backward uses it) and positive score
-  (float32, [B]). Backward recomputes the scores tile by tile: ``dq_i = K sum_j (p_ij - y_ij) c_j`` and
-  ``dc_j = K sum_i (p_ij - y_ij) q_i`` with ``K = grad_out / (n_valid T)``, in two kernels (one parallel over
-  query blocks, one over candidate blocks) so no atomics are needed. Extra memory: O(B + N) floats plus a float32
-  accumulator the size of each gradient.
+  (float32, [B]). Backward, ``dq_i = K sum_j (p_ij - y_ij) c_j`` and ``dc_j = K sum_i (p_ij - y_ij) q_i`` with
+  ``K = grad_out / (n_valid T)``, goes through the candidates in chunks: a kernel recomputes the chunk's scores
+  and writes its (p - y) [B, chunk] once in the inputs' dtype, then two tensor-core GEMMs multiply it into dq
+  (a float32 accumulator) and into dc's rows of the chunk. That is four GEMMs in all, forward included (8BND
+  FLOPs), no atomics and no ordering between threads. Extra memory: O(B + N) floats, the (p - y) chunk
+  (``_BWD_WORKSPACE_ELEMENTS``) and, for 16-bit inputs, dq's float32 accumulator.
 
   PyTorch (CPU): blocks of query rows against all candidates, at most ``_TORCH_TILE_ELEMENTS`` scores at a time
   (16 MiB in float32; at least one row). A block sees every candidate, so its softmax is exact at once and, when
@@ -46,7 +48,6 @@ public functions that dispatch between them.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -54,18 +55,13 @@ import torch
 import triton
 import triton.language as tl
 
-Backend = Literal["auto", "triton", "torch"]
+from f2llm.kernels.dispatch import Backend, cast_fp32, use_triton
+
 Fp32Precision = Literal["ieee", "tf32"]
 DEFAULT_TEMPERATURE = 0.05
 IGNORE_INDEX = -100
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def triton_interpreting() -> bool:
-    """True when Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -112,18 +108,19 @@ def grouped_infonce_reference(
 class InfoNCEConfig:
     """Tiles and launch parameters of the :func:`infonce` kernels.
 
-    ``block_d`` is the chunk of the embedding dimension a dot product consumes per step. When one chunk covers D
-    the backward kernels accumulate their gradient tile in registers; otherwise in a float32 buffer in global
-    memory (read-modify-write by the one program that owns those rows). ``splits_n`` splits the candidates of
-    the forward and dq kernels across programs (for few query blocks: B << N); ``splits_b`` splits the queries
-    of the dc kernel (for few candidate blocks: N << B). ``None`` picks them from the GPU's SM count.
+    The forward and the backward's probability kernel compute [block_b, block_n] score tiles whose dot products
+    step through D in chunks of ``block_d`` (when one chunk covers D the forward keeps its query block in
+    registers). ``splits_n`` splits the forward's candidates across programs (for few query blocks: B << N);
+    None picks it from the GPU's SM count. The backward turns ``chunk_n`` candidates at a time into (p - y)
+    tiles ([B, chunk_n] in the inputs' dtype; None: about ``_BWD_WORKSPACE_ELEMENTS`` of them) and multiplies
+    them into dq and dc with :func:`_scaled_matmul_kernel`, whose tiles :func:`matmul_config` picks.
     """
 
     block_b: int = 64
     block_n: int = 64
     block_d: int = 64
     splits_n: int | None = None
-    splits_b: int | None = None
+    chunk_n: int | None = None
     num_warps: int = 4
     num_stages: int = 2
 
@@ -132,14 +129,22 @@ class InfoNCEConfig:
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
                 raise ValueError(f"InfoNCEConfig.{name} must be a power of two >= 16 (tl.dot's minimum), got {value}")
-        for name in ("splits_n", "splits_b"):
+        for name in ("splits_n", "chunk_n"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"InfoNCEConfig.{name} must be >= 1 or None, got {value}")
 
 
-def infonce_config(B: int, N: int, D: int, dtype: torch.dtype, device: torch.device) -> InfoNCEConfig:
-    """Default tiles for ``q`` [B, D] against ``c`` [N, D]."""
+def cuda_capability(device: torch.device) -> int:
+    """Compute capability of a CUDA device as one number (sm_90: 90)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def infonce_config(
+    B: int, N: int, D: int, dtype: torch.dtype, device: torch.device, capability: int | None = None
+) -> InfoNCEConfig:
+    """Default tiles for ``q`` [B, D] against ``c`` [N, D] (``capability``: the GPU's, e.g. 90; None: asked)."""
     d_pow2 = max(16, triton.next_power_of_2(D))
     if device.type != "cuda":
         # Interpreter: every program and loop step costs milliseconds of Python, so take the largest tiles that
@@ -149,39 +154,78 @@ def infonce_config(B: int, N: int, D: int, dtype: torch.dtype, device: torch.dev
             block_n=min(64, max(16, triton.next_power_of_2(N))),
             block_d=min(128, d_pow2),
             splits_n=1,
-            splits_b=1,
         )
     # GPU: 128 x 64 score tiles with a k-loop over D (tensor cores for 16-bit inputs). One chunk covers D up to
-    # 128 (16-bit) or 64 (fp32): compiled for sm_90 these kernels then need at most ~85 KiB of shared memory.
+    # 128 (16-bit) or 32 (fp32: a 128 x 64 fp32 query block in registers beside the score tile spills under
+    # ieee's FMA dot); beyond, the k-loop steps by 64 (16-bit) or 32 (fp32). Pipeline stages as they compile
+    # without spills: 16-bit on Ampere spills 16 B with 3 stages, fp32 there 32 B with 2; Hopper takes 3.
+    # tests/kernels/test_compile_hopper.py compiles every choice made here for sm_90 and sm_80 and checks
+    # spills, shared memory, registers and tensor-core use (table: benchmarks/results/compile/).
+    capability = cuda_capability(device) if capability is None else capability
     block_b = 128 if B >= 128 else max(16, triton.next_power_of_2(B))
-    one_chunk = 64 if dtype == torch.float32 else 128
-    block_d = d_pow2 if d_pow2 <= one_chunk else one_chunk // 2
+    one_chunk, step = (32, 32) if dtype == torch.float32 else (128, 64)
+    block_d = d_pow2 if d_pow2 <= one_chunk else step
     return InfoNCEConfig(
-        block_b=block_b, block_n=64, block_d=block_d, num_warps=8 if block_b >= 128 else 4, num_stages=3
+        block_b=block_b,
+        block_n=64,
+        block_d=block_d,
+        num_warps=8 if block_b >= 128 else 4,
+        num_stages=3 if capability >= 90 or dtype == torch.float32 else 2,
     )
 
 
-# Split programs write float32 partial gradients (splits x rows x D) that are summed afterwards: cap their size.
-_MAX_PARTIAL_ELEMENTS = 1 << 24  # 64 MiB
+@dataclass(frozen=True)
+class MatmulConfig:
+    """Tiles of :func:`_scaled_matmul_kernel` for one product ``out [M, N] (+)= alpha * a [M, K] @ b [K, N]``."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
 
 
-def _resolve_splits(cfg: InfoNCEConfig, B: int, N: int, D: int, device: torch.device) -> InfoNCEConfig:
-    """Fill ``splits_*``: when one side has fewer blocks than the GPU has SMs (e.g. 16 local queries against 512
-    gathered positives), split the loop over the other side across programs, up to one program per SM and
-    within _MAX_PARTIAL_ELEMENTS of partial gradients. Deterministic (no atomics)."""
-    if cfg.splits_n is not None and cfg.splits_b is not None:
+def matmul_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> MatmulConfig:
+    """Default tiles of the backward's products (M, N, K as in :class:`MatmulConfig`)."""
+
+    def fit(n: int, cap: int) -> int:
+        return max(16, min(cap, triton.next_power_of_2(n)))
+
+    if device.type != "cuda":  # interpreter: few, large programs
+        return MatmulConfig(fit(M, 64), fit(N, 64), fit(K, 64), num_warps=4, num_stages=1)
+    # 128 x 128 output tiles (a 64 KiB float32 accumulator over 8 warps), K steps of 64 (16-bit) / 32 (fp32).
+    # 4 warps from 128 x 64 down: at 128 x 64 fp32 (D = 64) 4 warps spill on Ampere.
+    block_m, block_n = fit(M, 128), fit(N, 128)
+    block_k = fit(K, 32 if dtype == torch.float32 else 64)
+    num_warps = 8 if block_m * block_n >= 128 * 64 else 4
+    return MatmulConfig(block_m, block_n, block_k, num_warps=num_warps, num_stages=3)
+
+
+# The backward's (p - y) workspace: [B, chunk_n] elements in the inputs' dtype (32 MiB in bf16). Each chunk's
+# two products read it once each and read-modify-write the float32 dq once: wider chunks amortize that
+# (B x D x 8 bytes per chunk) over more multiply-adds, narrower ones save memory.
+_BWD_WORKSPACE_ELEMENTS = 1 << 24
+
+
+def bwd_chunk_n(cfg: InfoNCEConfig, B: int, N: int) -> int:
+    """Candidates per backward chunk: ``cfg.chunk_n``, or a multiple of 128 filling the workspace budget."""
+    if cfg.chunk_n is not None:
+        return min(cfg.chunk_n, N)
+    return min(N, max(128, _BWD_WORKSPACE_ELEMENTS // max(1, B) // 128 * 128))
+
+
+# Split programs write float32 partial log-sum-exps (splits x B): cap the splits so that stays small.
+_MAX_PARTIAL_ELEMENTS = 1 << 24
+
+
+def resolve_splits(cfg: InfoNCEConfig, B: int, N: int, sms: int) -> InfoNCEConfig:
+    """Fill ``splits_n``: when there are fewer query blocks than the GPU has SMs (``sms``; e.g. 16 local queries
+    against 512 gathered positives), split the forward's candidate loop across programs, up to one program per
+    SM. Deterministic (no atomics): the partial log-sum-exps are combined afterwards."""
+    if cfg.splits_n is not None:
         return cfg
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     b_blocks, n_blocks = triton.cdiv(B, cfg.block_b), triton.cdiv(N, cfg.block_n)
-
-    def splits(own_blocks: int, other_blocks: int, rows: int) -> int:
-        return max(1, min(other_blocks, sms // own_blocks, _MAX_PARTIAL_ELEMENTS // (rows * D)))
-
-    return replace(
-        cfg,
-        splits_n=cfg.splits_n if cfg.splits_n is not None else splits(b_blocks, n_blocks, B),
-        splits_b=cfg.splits_b if cfg.splits_b is not None else splits(n_blocks, b_blocks, N),
-    )
+    return replace(cfg, splits_n=max(1, min(n_blocks, sms // b_blocks, _MAX_PARTIAL_ELEMENTS // B)))
 
 
 def _split_ranges(n_items: int, block: int, splits: int) -> tuple[int, int]:
@@ -229,32 +273,6 @@ def _dot_rows(
         b = _load_rows(b_ptr, b_off, b_mask, d0, D, BLOCK_D, CAST_FP32)
         s = tl.dot(a, tl.trans(b), s, input_precision=PRECISION)
     return s
-
-
-@triton.jit
-def _add_product_rows(
-    out_ptr,
-    out_off,
-    out_mask,
-    g,
-    src_ptr,
-    src_off,
-    src_mask,
-    D,
-    BLOCK_D: tl.constexpr,
-    CAST_FP32: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """``out[rows] += g @ src[src_rows]`` over D chunks: float32 read-modify-write of rows this program owns."""
-    for d0 in range(0, D, BLOCK_D):
-        src = _load_rows(src_ptr, src_off, src_mask, d0, D, BLOCK_D, CAST_FP32)
-        cols = d0 + tl.arange(0, BLOCK_D)
-        ptrs = out_ptr + out_off[:, None] + cols[None, :]
-        mask = out_mask[:, None] & (cols < D)[None, :]
-        cur = tl.load(ptrs, mask=mask, other=0.0)
-        tl.store(ptrs, tl.dot(g, src, cur, input_precision=PRECISION), mask=mask)
-    # The next call re-reads these rows, possibly from other threads of this program: make the stores visible.
-    tl.debug_barrier()
 
 
 @triton.jit
@@ -329,137 +347,125 @@ def _infonce_fwd_kernel(
 
 
 @triton.jit
-def _infonce_bwd_dq_kernel(
+def _infonce_bwd_probs_kernel(
     q_ptr,
     c_ptr,
     tgt_ptr,
     lse_ptr,  # [B] float32 base-2 log-sum-exp, +inf for rows without target (their p is then exactly 0)
     pos_ptr,
-    dq_ptr,  # [splits, B, D] float32: unscaled sum_j (p_ij - y_ij) c_j over each split's candidates
+    g_ptr,  # [B, g_stride] (p_ij - y_ij) for candidates n0 .. n0 + n_count, in the inputs' dtype
     B,
-    N,
     D,
-    tiles_per_split,
+    n0,
+    n_count,
+    g_stride,
     scale_log2,
     margin,
     HAS_MARGIN: tl.constexpr,
     CAST_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
-    ONE_D: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    """One [BLOCK_B, BLOCK_N] tile of the backward's (p - y) for a chunk of candidates: recomputed scores
+    (a register accumulator over D), softmax against the forward's log-sum-exp, written once."""
     pid_b = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid_n = tl.program_id(1)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = cols < n_count
+    offs_n = n0 + cols
     tgt = tl.load(tgt_ptr + offs_b, mask=mask_b, other=-1)
     lse2 = tl.load(lse_ptr + offs_b, mask=mask_b, other=float("inf"))
-    pos = tl.load(pos_ptr + offs_b, mask=mask_b, other=0.0)
-    q_off = offs_b.to(tl.int64) * D
-    out_off = (pid_s * B + offs_b).to(tl.int64) * D
-    if ONE_D:
-        q_blk = _load_rows(q_ptr, q_off, mask_b, 0, D, BLOCK_D, CAST_FP32)
-        acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
-
-    n_begin = pid_s * tiles_per_split * BLOCK_N
-    n_end = tl.minimum(N, n_begin + tiles_per_split * BLOCK_N)
-    for n0 in range(n_begin, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < n_end
-        c_off = offs_n.to(tl.int64) * D
-        if ONE_D:
-            c_blk = _load_rows(c_ptr, c_off, mask_n, 0, D, BLOCK_D, CAST_FP32)
-            s = tl.dot(q_blk, tl.trans(c_blk), input_precision=PRECISION)
-        else:
-            s = _dot_rows(
-                q_ptr, q_off, mask_b, c_ptr, c_off, mask_n, D, BLOCK_B, BLOCK_N, BLOCK_D, CAST_FP32, PRECISION
-            )
-        keep = mask_b[:, None] & mask_n[None, :]
-        if HAS_MARGIN:
-            keep = keep & ((s <= pos[:, None] + margin) | (offs_n[None, :] == tgt[:, None]))
-        p = tl.where(keep, tl.exp2(s * scale_log2 - lse2[:, None]), 0.0)
-        g = p - tl.where(offs_n[None, :] == tgt[:, None], 1.0, 0.0)
-        if not CAST_FP32:
-            g = g.to(c_ptr.dtype.element_ty)  # 16-bit operands for the tensor cores, fp32 accumulation
-        if ONE_D:
-            acc = tl.dot(g, c_blk, acc, input_precision=PRECISION)
-        else:
-            _add_product_rows(dq_ptr, out_off, mask_b, g, c_ptr, c_off, mask_n, D, BLOCK_D, CAST_FP32, PRECISION)
-    if ONE_D:
-        offs_d = tl.arange(0, BLOCK_D)
-        tl.store(dq_ptr + out_off[:, None] + offs_d[None, :], acc, mask=mask_b[:, None] & (offs_d < D)[None, :])
+    s = _dot_rows(
+        q_ptr,
+        offs_b.to(tl.int64) * D,
+        mask_b,
+        c_ptr,
+        offs_n.to(tl.int64) * D,
+        mask_n,
+        D,
+        BLOCK_B,
+        BLOCK_N,
+        BLOCK_D,
+        CAST_FP32,
+        PRECISION,
+    )
+    keep = mask_b[:, None] & mask_n[None, :]
+    if HAS_MARGIN:
+        pos = tl.load(pos_ptr + offs_b, mask=mask_b, other=0.0)
+        keep = keep & ((s <= pos[:, None] + margin) | (offs_n[None, :] == tgt[:, None]))
+    p = tl.where(keep, tl.exp2(s * scale_log2 - lse2[:, None]), 0.0)
+    g = p - tl.where(offs_n[None, :] == tgt[:, None], 1.0, 0.0)
+    ptrs = g_ptr + offs_b.to(tl.int64)[:, None] * g_stride + cols[None, :]
+    tl.store(ptrs, g.to(g_ptr.dtype.element_ty), mask=mask_b[:, None] & mask_n[None, :])
 
 
 @triton.jit
-def _infonce_bwd_dc_kernel(
-    q_ptr,
-    c_ptr,
-    tgt_ptr,
-    lse_ptr,
-    pos_ptr,
-    dc_ptr,  # [splits, N, D] float32: unscaled sum_i (p_ij - y_ij) q_i over each split's queries
-    B,
+def _scaled_matmul_kernel(
+    a_ptr,
+    b_ptr,
+    out_ptr,
+    alpha_ptr,  # [1] float32, read on the device (grad_out / (n_valid T): no host sync)
+    M,
     N,
-    D,
-    tiles_per_split,
-    scale_log2,
-    margin,
-    HAS_MARGIN: tl.constexpr,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_om,
+    ACCUMULATE: tl.constexpr,
     CAST_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
-    ONE_D: tl.constexpr,
-    BLOCK_B: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    """``out [M, N] = alpha * a [M, K] @ b [K, N]``, or with ACCUMULATE ``out += a @ b`` (no alpha: the caller
+    scales the finished sum once), with float32 accumulation. ``b`` and ``out`` have unit column stride, ``a``
+    any strides (the dc product reads the (p - y) chunk transposed).
+
+    A GEMM of its own rather than cuBLAS: it adds a 16-bit product into a float32 accumulator in one pass (the
+    dq sum over candidate chunks keeps full precision, no [B, D] float32 temporary per chunk) and follows
+    ``fp32_precision`` instead of torch's global matmul setting.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
     mask_n = offs_n < N
-    c_off = offs_n.to(tl.int64) * D
-    out_off = (pid_s * N + offs_n).to(tl.int64) * D
-    if ONE_D:
-        c_blk = _load_rows(c_ptr, c_off, mask_n, 0, D, BLOCK_D, CAST_FP32)
-        acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-
-    b_begin = pid_s * tiles_per_split * BLOCK_B
-    b_end = tl.minimum(B, b_begin + tiles_per_split * BLOCK_B)
-    for b0 in range(b_begin, b_end, BLOCK_B):
-        offs_b = b0 + tl.arange(0, BLOCK_B)
-        mask_b = offs_b < b_end
-        tgt = tl.load(tgt_ptr + offs_b, mask=mask_b, other=-1)
-        lse2 = tl.load(lse_ptr + offs_b, mask=mask_b, other=float("inf"))
-        q_off = offs_b.to(tl.int64) * D
-        # Transposed scores: s[j, i] = c_j . q_i.
-        if ONE_D:
-            q_blk = _load_rows(q_ptr, q_off, mask_b, 0, D, BLOCK_D, CAST_FP32)
-            s = tl.dot(c_blk, tl.trans(q_blk), input_precision=PRECISION)
-        else:
-            s = _dot_rows(
-                c_ptr, c_off, mask_n, q_ptr, q_off, mask_b, D, BLOCK_N, BLOCK_B, BLOCK_D, CAST_FP32, PRECISION
-            )
-        keep = mask_n[:, None] & mask_b[None, :]
-        if HAS_MARGIN:
-            pos = tl.load(pos_ptr + offs_b, mask=mask_b, other=0.0)
-            keep = keep & ((s <= pos[None, :] + margin) | (offs_n[:, None] == tgt[None, :]))
-        p = tl.where(keep, tl.exp2(s * scale_log2 - lse2[None, :]), 0.0)
-        g = p - tl.where(offs_n[:, None] == tgt[None, :], 1.0, 0.0)
-        if not CAST_FP32:
-            g = g.to(q_ptr.dtype.element_ty)
-        if ONE_D:
-            acc = tl.dot(g, q_blk, acc, input_precision=PRECISION)
-        else:
-            _add_product_rows(dc_ptr, out_off, mask_n, g, q_ptr, q_off, mask_b, D, BLOCK_D, CAST_FP32, PRECISION)
-    if ONE_D:
-        offs_d = tl.arange(0, BLOCK_D)
-        tl.store(dc_ptr + out_off[:, None] + offs_d[None, :], acc, mask=mask_n[:, None] & (offs_d < D)[None, :])
-
-
-def _cast_fp32(dtype: torch.dtype) -> bool:
-    # The interpreter computes bf16 arithmetic and bf16 tl.dot wrongly (triton#11584): compute in fp32 there.
-    return dtype == torch.bfloat16 and triton_interpreting()
+    ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if ACCUMULATE:
+        # The running sum seeds the accumulator (no second tile live in the epilogue). Each program reads and
+        # writes only its own tile, once: no ordering between programs is needed.
+        acc = tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    a_rows = offs_m.to(tl.int64) * stride_am
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a = tl.load(
+            a_ptr + a_rows[:, None] + offs_k.to(tl.int64)[None, :] * stride_ak,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + offs_k.to(tl.int64)[:, None] * stride_bk + offs_n[None, :],
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        if CAST_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if not ACCUMULATE:
+        acc = acc * tl.load(alpha_ptr)
+    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _triton_infonce_forward(
@@ -489,7 +495,7 @@ def _triton_infonce_forward(
         _LOG2E / temperature,
         0.0 if margin is None else float(margin),
         HAS_MARGIN=margin is not None,
-        CAST_FP32=_cast_fp32(q.dtype),
+        CAST_FP32=cast_fp32(q.dtype),
         PRECISION=precision,
         ONE_D=D <= cfg.block_d,
         BLOCK_B=cfg.block_b,
@@ -508,55 +514,108 @@ def _logsumexp2(parts: torch.Tensor) -> torch.Tensor:
     return shift + torch.exp2(parts - shift).sum(0).log2()
 
 
-def _triton_infonce_grad(
+def _scaled_matmul(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out: torch.Tensor,
+    alpha: torch.Tensor,
+    *,
+    transpose_a: bool,
+    accumulate: bool,
+    precision: str,
+) -> None:
+    """``out = alpha * op(a) @ b``, or ``out += op(a) @ b`` when ``accumulate``, with op(a) = a.T when
+    ``transpose_a``; b and out row-major."""
+    M, K = (a.shape[1], a.shape[0]) if transpose_a else a.shape
+    N = b.shape[1]
+    stride_am, stride_ak = (a.stride(1), a.stride(0)) if transpose_a else (a.stride(0), a.stride(1))
+    mc = matmul_config(M, N, K, a.dtype, a.device)
+    _scaled_matmul_kernel[(triton.cdiv(M, mc.block_m), triton.cdiv(N, mc.block_n))](
+        a,
+        b,
+        out,
+        alpha,
+        M,
+        N,
+        K,
+        stride_am,
+        stride_ak,
+        b.stride(0),
+        out.stride(0),
+        ACCUMULATE=accumulate,
+        CAST_FP32=cast_fp32(a.dtype),
+        PRECISION=precision,
+        BLOCK_M=mc.block_m,
+        BLOCK_N=mc.block_n,
+        BLOCK_K=mc.block_k,
+        num_warps=mc.num_warps,
+        num_stages=mc.num_stages,
+    )
+
+
+def _triton_infonce_backward(
     q: torch.Tensor,
     c: torch.Tensor,
     tgt: torch.Tensor,
     lse: torch.Tensor,
     pos: torch.Tensor,
+    scale: torch.Tensor,
     temperature: float,
     margin: float | None,
     precision: str,
     cfg: InfoNCEConfig,
-    wrt: Literal["q", "c"],
-) -> torch.Tensor:
-    """Unscaled float32 gradient w.r.t. ``q`` (``sum_j (p - y) c_j``) or ``c`` (``sum_i (p - y) q_i``)."""
+    need_q: bool,
+    need_c: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dq, dc) in the inputs' dtype, ``scale`` = grad_out / (n_valid T) as a [1] float32 device tensor.
+
+    Per chunk of candidates: one kernel writes G = (p - y) [B, chunk] once, then two GEMMs consume it,
+    ``dq += G @ c[chunk]`` (float32 accumulator, scaled once at the end) and ``dc[chunk] = scale G^T @ q``
+    (complete: every query is in G).
+
+    FLOPs: 2BND to recompute the scores + 2BND per wanted gradient; with the forward's 2BND, 8BND for both
+    gradients: four GEMMs. Bytes beyond streaming q and c through the GEMMs: G is written once and read twice
+    (3BN x the dtype's size), dq's float32 accumulator is read and written once per chunk (8BD bytes per
+    chunk). Memory: G's chunk (``_BWD_WORKSPACE_ELEMENTS``) plus, for 16-bit inputs, the float32 dq
+    accumulator [B, D]. Every program owns the tile it writes: no atomics, no barrier, deterministic.
+    """
     B, D = q.shape
     N = c.shape[0]
-    rows, kernel = (B, _infonce_bwd_dq_kernel) if wrt == "q" else (N, _infonce_bwd_dc_kernel)
-    if wrt == "q":
-        per_split, splits = _split_ranges(N, cfg.block_n, cfg.splits_n)
-        grid = (triton.cdiv(B, cfg.block_b), splits)
-    else:
-        per_split, splits = _split_ranges(B, cfg.block_b, cfg.splits_b)
-        grid = (triton.cdiv(N, cfg.block_n), splits)
-    one_d = D <= cfg.block_d
-    # The register path writes every element; the chunked-D path accumulates into the buffer, which starts at 0.
-    buf = (torch.empty if one_d else torch.zeros)((splits, rows, D), device=q.device, dtype=torch.float32)
-    kernel[grid](
-        q,
-        c,
-        tgt,
-        lse,
-        pos,
-        buf,
-        B,
-        N,
-        D,
-        per_split,
-        _LOG2E / temperature,
-        0.0 if margin is None else float(margin),
-        HAS_MARGIN=margin is not None,
-        CAST_FP32=_cast_fp32(q.dtype),
-        PRECISION=precision,
-        ONE_D=one_d,
-        BLOCK_B=cfg.block_b,
-        BLOCK_N=cfg.block_n,
-        BLOCK_D=cfg.block_d,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
-    return buf[0] if splits == 1 else buf.sum(0)
+    chunk = bwd_chunk_n(cfg, B, N)
+    probs = torch.empty((B, chunk), device=q.device, dtype=q.dtype)
+    dq = torch.zeros((B, D), device=q.device, dtype=torch.float32) if need_q else None
+    dc = torch.empty_like(c) if need_c else None
+    for n0 in range(0, N, chunk):
+        width = min(chunk, N - n0)
+        _infonce_bwd_probs_kernel[(triton.cdiv(B, cfg.block_b), triton.cdiv(width, cfg.block_n))](
+            q,
+            c,
+            tgt,
+            lse,
+            pos,
+            probs,
+            B,
+            D,
+            n0,
+            width,
+            chunk,
+            _LOG2E / temperature,
+            0.0 if margin is None else float(margin),
+            HAS_MARGIN=margin is not None,
+            CAST_FP32=cast_fp32(q.dtype),
+            PRECISION=precision,
+            BLOCK_B=cfg.block_b,
+            BLOCK_N=cfg.block_n,
+            BLOCK_D=cfg.block_d,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
+        g = probs[:, :width]
+        if need_q:
+            _scaled_matmul(g, c[n0 : n0 + width], dq, scale, transpose_a=False, accumulate=True, precision=precision)
+        if need_c:
+            _scaled_matmul(g, q, dc[n0 : n0 + width], scale, transpose_a=True, accumulate=False, precision=precision)
+    return (dq.mul_(scale).to(q.dtype) if need_q else None), dc
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -674,9 +733,8 @@ class InfoNCEFunction(torch.autograd.Function):
         scale = grad_out.to(lse.dtype) / (n_valid.clamp_min(1).to(lse.dtype) * ctx.temperature)
         t, margin = ctx.temperature, ctx.margin
         if ctx.use_triton:
-            args = (q, c, tgt, lse, pos, t, margin, ctx.precision, ctx.cfg)
-            dq = _triton_infonce_grad(*args, wrt="q").mul_(scale).to(q.dtype) if need_q else None
-            dc = _triton_infonce_grad(*args, wrt="c").mul_(scale).to(c.dtype) if need_c else None
+            args = (q, c, tgt, lse, pos, scale.float().reshape(1), t, margin, ctx.precision, ctx.cfg)
+            dq, dc = _triton_infonce_backward(*args, need_q=need_q, need_c=need_c)
         else:
             # The unscaled gradients from forward become the gradients (scaled in place, no second buffer). A
             # second backward through a retained graph finds them handed over and recomputes them.
@@ -687,20 +745,6 @@ class InfoNCEFunction(torch.autograd.Function):
             dq = dq_unscaled.mul_(scale).to(q.dtype) if need_q else None
             dc = dc_unscaled.mul_(scale).to(c.dtype) if need_c else None
         return dq, dc, None, None, None, None, None, None, None, None
-
-
-def _use_triton(backend: Backend, x: torch.Tensor, op: str) -> bool:
-    if backend == "auto":
-        return x.is_cuda
-    if backend not in ("triton", "torch"):
-        raise ValueError(f"{op}: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "triton":
-        if not x.is_cuda and not triton_interpreting():
-            raise ValueError(f"{op}: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
-        if x.dtype not in _TRITON_DTYPES:
-            raise ValueError(f"{op}: the Triton kernels take float16, bfloat16 or float32 inputs, got {x.dtype}")
-        return True
-    return False
 
 
 def _check_temperature(temperature: float, op: str) -> None:
@@ -775,12 +819,13 @@ def infonce(
                 f"{op}: targets at row(s) {rows.tolist()} are {targets[rows].tolist()}: each must be in [0, N) = "
                 f"[0, {c.shape[0]}) or equal ignore_index ({ignore_index})"
             )
-    use_triton = _use_triton(backend, q, op)
+    triton_path = use_triton(backend, q, op)
     cfg = None
-    if use_triton:
+    if triton_path:
         B, D = q.shape
         cfg = config if config is not None else infonce_config(B, c.shape[0], D, q.dtype, q.device)
-        cfg = _resolve_splits(cfg, B, c.shape[0], D, q.device)
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+        cfg = resolve_splits(cfg, B, c.shape[0], sms)
     return InfoNCEFunction.apply(
         q.contiguous(),
         c.contiguous(),
@@ -788,7 +833,7 @@ def infonce(
         float(temperature),
         None if mask_margin is None else float(mask_margin),
         ignore_index,
-        use_triton,
+        triton_path,
         fp32_precision,
         cfg,
         torch.is_grad_enabled(),
@@ -985,5 +1030,5 @@ def grouped_infonce(
     if q.device != docs.device:
         raise ValueError(f"{op}: q is on {q.device}, docs on {docs.device}")
     _check_temperature(temperature, op)
-    use_triton = _use_triton(backend, q, op)
-    return GroupedInfoNCEFunction.apply(q.contiguous(), docs.contiguous(), float(temperature), use_triton)
+    triton_path = use_triton(backend, q, op)
+    return GroupedInfoNCEFunction.apply(q.contiguous(), docs.contiguous(), float(temperature), triton_path)

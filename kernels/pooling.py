@@ -17,7 +17,6 @@ This file holds the definition (:func:`pool_reference`), the Triton kernels (CUD
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,16 +25,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from f2llm.kernels.dispatch import Backend, use_triton
+
 PoolMode = Literal["last", "mean", "first"]
-Backend = Literal["auto", "triton", "torch"]
 MODES: tuple[str, ...] = ("last", "mean", "first")
 _MODE_ID = {"last": 0, "mean": 1, "first": 2}
 DEFAULT_EPS = 1e-12
-
-
-def triton_interpreting() -> bool:
-    """True when Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -521,14 +516,7 @@ def pool(
         seg = _segments_from_mask(hidden, attention_mask, validate)
     else:
         seg = _segments_from_cu_seqlens(hidden, cu_seqlens, validate)
-    if backend == "auto":
-        use_triton = hidden.is_cuda
-    elif backend in ("triton", "torch"):
-        use_triton = backend == "triton"
-        if use_triton and not hidden.is_cuda and not triton_interpreting():
-            raise ValueError("pool: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
-    else:
-        raise ValueError(f"pool: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if out_dtype is not None and not out_dtype.is_floating_point:
         raise ValueError(f"pool: out_dtype must be a floating-point dtype, got {out_dtype}")
-    return PoolFunction.apply(hidden, seg, mode, normalize, float(eps), use_triton, out_dtype or hidden.dtype)
+    triton_path = use_triton(backend, hidden, "pool", dtypes=None)  # the kernels load any float and compute fp32
+    return PoolFunction.apply(hidden, seg, mode, normalize, float(eps), triton_path, out_dtype or hidden.dtype)

@@ -29,7 +29,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from f2llm.kernels import contrastive
-from f2llm.kernels.pooling import MODES, triton_interpreting
+from f2llm.kernels.dispatch import triton_interpreting
+from f2llm.kernels.pooling import MODES
 from f2llm.ops import (
     InfoNCEConfig,
     grouped_infonce,
@@ -275,7 +276,7 @@ def infonce_cases(draw: st.DrawFn) -> InfoNCECase:
             block_n=draw(st.sampled_from([16, 32])),
             block_d=draw(st.sampled_from([32, 64])),
             splits_n=draw(st.integers(1, 3)),
-            splits_b=draw(st.integers(1, 3)),
+            chunk_n=draw(st.sampled_from([None, 5, 16, 33])),
         )
     return InfoNCECase(
         B=B,

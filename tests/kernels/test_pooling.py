@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from f2llm.kernels.pooling import MODES, pool_reference, triton_interpreting
+from f2llm.kernels.dispatch import triton_interpreting
+from f2llm.kernels.pooling import MODES, pool_reference
 from f2llm.ops import pool
 
 BACKENDS = ["triton", "torch"]
