@@ -194,8 +194,9 @@ def matmul_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.devi
     if device.type != "cuda":  # interpreter: few, large programs
         return MatmulConfig(fit(M, 64), fit(N, 64), fit(K, 64), num_warps=4, num_stages=1)
     # 128 x 128 output tiles (a 64 KiB float32 accumulator over 8 warps), K steps of 64 (16-bit) / 32 (fp32).
-    # 4 warps from 128 x 64 down: at 128 x 64 fp32 (D = 64) 4 warps spill on Ampere.
-    block_m, block_n = fit(M, 128), fit(N, 128)
+    # fp32 takes 128 x 64: ieee's FMA dot holds its operands in registers and 128 x 128 spills. 4 warps only
+    # below 128 x 64 (there 4 warps spill fp32 on Ampere).
+    block_m, block_n = fit(M, 128), fit(N, 64 if dtype == torch.float32 else 128)
     block_k = fit(K, 32 if dtype == torch.float32 else 64)
     num_warps = 8 if block_m * block_n >= 128 * 64 else 4
     return MatmulConfig(block_m, block_n, block_k, num_warps=num_warps, num_stages=3)
