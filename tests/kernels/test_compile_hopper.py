@@ -25,12 +25,12 @@ SMEM_PER_BLOCK = {"sm_90": 232448, "sm_80": 166912}
 
 
 def jit_kernels() -> set[str]:
-    """Names of every @triton.jit kernel (launched from the host) in f2llm's kernel modules."""
+    """Names of every @triton.jit kernel launched from the host in f2llm's kernel modules (jit or interpreted)."""
     return {
         name
         for module in (contrastive, pooling)
         for name, obj in inspect.getmembers(module)
-        if isinstance(obj, triton.runtime.JITFunction) and name.endswith("_kernel")
+        if isinstance(obj, triton.runtime.jit.KernelInterface) and name.endswith("_kernel")
     }
 
 
