@@ -47,8 +47,17 @@ class ModelConfig:
     # (engine ddp: the forward under torch.autocast; engine deepspeed: DeepSpeed's bf16 with fp32 partitions).
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     final_dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # dtype of final/; auto = the compute dtype
+    # None: flash_attention_2 for decoders on CUDA with flash-attn installed, else f2llm_varlen (torch's varlen
+    # kernel, torch >= 2.13), else sdpa; sdpa for encoders, on CPU and for float32 compute.
     attn_implementation: str | None = None
-    gradient_checkpointing: bool = True
+    # Recompute activations in backward. true / false: in every forward with grad / in none. auto: a forward with
+    # grad (the whole batch, or one gradient-cache chunk in its second pass) checkpoints only when its estimated
+    # saved activations (Encoder.activation_bytes) exceed activation_budget_gb. Without a budget on CUDA, the budget
+    # is derived from the device memory at start (Trainer: activation_budget); where none is known (CPU, meta),
+    # auto checkpoints every forward, as true does: host memory is shared with everything else on the machine
+    # and running out of it fails worse than recomputing does.
+    gradient_checkpointing: Literal["auto"] | bool = "auto"
+    activation_budget_gb: float | None = None  # GiB of saved activations one forward may keep (auto only)
     liger: bool | None = None  # None: on for CUDA
 
 
@@ -263,6 +272,8 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"loss.temperature must be > 0, got {config.loss.temperature}")
     if config.dist_timeout_minutes <= 0:
         raise ConfigError(f"dist_timeout_minutes must be > 0, got {config.dist_timeout_minutes}")
+    if config.model.activation_budget_gb is not None and config.model.activation_budget_gb <= 0:
+        raise ConfigError(f"model.activation_budget_gb must be > 0 or null, got {config.model.activation_budget_gb}")
     if config.grad_cache.chunk_tokens is not None and config.grad_cache.chunk_tokens <= 0:
         raise ConfigError(f"grad_cache.chunk_tokens must be > 0 or null, got {config.grad_cache.chunk_tokens}")
     if config.optim.warmup_steps < 0:

@@ -5,8 +5,10 @@ The trainer (f2llm.trainer) never asks which engine it has. An :class:`Engine` g
 * ``forward(batch)``: float32 embeddings, with the engine's mixed precision;
 * ``backward(loss)`` and ``no_sync()``: the gradient cache runs every chunk but the last under ``no_sync`` (None
   where the engine cannot defer its gradient communication);
-* ``step(check)``: clip, update, advance the schedule, zero the gradients; returns the gradient norm. ``check`` gets
-  the norm and raises :class:`NonFiniteError` on a non-finite one (on every rank at once), the update not applied:
+* ``step(check)``: clip, update, advance the schedule, zero the gradients; returns the gradient norm (a 0-dim tensor,
+  not read back: that would wait for the update). ``check`` gets the norm (the trainer checks the loss with it, in
+  one all-reduce) and raises :class:`NonFiniteError` on a non-finite one (on every rank at once), the update not
+  applied:
   :class:`DDPEngine` checks before updating; DeepSpeed ZeRO-1/2/3 find a non-finite norm themselves and skip the
   update (:class:`DeepSpeedEngine` asks DeepSpeed whether it applied it; if a DeepSpeed path ever did, the error
   says so and the run stops whatever ``nan_policy`` says);
@@ -15,7 +17,9 @@ The trainer (f2llm.trainer) never asks which engine it has. An :class:`Engine` g
   current config and the step (``set_schedule_step``), so a resume with a changed ``max_steps`` decays on the new
   horizon, and so are the optimizer's betas and weight decay;
 * ``full_weights()``: a context in which the encoder holds its whole weights (ZeRO-3 partitions them);
-* ``communication()``: a line saying what each step sends between ranks.
+* ``communication()``: a line saying what each step sends between ranks;
+* ``step_state_bytes()``: what the first step will allocate on this rank (gradients, AdamW moments), for a memory
+  budget set before it.
 
 Mixed precision. :class:`DDPEngine` keeps fp32 weights and AdamW state and runs the forward under
 ``torch.autocast(bfloat16)``: at the recipe's lr 8e-6 an AdamW update is mostly below bf16's resolution for weights
@@ -132,7 +136,7 @@ class Engine(ABC):
     def no_sync(self) -> contextlib.AbstractContextManager: ...
 
     @abstractmethod
-    def step(self, check: NormCheck) -> float: ...
+    def step(self, check: NormCheck) -> torch.Tensor: ...
 
     @abstractmethod
     def skip(self) -> None: ...
@@ -168,13 +172,20 @@ class Engine(ABC):
 
     def gradient_bytes(self) -> int:
         """Bytes of one full set of trainable gradients (in the dtype they are communicated in)."""
-        size = 4 if self.grad_dtype == torch.float32 else 2
-        # ZeRO-3 leaves each parameter an empty placeholder; ds_numel is its real size.
-        return size * sum(getattr(p, "ds_numel", p.numel()) for p in self.encoder.parameters() if p.requires_grad)
+        return (4 if self.grad_dtype == torch.float32 else 2) * self.trainable_numel()
 
     @property
     def grad_dtype(self) -> torch.dtype:
         return torch.float32
+
+    def trainable_numel(self) -> int:
+        # ZeRO-3 leaves each parameter an empty placeholder; ds_numel is its real size.
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.encoder.parameters() if p.requires_grad)
+
+    @abstractmethod
+    def step_state_bytes(self) -> int:
+        """Bytes of training state this rank's first step allocates (not in memory when the engine is built):
+        gradients and their communication buffers, AdamW's two fp32 moments. An estimate for a memory budget."""
 
 
 def build_engine(config: TrainConfig, encoder: Encoder, total_steps: int, world_size: int) -> Engine:
@@ -259,13 +270,18 @@ class DDPEngine(Engine):
             return self.module.no_sync()
         return contextlib.nullcontext()
 
-    def step(self, check: NormCheck) -> float:
+    def step(self, check: NormCheck) -> torch.Tensor:
         norm = torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), self.config.optim.grad_clip)
         check(norm)  # raises before the update: a skipped step leaves weights and moments untouched
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm.detach()
+
+    def step_state_bytes(self) -> int:
+        # fp32 gradients, DDP's bucket copy of them (several ranks), two fp32 moments.
+        buckets = self.gradient_bytes() if self.world_size > 1 else 0
+        return self.gradient_bytes() + buckets + 8 * self.trainable_numel()
 
     def skip(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -362,13 +378,24 @@ class DeepSpeedEngine(Engine):
         finally:
             self.ds.set_gradient_accumulation_boundary(True)
 
-    def step(self, check: NormCheck) -> float:
+    def step_state_bytes(self) -> int:
+        # Gradients in the compute dtype (partitioned from ZeRO-2 on), the fp32 gradient of this rank's master
+        # partition (bf16, ZeRO >= 1), two fp32 moments (partitioned from ZeRO-1 on). The master partitions
+        # themselves are allocated by deepspeed.initialize.
+        numel, world = self.trainable_numel(), self.world_size
+        if self.stage == 0:
+            return self.gradient_bytes() + 8 * numel
+        grads = self.gradient_bytes() // (world if self.stage >= 2 else 1)
+        master_grads = 4 * numel // world if self.compute_dtype != torch.float32 else 0
+        return grads + master_grads + 8 * numel // world
+
+    def step(self, check: NormCheck) -> torch.Tensor:
         if self.own_norm:
             grads = [p.grad for p in self.encoder.parameters() if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads)
             check(norm)
             self.ds.step()  # clips (by the same norm), updates, steps the schedule, zeroes the gradients
-            return float(norm)
+            return norm.detach()
         self.ds.step()  # ZeRO-1/2/3: finds the norm, skips a non-finite update, else clips and updates
         reported = self.ds.get_global_grad_norm()
         if reported is None:  # config.validate refuses compute_grad_norm: false, the one known cause
@@ -380,7 +407,7 @@ class DeepSpeedEngine(Engine):
             if self.ds.was_step_applied():
                 raise NonFiniteError(f"{e}; DeepSpeed applied this update, so the run stops", skippable=False) from e
             raise
-        return float(norm)
+        return norm
 
     def skip(self) -> None:
         # DeepSpeed skipped the update (and its schedule step) and dropped the gradients itself; a non-finite loss

@@ -69,6 +69,9 @@ class F2LLMLoss(nn.Module):
             gathered. ``"queries_only"``: to the queries only, no positive gets gradient from the in-batch term
             (positives learn from the hard term alone), which is what the official F2LLM v1 code computes: its
             ``accelerator.gather`` has no autograd, even on one GPU. Use it to reproduce the published models.
+        equal_batches: every rank passes the same number of queries (f2llm's sampler guarantees it): the gather
+            then skips the exchange of batch sizes (a collective and a host sync per step). False: sizes are
+            exchanged, and may differ.
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class F2LLMLoss(nn.Module):
         mask_margin: float | None = None,
         group: torch.distributed.ProcessGroup | None = None,
         in_batch_gradient: Literal["full", "queries_only"] = "full",
+        equal_batches: bool = False,
     ) -> None:
         super().__init__()
         if in_batch_gradient not in ("full", "queries_only"):
@@ -87,6 +91,7 @@ class F2LLMLoss(nn.Module):
         self.mask_margin = mask_margin
         self.group = group
         self.in_batch_gradient = in_batch_gradient
+        self.equal_batches = equal_batches
 
     def forward(
         self, query_emb: torch.Tensor, pos_emb: torch.Tensor, neg_emb: torch.Tensor, in_batch: bool
@@ -104,7 +109,10 @@ class F2LLMLoss(nn.Module):
         hard = grouped_infonce(query_emb, docs, self.temperature)
         if not in_batch:
             return LossOutput(hard, hard, torch.zeros((), device=hard.device, dtype=hard.dtype))
-        sizes = distributed.all_gather_sizes(B, query_emb.device, self.group)
+        if self.equal_batches:
+            sizes = [B] * distributed.world_size(self.group)
+        else:
+            sizes = distributed.all_gather_sizes(B, query_emb.device, self.group)
         # queries_only: a detached input gathers without autograd, as the reference's accelerator.gather does.
         in_batch_pos = pos_emb if self.in_batch_gradient == "full" else pos_emb.detach()
         all_pos = distributed.all_gather_with_grad(in_batch_pos, self.group, sizes=sizes)
@@ -118,5 +126,5 @@ class F2LLMLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"temperature={self.temperature}, mask_margin={self.mask_margin}, "
-            f"in_batch_gradient={self.in_batch_gradient}"
+            f"in_batch_gradient={self.in_batch_gradient}, equal_batches={self.equal_batches}"
         )

@@ -13,9 +13,20 @@ Packed batches never let texts attend to each other:
 * decoders with sdpa / eager / flex attention: ``position_ids`` restart at 0 for every text and no
   ``attention_mask`` is passed, which transformers (``masking_utils.find_packed_sequence_indices``) turns into a
   block-diagonal causal mask (a BlockMask document mask for flex);
-* decoders with flash-attention 2/3: the rows are flattened into one and flash-attention's varlen kernel gets
-  ``cu_seqlens`` derived from the position ids (no mask, no padding FLOPs);
+* decoders with a varlen kernel (flash-attention 2/3, or ``"f2llm_varlen"``: torch's own
+  ``torch.nn.attention.varlen.varlen_attn``, registered with transformers when this module is imported): the rows
+  are flattened into one and the kernel gets the collator's ``attn_cu_seqlens`` (every text, and every run of
+  padding, a segment of its own) with its host-known longest segment: no mask, no L x L anything, no host sync;
+  padded batches take the same route;
 * encoders (sdpa / eager): an explicit block-diagonal bidirectional 4-D mask.
+
+The default attention of a decoder on CUDA is flash_attention_2 when the flash-attn package is installed, else
+``"f2llm_varlen"`` when torch has ``varlen_attn`` (torch >= 2.13), else sdpa (see
+:func:`default_attn_implementation`).
+
+Activation checkpointing can be switched per forward (:meth:`Encoder.checkpointing`), and
+:meth:`Encoder.activation_bytes` estimates what a forward with grad keeps for backward (measured once, on the meta
+device), so that a trainer checkpoints only the forwards that would not fit.
 
 :meth:`Encoder.save_pretrained` writes a folder that ``transformers.AutoModel``, ``sentence_transformers.
 SentenceTransformer`` and :meth:`Encoder.load` all read, giving the same embeddings.
@@ -23,23 +34,40 @@ SentenceTransformer`` and :meth:`Encoder.load` all read, giving the same embeddi
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
+import importlib
+import inspect
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AttentionInterface,
+    AutoConfig,
+    AutoModel,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.masking_utils import AttentionMaskInterface
 from transformers.utils import is_flash_attn_2_available
 
 from f2llm.data import EncoderBatch, TextTokenizer, format_query, is_decoder_model_type, pad_sequences
 from f2llm.ops import pool
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +101,373 @@ def apply_liger_kernels(model: PreTrainedModel) -> None:
         )
     import liger_kernel.transformers as liger
 
+    modeling = importlib.import_module(type(model).__module__)
+    _BEFORE_LIGER.setdefault(modeling.__name__, dict(vars(modeling)))
     getattr(liger, LIGER_PATCHES[model_type])(
         model=model, rms_norm=True, rope=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
     )
+
+
+# Each modeling module's namespace before Liger patched it (process-wide): the activation estimate builds a model
+# of plain PyTorch modules from it, since Liger's Triton kernels cannot run on the meta device.
+_BEFORE_LIGER: dict[str, dict[str, Any]] = {}
+
+
+@contextlib.contextmanager
+def _without_liger(model: PreTrainedModel) -> Iterator[None]:
+    """Inside: the modeling module of ``model`` as it was before :func:`apply_liger_kernels` patched it."""
+    modeling = importlib.import_module(type(model).__module__)
+    before = _BEFORE_LIGER.get(modeling.__name__, {})
+    patched = {k: v for k, v in vars(modeling).items() if k in before and before[k] is not v}
+    for name in patched:
+        setattr(modeling, name, before[name])
+    try:
+        yield
+    finally:
+        for name, value in patched.items():
+            setattr(modeling, name, value)
+
+
+# ------------------------------------------------------------------------------------------------ varlen attention
+VARLEN = "f2llm_varlen"  # torch's varlen_attn as a transformers attention implementation (registered below)
+
+
+@functools.cache
+def _torch_varlen_attn() -> Callable | None:
+    """torch.nn.attention.varlen.varlen_attn when it takes what f2llm passes (scale, window_size, enable_gqa:
+    torch >= 2.13), else None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    if not {"scale", "window_size", "enable_gqa"} <= set(inspect.signature(varlen_attn).parameters):
+        return None
+    return varlen_attn
+
+
+def varlen_available() -> bool:
+    """Whether ``attn_implementation="f2llm_varlen"`` can run here (this torch has a suitable ``varlen_attn``)."""
+    return _torch_varlen_attn() is not None
+
+
+def _varlen_kernel(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    scale: float | None,
+    window_size: tuple[int, int],
+    enable_gqa: bool,
+) -> torch.Tensor:
+    """[T, H, D] attention inside each ``cu_seqlens`` segment: torch's varlen_attn (flash kernel, CUDA; fake / meta
+    and FLOP-counter registrations). The one place the kernel is called: CPU tests put a reference here."""
+    varlen_attn = _torch_varlen_attn()
+    if varlen_attn is None:
+        raise RuntimeError(
+            f"attn_implementation {VARLEN!r} needs torch.nn.attention.varlen.varlen_attn with scale / window_size / "
+            f"enable_gqa (torch >= 2.13); this is torch {torch.__version__}: use sdpa or flash_attention_2"
+        )
+    return varlen_attn(
+        query,
+        key,
+        value,
+        cu_seqlens,
+        cu_seqlens,
+        max_seqlen,
+        max_seqlen,
+        scale=scale,
+        window_size=window_size,
+        enable_gqa=enable_gqa,
+    )
+
+
+# The dtype an emulated autocast computes matrix products in (see _MetaAutocast), or None.
+_EMULATED_AUTOCAST: list[torch.dtype] = []
+# True while estimate_activation_profile runs its meta forwards: the varlen kernel then stands in for every fused
+# attention kernel, with dropout too (flash kernels draw it from a seed: it saves nothing).
+_MEASURING: list[bool] = []
+
+
+def _attention_dtype(query: torch.Tensor, module: nn.Module) -> torch.dtype:
+    """The dtype the kernel computes in: an fp32 query (fp32 norms under autocast) follows autocast's dtype."""
+    if query.dtype != torch.float32:
+        return query.dtype
+    if _EMULATED_AUTOCAST:
+        return _EMULATED_AUTOCAST[-1]
+    device_type = query.device.type
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return query.dtype
+
+
+def varlen_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    is_causal: bool | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    cu_seq_lens_k: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    max_length_k: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function ``"f2llm_varlen"``: query [B, H, L, D], key / value [B, H_kv, L, D] ->
+    [B, L, H, D], by torch's varlen kernel (GQA native, no repeated KV heads).
+
+    Segments, in order of preference: ``cu_seq_lens_q/k`` + ``max_length_q/k`` (flash-attention's kwargs, over the
+    flattened ``B * L`` tokens; what :class:`Encoder` passes, with host-known lengths); else a 2-D padding mask
+    (:func:`varlen_attention_mask`): the real tokens are gathered and attend within their row; else position ids
+    that restart (packed rows, one host sync); else every row is one sequence.
+    """
+    if dropout and not _MEASURING:
+        raise ValueError(
+            f"attn_implementation {VARLEN!r} has no attention dropout; set attention_dropout=0 or use sdpa"
+        )
+    if softcap is not None:
+        raise ValueError(f"attn_implementation {VARLEN!r} has no logit softcapping; use eager or flex_attention")
+    B, H, L, D = query.shape
+    dtype = _attention_dtype(query, module)
+    if query.is_cuda and dtype == torch.float32:
+        raise ValueError(
+            f"attn_implementation {VARLEN!r} runs a flash kernel, which computes in bf16 / fp16 only; for float32 "
+            "compute use sdpa"
+        )
+    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    window = (sliding_window - 1 if sliding_window else -1, 0 if causal else -1)
+    q, k, v = (t.transpose(1, 2).reshape(B * L, t.shape[1], D).to(dtype) for t in (query, key, value))
+    run = functools.partial(_varlen_kernel, scale=scaling, window_size=window, enable_gqa=k.shape[1] != H)
+    if cu_seq_lens_q is not None:
+        # Self-attention: cu_seq_lens_k is cu_seq_lens_q (not compared: that would read both back from the device).
+        max_len = max_length_q if max_length_q is not None else max_length_k
+        if max_len is None:
+            max_len = int(cu_seq_lens_q.diff().max())  # a host sync: pass max_length_q to avoid it
+        out = run(q, k, v, cu_seq_lens_q.to(torch.int32), int(max_len))
+    elif attention_mask is not None:
+        if attention_mask.dim() != 2 or attention_mask.shape != (B, L):
+            raise ValueError(
+                f"{VARLEN}: expected a [batch, length] padding mask (or none), got {tuple(attention_mask.shape)}"
+            )
+        # Rows padded on one side: each row's real tokens are contiguous, a segment of their own. Two host syncs
+        # (the real tokens' count and the longest row), which Encoder's host-known segments avoid.
+        real = attention_mask.reshape(-1).nonzero().squeeze(1)
+        lengths = attention_mask.sum(-1, dtype=torch.int32)
+        cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+        longest = int(lengths.max())
+        out_real = run(q.index_select(0, real), k.index_select(0, real), v.index_select(0, real), cu, longest)
+        out = out_real.new_zeros(B * L, H, D).index_copy_(0, real, out_real)
+    else:
+        position_ids = kwargs.get("position_ids")
+        if position_ids is not None and position_ids.shape == (B, L):
+            from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+            (cu, _), (longest, _) = prepare_fa_kwargs_from_position_ids(position_ids)  # restarts -> segments
+            longest = int(longest)  # a host sync, as the segments' were
+        else:
+            cu, longest = torch.arange(0, (B + 1) * L, L, dtype=torch.int32, device=query.device), L
+        out = run(q, k, v, cu.to(torch.int32), longest)
+    return out.reshape(B, L, H, D), None
+
+
+def varlen_attention_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function: Callable | None = None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor | None:
+    """transformers mask function of ``"f2llm_varlen"``: never builds a mask. The 2-D padding mask, when there is
+    one, goes to :func:`varlen_attention_forward` as is (it gathers the real tokens), else None."""
+    if attention_mask is None:
+        return None
+    return attention_mask[:, -kv_length:]
+
+
+AttentionInterface.register(VARLEN, varlen_attention_forward)
+AttentionMaskInterface.register(VARLEN, varlen_attention_mask)
+
+
+@functools.cache
+def _warn_no_varlen() -> None:
+    logger.warning(
+        "f2llm: torch %s has no usable torch.nn.attention.varlen.varlen_attn (needs torch >= 2.13) and flash-attn is "
+        "not installed: decoders use sdpa, packed batches with a block-diagonal mask",
+        torch.__version__,
+    )
+
+
+def default_attn_implementation(model_type: str, device: torch.device | str, dtype: torch.dtype) -> str:
+    """The attention a model gets when none is asked for.
+
+    Decoders on CUDA computing in bf16 / fp16 (what the varlen kernels take): flash_attention_2 when the flash-attn
+    package is installed, else ``"f2llm_varlen"`` when torch has ``varlen_attn``, else sdpa (said once). Everything
+    else: sdpa.
+    """
+    if torch.device(device).type != "cuda" or not is_decoder_model_type(model_type):
+        return "sdpa"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return "sdpa"
+    if is_flash_attn_2_available():
+        return "flash_attention_2"
+    if varlen_available():
+        return VARLEN
+    _warn_no_varlen()
+    return "sdpa"
+
+
+def _uses_varlen_kernel(attn_implementation: str) -> bool:
+    return attn_implementation in _FLASH or attn_implementation == VARLEN
+
+
+@functools.cache
+def _takes_prepared_masks(model_class: type) -> bool:
+    """Whether the model's forward accepts a mapping of prepared masks (layer type -> mask) as attention_mask, and
+    then builds none: transformers' Qwen2/Qwen3/Gemma-2... (not Llama). Passing ``{type: None}`` to these skips the
+    mask code, which otherwise reads the position ids back from the device to look for packing (a host sync, and
+    an error on the meta device)."""
+    try:
+        source = inspect.getsource(model_class.forward)
+    except (OSError, TypeError):
+        return False
+    return "isinstance(causal_mask_mapping := attention_mask, dict)" in source
+
+
+def _no_masks(config: PretrainedConfig) -> dict[str, None]:
+    """Prepared masks saying "none" for every layer type of the model (see :func:`_takes_prepared_masks`)."""
+    return dict.fromkeys(getattr(config, "layer_types", None) or ("full_attention",))
+
+
+# ------------------------------------------------------------------------------------------------ activation memory
+class _MetaAutocast(TorchFunctionMode):
+    """torch.autocast's lower-precision rule for meta tensors (autocast has no meta backend): matrix products and
+    attention compute in ``dtype``. The casts happen above autograd, so the graph saves the casted copies, as it does
+    under autocast (its weight copies included)."""
+
+    LOW_PRECISION = frozenset(
+        {
+            F.linear,
+            F.scaled_dot_product_attention,
+            torch.matmul,
+            torch.Tensor.matmul,
+            torch.Tensor.__matmul__,
+            torch.mm,
+            torch.Tensor.mm,
+            torch.bmm,
+            torch.Tensor.bmm,
+            torch.addmm,
+            torch.baddbmm,
+            torch.einsum,
+        }
+    )
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def __enter__(self) -> _MetaAutocast:
+        _EMULATED_AUTOCAST.append(self.dtype)
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        _EMULATED_AUTOCAST.pop()
+        super().__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.LOW_PRECISION:
+
+            def cast(t: Any) -> Any:
+                return t.to(self.dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+            args, kwargs = tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+
+def saved_tensor_bytes(forward: Callable[[], Any], exclude: Sequence[torch.Tensor] = ()) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``forward()`` runs (storages of
+    ``exclude``, e.g. the parameters, left out). Works on the meta device: storages are told apart by identity,
+    not address."""
+    skip = {t.untyped_storage()._cdata for t in exclude}
+    saved: dict[int, torch.Tensor] = {}  # holding the tensors keeps their storages (and identities) alive
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage()._cdata
+        if key not in skip:
+            saved.setdefault(key, t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(t.untyped_storage().nbytes() for t in saved.values())
+
+
+@contextlib.contextmanager
+def _measuring() -> Iterator[None]:
+    _MEASURING.append(True)
+    try:
+        yield
+    finally:
+        _MEASURING.pop()
+
+
+_PROBE_TOKENS = (128, 256)  # two packed rows of two texts each: a straight line through their saved bytes
+
+
+def estimate_activation_profile(
+    model: PreTrainedModel,
+    attn_implementation: str,
+    weights_dtype: torch.dtype,
+    compute_dtype: torch.dtype,
+    *,
+    decoder: bool,
+) -> tuple[int, int]:
+    """(fixed, per-token) bytes a training forward of ``model`` saves for backward, from two forwards of its config
+    on the meta device: the same architecture, weights dtype and attention implementation, in training mode,
+    under an emulated autocast when ``compute_dtype`` differs from ``weights_dtype``.
+
+    What it counts: every distinct storage autograd saves (activations, dropout masks, autocast's weight copies),
+    not the parameters. What it does not: the transient buffers of the backward itself and the output. Attention
+    other than eager is measured as torch's varlen kernel, which saves what every fused kernel (flash-attention,
+    sdpa's flash and efficient backends) saves: q, k, v, the output and its log-sum-exp; on meta sdpa would take
+    its math path, whose L x L probabilities no GPU run keeps. Liger's kernels cannot run on meta: the plain
+    PyTorch modules they replace are measured instead, which save more (a safe side).
+    """
+    config = copy.deepcopy(model.config)
+    probe_attention = "eager" if attn_implementation == "eager" else VARLEN
+    measured = []
+    with _without_liger(model), _measuring():
+        with torch.device("meta"):
+            meta = AutoModel.from_config(config, dtype=weights_dtype, attn_implementation=probe_attention)
+        meta.train()
+        weights = [*meta.parameters(), *meta.buffers()]
+        autocast = _MetaAutocast(compute_dtype) if compute_dtype != weights_dtype else contextlib.nullcontext()
+        for n in _PROBE_TOKENS:
+            half = n // 2
+            ids = torch.zeros(1, n, dtype=torch.long, device="meta")
+            kwargs: dict[str, Any] = {}
+            if decoder:
+                kwargs["position_ids"] = torch.arange(half, device="meta").repeat(2)[None]
+                # A cache makes transformers skip its look for packing, which reads the position ids (meta cannot);
+                # the cached keys and values are the very tensors attention saves, so nothing more is counted.
+                kwargs["use_cache"] = True
+                if probe_attention == VARLEN:
+                    cu = torch.arange(0, n + 1, half, dtype=torch.int32, device="meta")
+                    kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=half, max_length_k=half)
+            with autocast:
+                measured.append(saved_tensor_bytes(lambda: meta(input_ids=ids, **kwargs), weights))  # noqa: B023
+    (n1, n2), (b1, b2) = _PROBE_TOKENS, measured
+    per_token = -(-(b2 - b1) // (n2 - n1))
+    return max(0, b1 - per_token * n1), per_token
 
 
 def sentence_transformers_max_length(name_or_path: str | os.PathLike) -> int | None:
@@ -145,6 +537,7 @@ class Encoder(nn.Module):
         pooler = getattr(model, "pooler", None)
         if isinstance(pooler, nn.Module):
             pooler.requires_grad_(False)
+        self._activation_profiles: dict[torch.dtype, tuple[int, int]] = {}
 
     # ------------------------------------------------------------------------------------------------------
     # Construction
@@ -162,6 +555,7 @@ class Encoder(nn.Module):
         normalize: bool = True,
         query_instruction: str | None = None,
         device: torch.device | str | None = None,
+        compute_dtype: torch.dtype | None = None,
     ) -> Encoder:
         """Load a Hugging Face model (no LM head) and its tokenizer.
 
@@ -172,13 +566,17 @@ class Encoder(nn.Module):
                 sentence-transformers folder (all-MiniLM-L6-v2: 256, as MTEB evaluates it), else 1024 (the
                 recipe's), or fewer when the model has fewer positions (BERT: 512).
             dtype: None: bfloat16 on CUDA, float32 on CPU.
-            attn_implementation: None: ``"flash_attention_2"`` for decoders on CUDA when flash-attn is installed,
-                else ``"sdpa"``.
-            gradient_checkpointing: recompute activations in backward (non-reentrant).
+            attn_implementation: None: :func:`default_attn_implementation` (decoders on CUDA in bf16 / fp16:
+                ``"flash_attention_2"`` with flash-attn installed, else ``"f2llm_varlen"`` with torch >= 2.13, else
+                ``"sdpa"``; everything else ``"sdpa"``).
+            gradient_checkpointing: recompute activations in backward (non-reentrant) in every forward; a trainer
+                may switch it per forward instead (:meth:`checkpointing`).
             liger: apply Liger's RMSNorm / RoPE / SwiGLU kernels; None: on CUDA when the model type has a patch.
             normalize: L2-normalize embeddings.
             query_instruction: saved as the sentence-transformers ``query`` prompt.
             device: None: the current CUDA device if any, else CPU.
+            compute_dtype: the dtype the forward computes in when it differs from ``dtype`` (a trainer's autocast
+                over fp32 master weights); None: ``dtype``. Only the default attention depends on it.
         """
         device = torch.device(device) if device is not None else _default_device()
         on_cuda = device.type == "cuda"
@@ -186,8 +584,7 @@ class Encoder(nn.Module):
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         if attn_implementation is None:
             model_type = AutoConfig.from_pretrained(name_or_path).model_type
-            decoder = is_decoder_model_type(model_type)
-            attn_implementation = "flash_attention_2" if on_cuda and decoder and is_flash_attn_2_available() else "sdpa"
+            attn_implementation = default_attn_implementation(model_type, device, compute_dtype or dtype)
         model = AutoModel.from_pretrained(name_or_path, dtype=dtype, attn_implementation=attn_implementation)
         if hasattr(model.config, "use_cache"):
             model.config.use_cache = False
@@ -197,12 +594,6 @@ class Encoder(nn.Module):
             if not on_cuda:
                 raise ValueError("Encoder.from_pretrained: Liger kernels run on CUDA only; pass liger=False on CPU")
             apply_liger_kernels(model)
-        if gradient_checkpointing:
-            enable = getattr(model, "activation_checkpointing_enable", None)
-            if enable is not None:
-                enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if max_length is None:
             max_length = sentence_transformers_max_length(name_or_path)
         encoder = cls(
@@ -213,6 +604,8 @@ class Encoder(nn.Module):
             normalize=normalize,
             query_instruction=query_instruction,
         )
+        if gradient_checkpointing:
+            encoder.set_checkpointing(True)
         # Eval mode, like transformers' from_pretrained: dropout stays off until a trainer calls .train().
         return encoder.to(device).eval()
 
@@ -254,6 +647,68 @@ class Encoder(nn.Module):
         return self.model.config._attn_implementation
 
     # ------------------------------------------------------------------------------------------------------
+    # Activation checkpointing and its memory
+    # ------------------------------------------------------------------------------------------------------
+    def _checkpoint_modules(self) -> list[nn.Module]:
+        """The modules transformers gives a ``gradient_checkpointing`` flag (its GradientCheckpointingLayer blocks,
+        and the odd model-level flag)."""
+        return [m for m in self.model.modules() if hasattr(m, "gradient_checkpointing")]
+
+    @property
+    def checkpointing_enabled(self) -> bool:
+        return any(m.gradient_checkpointing for m in self._checkpoint_modules())
+
+    def set_checkpointing(self, enabled: bool) -> None:
+        """Recompute activations in backward (non-reentrant; training mode only) in every forward from now on, or
+        keep them. The first enabling sets transformers' checkpointing up."""
+        modules = self._checkpoint_modules()
+        if enabled and not modules:
+            raise ValueError(f"Encoder: {type(self.model).__name__} does not support gradient checkpointing")
+        if enabled and not all(hasattr(m, "_gradient_checkpointing_func") for m in modules):
+            enable = getattr(self.model, "activation_checkpointing_enable", None)  # transformers >= 5.23
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for module in modules:
+            module.gradient_checkpointing = enabled
+
+    @contextlib.contextmanager
+    def checkpointing(self, enabled: bool) -> Iterator[None]:
+        """Forwards inside checkpoint (or keep their activations) as ``enabled`` says; the setting before is
+        restored after. Checkpointing changes only what is kept for backward, never a result or a gradient."""
+        modules = self._checkpoint_modules()
+        before = [m.gradient_checkpointing for m in modules]
+        self.set_checkpointing(enabled)
+        try:
+            yield
+        finally:
+            for module, value in zip(modules, before, strict=True):
+                module.gradient_checkpointing = value
+
+    def activation_bytes(self, num_tokens: int, compute_dtype: torch.dtype | None = None) -> int:
+        """Estimated bytes a forward with grad of ``num_tokens`` input positions (padding included) keeps for
+        backward without checkpointing: ``fixed + per_token * num_tokens`` (see :meth:`activation_profile`)."""
+        fixed, per_token = self.activation_profile(compute_dtype)
+        return fixed + per_token * int(num_tokens)
+
+    def activation_profile(self, compute_dtype: torch.dtype | None = None) -> tuple[int, int]:
+        """(fixed, per-token) bytes of the tensors a forward with grad saves for backward, measured once per
+        compute dtype on the meta device (no memory, no compute; works whatever device the encoder is on).
+
+        ``compute_dtype``: the dtype the forward computes in (None: the weights'); when it differs, the forward is
+        measured under an emulation of autocast (matrix products in ``compute_dtype``; the fixed part then holds
+        autocast's low-precision copies of the weights). See :func:`estimate_activation_profile`.
+        """
+        weights = next(self.model.parameters()).dtype
+        dtype = compute_dtype or weights
+        if dtype not in self._activation_profiles:
+            self._activation_profiles[dtype] = estimate_activation_profile(
+                self.model, self.attn_implementation, weights, dtype, decoder=self.is_decoder
+            )
+        return self._activation_profiles[dtype]
+
+    # ------------------------------------------------------------------------------------------------------
     # Forward
     # ------------------------------------------------------------------------------------------------------
     def forward(self, batch: EncoderBatch) -> torch.Tensor:
@@ -265,6 +720,8 @@ class Encoder(nn.Module):
         batch = batch.to(self.device, non_blocking=True)
         positions = batch.position_ids + self.position_offset if self.position_offset else batch.position_ids
         kwargs: dict[str, Any] = {"use_cache": False} if self.is_decoder else {}
+        if self.is_decoder and _uses_varlen_kernel(self.attn_implementation):
+            return self._forward_varlen(batch, positions, kwargs)
         if not batch.packed:
             hidden = self.model(
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions, **kwargs
@@ -278,17 +735,12 @@ class Encoder(nn.Module):
                 out_dtype=torch.float32,
             )
 
-        input_ids = batch.input_ids
-        if self.is_decoder and self.attn_implementation in _FLASH:
-            from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
-
-            # One row: the varlen kernel needs no padding and no mask; a padding tail is a sequence of its own.
-            input_ids, positions = input_ids.reshape(1, -1), positions.reshape(1, -1)
-            (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(positions)
-            kwargs.update(cu_seq_lens_q=cu_q, cu_seq_lens_k=cu_k, max_length_q=int(max_q), max_length_k=int(max_k))
-        elif not self.is_decoder:
+        if not self.is_decoder:
             kwargs["attention_mask"] = self._packed_encoder_mask(batch.position_ids)
-        hidden = self.model(input_ids=input_ids, position_ids=positions, **kwargs).last_hidden_state
+        hidden = self.model(input_ids=batch.input_ids, position_ids=positions, **kwargs).last_hidden_state
+        return self._pool_packed(hidden, batch)
+
+    def _pool_packed(self, hidden: torch.Tensor, batch: EncoderBatch) -> torch.Tensor:
         hidden = hidden.reshape(-1, hidden.shape[-1])
         if batch.token_index is not None:
             hidden = hidden.index_select(0, batch.token_index)
@@ -301,6 +753,34 @@ class Encoder(nn.Module):
             out_dtype=torch.float32,
         )
         return emb.index_select(0, batch.text_position)
+
+    def _forward_varlen(self, batch: EncoderBatch, positions: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        """A decoder with a varlen kernel, padded or packed batch: the [R, W] grid flattened into one row, whose
+        segments (every text, every run of padding) and longest segment the collator computed on the host."""
+        if batch.attn_cu_seqlens is not None:
+            cu, longest = batch.attn_cu_seqlens, batch.attn_max_seqlen
+        else:  # a batch built by hand: segments from the position ids (two host syncs)
+            from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+            (cu, _), (longest, _) = prepare_fa_kwargs_from_position_ids(batch.position_ids.reshape(1, -1))
+            longest = int(longest)
+        kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+        if _takes_prepared_masks(type(self.model)):
+            kwargs["attention_mask"] = _no_masks(self.model.config)
+        R, W = batch.input_ids.shape
+        hidden = self.model(
+            input_ids=batch.input_ids.reshape(1, -1), position_ids=positions.reshape(1, -1), **kwargs
+        ).last_hidden_state
+        if batch.packed:
+            return self._pool_packed(hidden, batch)
+        return pool(
+            hidden.reshape(R, W, -1),
+            batch.attention_mask,
+            mode=self.pooling,
+            normalize=self.normalize,
+            validate=False,
+            out_dtype=torch.float32,
+        )
 
     def _packed_encoder_mask(self, position_ids: torch.Tensor) -> torch.Tensor:
         """[R, 1, W, W] block-diagonal mask: a token attends to every token of its own text (segment) only."""

@@ -12,7 +12,14 @@ Read top to bottom: :meth:`Trainer.from_config` sets up (process group, encoder,
    checkpoints follow.
 
 A non-finite loss or gradient norm stops the run (naming the step and the source) or skips the step, as
-``nan_policy`` says; all ranks agree before acting, so none is left waiting in a collective.
+``nan_policy`` says; all ranks agree before acting, so none is left waiting in a collective. Both are checked at
+once, where the engine can still refuse the update: one all-reduce and one host read per step.
+
+Activation checkpointing (``model.gradient_checkpointing``) is decided per forward with grad by
+:class:`CheckpointPolicy`: forced on or off, or (auto) on only when the forward's estimated saved activations exceed
+the budget. The decision reads only the batch's shape, so it costs no host sync and works on the meta device.
+Checkpointing changes no collective (DDP and DeepSpeed reduce the same gradients in the same order; a recomputed
+forward holds none), so ranks may decide differently, e.g. for chunks of different sizes.
 """
 
 from __future__ import annotations
@@ -23,9 +30,10 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -58,7 +66,7 @@ from f2llm.gradcache import GradientCache, chunk_by_tokens, split_to_count
 from f2llm.loss import F2LLMLoss, LossOutput
 from f2llm.model import Encoder
 
-__all__ = ["NonFiniteError", "Runtime", "Trainer", "WarmupCosine", "init_runtime", "train"]
+__all__ = ["CheckpointPolicy", "NonFiniteError", "Runtime", "Trainer", "WarmupCosine", "init_runtime", "train"]
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -79,6 +87,13 @@ class Runtime:
     def any_failed(self, failed: bool) -> bool:
         """True on every rank when any rank passes True (one all-reduce; no-op in a single process)."""
         return self.max(int(failed)) > 0
+
+    def failed_anywhere(self, flags: torch.Tensor) -> list[bool]:
+        """Each flag of a bool vector OR-ed over the ranks, on every rank: one all-reduce, one host read."""
+        flags = flags.to(self.device, torch.int64)
+        if distributed.is_distributed():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return [bool(f) for f in flags.tolist()]
 
     def max(self, value: int) -> int:
         """The largest ``value`` of all ranks, on every rank (one all-reduce; no-op in a single process)."""
@@ -206,11 +221,67 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+# ------------------------------------------------------------------------------------------------ checkpointing
+# Share of the free device memory (after the weights and the training state the first step will allocate) that one
+# forward's saved activations may take. The estimate counts saved tensors only; the rest is the backward's own
+# transient buffers (gradients of the activations of the layer being differentiated, its recompute when it is
+# checkpointed, attention and matmul workspaces), the caching allocator's fragmentation under shapes that change
+# every step (commonly 10-20%), collective buffers (NCCL, DeepSpeed's reduce buckets), the embeddings and loss.
+ACTIVATION_MEMORY_SHARE = 0.7
+
+
+@dataclass
+class CheckpointPolicy:
+    """Whether a forward with grad recomputes its activations in backward (``model.gradient_checkpointing``).
+
+    ``mode`` True / False: always / never. ``"auto"``: when ``activation_bytes(tokens)`` (the forward's estimated
+    saved activations, for its input positions, padding included) exceeds ``budget`` bytes; with no budget known,
+    always (as True).
+    """
+
+    mode: Literal["auto"] | bool
+    budget: int | None
+    activation_bytes: Callable[[int], int]
+    budget_source: str = "model.activation_budget_gb"
+
+    def __call__(self, tokens: int) -> bool:
+        if self.mode != "auto":
+            return bool(self.mode)
+        return self.budget is None or self.activation_bytes(tokens) > self.budget
+
+    def summary(self) -> str:
+        if self.mode != "auto":
+            return f"gradient checkpointing {'on' if self.mode else 'off'} in every forward with grad"
+        fixed, per_token = self.activation_bytes(0), self.activation_bytes(1) - self.activation_bytes(0)
+        head = (
+            f"gradient checkpointing auto: ~{per_token / 2**10:,.1f} KiB of saved activations per token "
+            f"(+{fixed / 2**20:,.1f} MiB per forward)"
+        )
+        if self.budget is None:
+            return f"{head}, no memory budget known ({self.budget_source}): every forward with grad checkpoints"
+        limit = max(0, self.budget - fixed) // max(1, per_token)
+        return (
+            f"{head}, budget {self.budget / 2**30:,.2f} GiB ({self.budget_source}): forwards of more than "
+            f"{limit:,} tokens checkpoint"
+        )
+
+
+def activation_budget(engine: Engine, device: torch.device) -> int | None:
+    """Bytes of saved activations one forward may keep, from this rank's free device memory now (weights, and
+    DeepSpeed's master partitions, already in it) less the training state its first step allocates
+    (:meth:`Engine.step_state_bytes`), times :data:`ACTIVATION_MEMORY_SHARE`. None off CUDA."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # free to torch's allocator
+    return max(0, int(ACTIVATION_MEMORY_SHARE * (free + cached - engine.step_state_bytes())))
+
+
 # ------------------------------------------------------------------------------------------------ the trainer
 @dataclass
 class StepResult:
     loss: LossOutput
-    grad_norm: float
+    grad_norm: torch.Tensor  # 0-dim, not read back until logged: reading it would wait for the update
     tokens: int
     lr: float
 
@@ -231,10 +302,33 @@ class Trainer:
     logger: MetricLogger | None = None
     checkpoints: CheckpointWriter | None = None
     history: list[dict] = field(default_factory=list)
+    checkpointing: CheckpointPolicy | None = None  # None: built from the config on first use
 
     @property
     def encoder(self) -> Encoder:
         return self.engine.encoder
+
+    def checkpoint_policy(self) -> CheckpointPolicy:
+        """The run's :class:`CheckpointPolicy`, built (and said, on rank 0) once: the budget is
+        ``model.activation_budget_gb``, or on CUDA derived from the device memory (:func:`activation_budget`)."""
+        if self.checkpointing is None:
+            model, encoder, dtype = self.config.model, self.encoder, self.engine.compute_dtype
+            budget, source = None, "model.activation_budget_gb"
+            if model.activation_budget_gb is not None:
+                budget = int(model.activation_budget_gb * 2**30)
+            elif model.gradient_checkpointing == "auto":
+                budget = activation_budget(self.engine, self.runtime.device)
+                source = (
+                    f"{ACTIVATION_MEMORY_SHARE:.0%} of the free device memory after weights, gradients and AdamW state"
+                    if budget is not None
+                    else f"not set, and none derived on {self.runtime.device.type}"
+                )
+            self.checkpointing = CheckpointPolicy(
+                model.gradient_checkpointing, budget, lambda n: encoder.activation_bytes(n, dtype), source
+            )
+            if self.runtime.main:
+                print(f"f2llm: {self.checkpointing.summary()}")
+        return self.checkpointing
 
     # ---------------------------------------------------------------------------------------------- building
     @classmethod
@@ -248,9 +342,9 @@ class Trainer:
             max_length=config.model.max_length,
             dtype=weights_dtype(config, runtime.device),
             attn_implementation=config.model.attn_implementation,
-            gradient_checkpointing=config.model.gradient_checkpointing,
             liger=config.model.liger if runtime.device.type == "cuda" else False,
             device=runtime.device,
+            compute_dtype=resolve_dtype(config.model.dtype, runtime.device),
         ).train()
 
         sources = training_sources(config, encoder.text_tokenizer)
@@ -273,7 +367,10 @@ class Trainer:
                 mode="packed" if config.data.packing else "padded",
                 max_tokens=config.data.max_tokens,
             ),
-            loss_fn=F2LLMLoss(config.loss.temperature, in_batch_gradient=config.loss.in_batch_gradient),
+            # The sampler gives every rank the same number of queries: the loss need not exchange batch sizes.
+            loss_fn=F2LLMLoss(
+                config.loss.temperature, in_batch_gradient=config.loss.in_batch_gradient, equal_batches=True
+            ),
             total_steps=total_steps,
             logger=MetricLogger(out, runtime.main, config.tensorboard),
             checkpoints=CheckpointWriter(out / "checkpoints", config.keep_last, runtime.rank, runtime.any_failed),
@@ -284,6 +381,7 @@ class Trainer:
             for line in [*sampler.summary(), *(validation.summary() if validation else [])]:
                 print(f"f2llm: {line}")
             print(f"f2llm: {engine.communication(chunked=config.grad_cache.enabled)}")
+        trainer.checkpoint_policy()  # measured now, before any step has allocated gradients or optimizer state
         trainer.maybe_resume()
         return trainer
 
@@ -318,28 +416,44 @@ class Trainer:
 
     def compute_loss(self, emb: torch.Tensor, batch: TrainingBatch) -> tuple[torch.Tensor, LossOutput]:
         out = self.batch_loss(emb, batch)
-        self.check_finite(out.total.detach(), "loss", batch)
         return out.total, out
 
-    def check_finite(self, value: torch.Tensor, what: str, batch: TrainingBatch) -> None:
-        """Raise NonFiniteError on every rank when ``value`` is non-finite on any rank."""
-        if self.runtime.any_failed(not bool(torch.isfinite(value.float()).all())):
+    def check_finite(self, values: dict[str, torch.Tensor], batch: TrainingBatch) -> None:
+        """Raise NonFiniteError on every rank when any of ``values`` (name -> tensor) is non-finite on any rank,
+        naming the first such (a non-finite loss makes the gradient norm non-finite too): one all-reduce and one
+        host read for all of them. Tensors on the meta device hold no values: nothing to check."""
+        values = {k: v for k, v in values.items() if v.device.type != "meta"}
+        if not values:
+            return
+        device = self.runtime.device
+        flags = torch.stack([~torch.isfinite(v.detach().float()).all().to(device) for v in values.values()])
+        failed = [name for name, bad in zip(values, self.runtime.failed_anywhere(flags), strict=True) if bad]
+        if failed:
             raise NonFiniteError(
-                f"non-finite {what} at step {self.step + 1} (epoch {batch.epoch}, step {batch.step} of the epoch), "
-                f"source {batch.source!r}, rows {batch.rows[:8].tolist()}..."
+                f"non-finite {failed[0]} at step {self.step + 1} (epoch {batch.epoch}, step {batch.step} of the "
+                f"epoch), source {batch.source!r}, rows {batch.rows[:8].tolist()}..."
             )
+
+    def forward(self, batch: EncoderBatch) -> torch.Tensor:
+        """The engine's forward, checkpointed when it builds a graph and the policy says so for its size (input
+        positions, padding included: a shape, known without reading the device)."""
+        checkpoint = torch.is_grad_enabled() and self.checkpoint_policy()(batch.input_ids.numel())
+        with self.encoder.checkpointing(checkpoint):
+            return self.engine.forward(batch)
 
     def train_step(self, batch: TrainingBatch) -> StepResult:
         engine = self.engine
         seqs = batch.sequences()
         lr = engine.lr  # the rate this step's update uses
         if self.config.grad_cache.enabled:
-            cache = GradientCache(engine.forward, engine.no_sync, engine.backward, device=self.runtime.device)
+            cache = GradientCache(self.forward, engine.no_sync, engine.backward, device=self.runtime.device)
             out = cache.step(self.chunks(seqs), lambda emb: self.compute_loss(emb, batch)).aux
         else:
-            total, out = self.compute_loss(engine.forward(self.collator(seqs)), batch)
+            total, out = self.compute_loss(self.forward(self.collator(seqs)), batch)
             engine.backward(total)
-        grad_norm = engine.step(lambda norm: self.check_finite(norm, "gradient norm", batch))
+        # Loss and gradient norm checked together, before the engine updates (DeepSpeed ZeRO-1/2/3: after its
+        # step, which refuses a non-finite update itself).
+        grad_norm = engine.step(lambda norm: self.check_finite({"loss": out.total, "gradient norm": norm}, batch))
         return StepResult(loss=detach_loss(out), grad_norm=grad_norm, tokens=sum(map(len, seqs)), lr=lr)
 
     def skip_step(self) -> None:
@@ -456,7 +570,7 @@ class Trainer:
             "train/hard": float(values[1]) / W,
             "train/in_batch": float(values[2]) / W,
             "train/lr": result.lr,
-            "train/grad_norm": result.grad_norm,
+            "train/grad_norm": float(result.grad_norm),
             "train/tokens_per_s": float(values[3]) / max(seconds, 1e-9),
             "train/peak_memory_mib": peak_memory_mib(self.runtime.device),
             "source": batch.source,

@@ -38,6 +38,19 @@ def test_defaults_are_the_recipe(tmp_path: Path) -> None:
     assert config.data.validation_fraction == 0.01 and config.model.max_length == 1024
 
 
+def test_gradient_checkpointing_modes(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL))
+    assert config.model.gradient_checkpointing == "auto" and config.model.activation_budget_gb is None
+    for value, want in (("true", True), ("false", False), ("auto", "auto")):
+        assert (
+            load_config(
+                write(tmp_path, MINIMAL), [f"model.gradient_checkpointing={value}"]
+            ).model.gradient_checkpointing
+            == want
+        )
+    assert load_config(write(tmp_path, MINIMAL), ["model.activation_budget_gb=12"]).model.activation_budget_gb == 12.0
+
+
 def test_overrides_are_typed(tmp_path: Path) -> None:
     config = load_config(
         write(tmp_path, MINIMAL),
@@ -66,6 +79,8 @@ def test_overrides_are_typed(tmp_path: Path) -> None:
         (MINIMAL, ["loss.temperature=0"], r"loss\.temperature must be > 0"),
         (MINIMAL, ["dist_timeout_minutes=0"], r"dist_timeout_minutes must be > 0"),
         (MINIMAL, ["grad_cache.chunk_tokens=0"], r"grad_cache\.chunk_tokens must be > 0"),
+        (MINIMAL, ["model.gradient_checkpointing=sometimes"], r"model\.gradient_checkpointing: 'sometimes' matches"),
+        (MINIMAL, ["model.activation_budget_gb=0"], r"model\.activation_budget_gb must be > 0"),
         (MINIMAL, ["temperature=0.05"], r"unknown key\(s\) \['temperature'\]"),
         ("- a\n- b\n", [], r"top level must be a mapping"),
         (MINIMAL + "  batch_size: [1\n", [], r"not valid YAML"),

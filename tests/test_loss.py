@@ -95,6 +95,22 @@ def test_distributed_helpers_without_process_group() -> None:
     assert distributed.all_gather_with_grad(x) is x
 
 
+def test_equal_batches_skip_the_size_exchange(monkeypatch: pytest.MonkeyPatch) -> None:
+    """equal_batches=True (the trainer's: its sampler gives every rank the same batch size): the loss never asks the
+    ranks for their sizes, and gives the same result."""
+    q, pos, neg = embeddings(4, 8, seed=1), embeddings(4, 8, seed=2), embeddings(4, 2, 8, seed=3)
+    want = F2LLMLoss()(q, pos, neg, in_batch=True)
+
+    def exchange(*args, **kwargs):
+        raise AssertionError("sizes exchanged")
+
+    monkeypatch.setattr(distributed, "all_gather_sizes", exchange)
+    got = F2LLMLoss(equal_batches=True)(q, pos, neg, in_batch=True)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    with pytest.raises(AssertionError, match="sizes exchanged"):
+        F2LLMLoss()(q, pos, neg, in_batch=True)
+
+
 def test_queries_only_gives_positives_the_hard_gradient_alone() -> None:
     """in_batch_gradient='queries_only' (the official v1 code): the in-batch term's gradient reaches the queries,
     not the positives, which learn from the hard term only; the loss value is unchanged."""

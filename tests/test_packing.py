@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -94,6 +96,40 @@ def test_pad_mask_from_lengths_with_pad_equal_eos(side: str) -> None:
         real = b.attention_mask[i].bool()
         assert b.input_ids[i][real].tolist() == seq.tolist()
         assert b.position_ids[i][real].tolist() == list(range(len(seq)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 40), min_size=1, max_size=30),
+    max_tokens=st.integers(40, 200),
+    layout=st.sampled_from(["packed", "right", "left"]),
+)
+def test_attention_segments(lengths: list[int], max_tokens: int, layout: str) -> None:
+    """attn_cu_seqlens tile the flattened [R, W] grid: every text is exactly one segment, every run of padding is a
+    segment holding no real token, no segment crosses a row; attn_max_seqlen is the longest, a host int."""
+    seqs = _seqs(lengths)
+    b = pack_sequences(seqs, max_tokens, PAD) if layout == "packed" else pad_sequences(seqs, PAD, layout)
+    R, W = b.input_ids.shape
+    cu = b.attn_cu_seqlens.tolist()
+    assert b.attn_cu_seqlens.dtype == torch.int32 and cu[0] == 0 and cu[-1] == R * W
+    sizes = [e - s for s, e in itertools.pairwise(cu)]
+    assert min(sizes) > 0 and type(b.attn_max_seqlen) is int and b.attn_max_seqlen == max(sizes)
+    if layout == "packed":
+        index = b.token_index if b.token_index is not None else torch.arange(R * W)
+        real = torch.zeros(R * W, dtype=torch.bool).index_fill_(0, index, True)
+        texts = {
+            (int(index[s]), int(index[e - 1]) + 1) for s, e in zip(b.cu_seqlens[:-1], b.cu_seqlens[1:], strict=True)
+        }
+    else:
+        real = b.attention_mask.reshape(-1).bool()
+        texts = {
+            (r * W + int(c[0]), r * W + int(c[-1]) + 1) for r, c in enumerate(m.nonzero() for m in b.attention_mask)
+        }
+    segments = set(itertools.pairwise(cu))
+    assert texts <= segments and len(texts) == len(seqs)
+    for s, e in segments - texts:
+        assert not real[s:e].any()
+    assert all(s // W == (e - 1) // W for s, e in segments)
 
 
 def test_collator_modes() -> None:

@@ -8,6 +8,10 @@
   texts in the stream of real tokens. The tail of a row that is not full is padding; its position ids restart at 0
   too, so it forms a segment of its own and never shares attention with a text.
 
+Both layouts also carry ``attn_cu_seqlens`` / ``attn_max_seqlen``: the segments of ``input_ids.view(-1)`` that a
+varlen attention kernel attends within (every text, and every run of padding as a segment of its own), computed
+here from the lengths the collator knows, so that the encoder never reads them back from the device.
+
 :class:`f2llm.model.Encoder` turns either into embeddings ``[n, D]`` in the order of the input sequences.
 """
 
@@ -39,6 +43,10 @@ class EncoderBatch:
         text_position: [n] int64, where text i (input order) sits in the packed stream. Packed only.
         max_seqlen: longest text, in tokens.
         num_tokens: real tokens (sum of text lengths).
+        attn_cu_seqlens: [S + 1] int32 offsets of the attention segments in ``input_ids.view(-1)``: each text, and
+            each run of padding (a row's padding tail, or a padded row's padding) as a segment of its own. With
+            causal or bidirectional attention inside each segment, no text sees another text or padding.
+        attn_max_seqlen: longest segment of ``attn_cu_seqlens`` (a Python int: a kernel's launch size).
     """
 
     input_ids: torch.Tensor
@@ -49,6 +57,8 @@ class EncoderBatch:
     text_position: torch.Tensor | None = None
     max_seqlen: int = 0
     num_tokens: int = 0
+    attn_cu_seqlens: torch.Tensor | None = None
+    attn_max_seqlen: int = 0
 
     @property
     def packed(self) -> bool:
@@ -90,6 +100,15 @@ def _positions_within(lengths: np.ndarray) -> np.ndarray:
     return np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(starts, lengths)
 
 
+def _segments(rows: list[np.ndarray]) -> tuple[torch.Tensor, int]:
+    """``attn_cu_seqlens`` and ``attn_max_seqlen`` from each row's segment lengths, in order (zeros dropped)."""
+    lengths = np.concatenate(rows)
+    lengths = lengths[lengths > 0]
+    cu = np.zeros(lengths.size + 1, dtype=np.int32)
+    np.cumsum(lengths, out=cu[1:])
+    return torch.from_numpy(cu), int(lengths.max())
+
+
 def pad_sequences(seqs: Sequence[TokenIds], pad_token_id: int, padding_side: PaddingSide = "right") -> EncoderBatch:
     """One row per text, padded to the longest; ``attention_mask`` and ``position_ids`` from the lengths."""
     if not seqs:
@@ -107,12 +126,17 @@ def pad_sequences(seqs: Sequence[TokenIds], pad_token_id: int, padding_side: Pad
     mask[rows, cols] = 1
     positions = np.zeros((n, width), dtype=np.int64)
     positions[rows, cols] = within
+    padding = width - lengths
+    order = (lengths, padding) if padding_side == "right" else (padding, lengths)
+    attn_cu, attn_max = _segments([np.stack(order, axis=1).reshape(-1)])
     return EncoderBatch(
         input_ids=torch.from_numpy(input_ids),
         position_ids=torch.from_numpy(positions),
         attention_mask=torch.from_numpy(mask),
         max_seqlen=width,
         num_tokens=int(lengths.sum()),
+        attn_cu_seqlens=attn_cu,
+        attn_max_seqlen=attn_max,
     )
 
 
@@ -190,6 +214,7 @@ def pack_sequences(seqs: Sequence[TokenIds], max_tokens: int, pad_token_id: int)
     text_position = np.empty(len(seqs), dtype=np.int64)
     text_position[order] = np.arange(len(seqs))
     has_padding = int(row_lengths.sum()) < n_rows * width
+    attn_cu, attn_max = _segments([np.append(lengths[b], width - row_lengths[r]) for r, b in enumerate(bins)])
     return EncoderBatch(
         input_ids=torch.from_numpy(input_ids.reshape(n_rows, width)),
         position_ids=torch.from_numpy(positions.reshape(n_rows, width)),
@@ -198,6 +223,8 @@ def pack_sequences(seqs: Sequence[TokenIds], max_tokens: int, pad_token_id: int)
         text_position=torch.from_numpy(text_position),
         max_seqlen=longest,
         num_tokens=int(lengths.sum()),
+        attn_cu_seqlens=attn_cu,
+        attn_max_seqlen=attn_max,
     )
 
 

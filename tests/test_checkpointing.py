@@ -1,0 +1,266 @@
+"""Gradient checkpointing decided per forward by a memory budget: the activation estimate (meta device) against a
+real forward's saved tensors, the per-chunk decision, exact gradients either way, ranks that decide differently,
+and the step's host syncs (one finite check; none at all on the meta device)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from f2llm.config import load_config
+from f2llm.data import pad_sequences
+from f2llm.distributed import free_port
+from f2llm.model import Encoder, saved_tensor_bytes
+from f2llm.trainer import ACTIVATION_MEMORY_SHARE, CheckpointPolicy, Runtime, Trainer, activation_budget
+from tests.helpers import CORPUS, ROOT, assert_same_weights, run, trainer_workdir
+
+WORKER = Path(__file__).with_name("checkpoint_worker.py")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return trainer_workdir(tmp_path_factory.mktemp("checkpointing"))
+
+
+@pytest.fixture(scope="module")
+def qwen3_path(workdir: Path) -> Path:
+    return workdir / "tiny-qwen3-0"
+
+
+def make_trainer(workdir: Path, out: Path, *overrides: str, device: str = "cpu") -> Trainer:
+    config = load_config(workdir / "base.yaml", [f"output_dir={out}", *overrides])
+    return Trainer.from_config(config, Runtime(rank=0, world_size=1, device=torch.device(device)))
+
+
+# ------------------------------------------------------------------------------------------------ the estimate
+@pytest.mark.parametrize("compute", ["float32", "bfloat16-autocast"])
+def test_estimate_matches_the_saved_tensors_of_a_real_forward(qwen3_path: Path, compute: str) -> None:
+    """The meta-device estimate (fp32; bf16 emulating autocast over fp32 weights) against the bytes autograd really
+    saves in a CPU forward of the same model (real tensors, torch's CPU autocast), at lengths it was not fit on."""
+    encoder = Encoder.from_pretrained(qwen3_path, attn_implementation="sdpa").train()
+    dtype = torch.bfloat16 if compute != "float32" else None
+    fixed, per_token = encoder.activation_profile(dtype)
+    assert per_token > 0 and (fixed > 2**16) == (dtype is not None)  # autocast keeps bf16 copies of the weights
+    weights = [*encoder.model.parameters(), *encoder.model.buffers()]
+    for lengths in ([50], [120, 120], [300]):
+        batch = pad_sequences([list(range(1, n + 1)) for n in lengths], 0)
+        kwargs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+            real = saved_tensor_bytes(lambda: encoder.model(**kwargs), weights)  # noqa: B023
+        estimate = encoder.activation_bytes(batch.input_ids.numel(), dtype)
+        assert estimate == pytest.approx(real, rel=0.01), (lengths, estimate, real)
+
+
+def test_estimate_runs_once_per_compute_dtype(qwen3_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import f2llm.model
+
+    encoder = Encoder.from_pretrained(qwen3_path)
+    calls = []
+    estimate = f2llm.model.estimate_activation_profile
+    monkeypatch.setattr(
+        f2llm.model, "estimate_activation_profile", lambda *a, **k: calls.append(a) or estimate(*a, **k)
+    )
+    for n in (10, 100, 1000):
+        encoder.activation_bytes(n)
+        encoder.activation_bytes(n, torch.bfloat16)
+    assert len(calls) == 2
+    fixed, per_token = encoder.activation_profile()
+    assert encoder.activation_bytes(1000) == fixed + 1000 * per_token
+
+
+def test_estimate_of_a_liger_model_measures_the_plain_modules(
+    qwen3_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Liger patches Qwen3's modeling module process-wide with Triton kernels that cannot run on meta: the estimate
+    builds its meta model from the module as it was, and gets the unpatched model's numbers."""
+    from transformers.models.qwen3 import modeling_qwen3
+
+    from f2llm.model import apply_liger_kernels
+
+    for name in ("apply_rotary_pos_emb", "Qwen3RMSNorm", "Qwen3MLP"):
+        monkeypatch.setattr(modeling_qwen3, name, getattr(modeling_qwen3, name))  # restored after the test
+    plain = Encoder.from_pretrained(qwen3_path).activation_profile()
+    encoder = Encoder.from_pretrained(qwen3_path)
+    apply_liger_kernels(encoder.model)
+    assert modeling_qwen3.Qwen3MLP.__name__ == "LigerSwiGLUMLP"
+    assert encoder.activation_profile() == plain
+    assert modeling_qwen3.Qwen3MLP.__name__ == "LigerSwiGLUMLP"  # the patch is back
+
+
+# ------------------------------------------------------------------------------------------------ the decision
+def test_policy() -> None:
+    per_token = lambda n: 100 + 10 * n  # noqa: E731
+    assert [CheckpointPolicy(True, None, per_token)(n) for n in (1, 10**6)] == [True, True]
+    assert [CheckpointPolicy(False, 0, per_token)(n) for n in (1, 10**6)] == [False, False]
+    assert [CheckpointPolicy("auto", 1100, per_token)(n) for n in (99, 100, 101)] == [False, False, True]
+    assert CheckpointPolicy("auto", None, per_token)(1)  # no budget known: as true
+    assert "more than 100 tokens checkpoint" in CheckpointPolicy("auto", 1100, per_token).summary()
+
+
+def record_forwards(trainer: Trainer) -> list[dict]:
+    """Each engine forward (its input positions, whether it builds a graph) and the MLP calls of decoder layer 0 until
+    the next forward: 1 per forward, +1 when backward recomputes the checkpointed layer."""
+    events: list[dict] = []
+    trainer.encoder.model.layers[0].mlp.register_forward_pre_hook(
+        lambda m, a: events[-1].update(mlp=events[-1]["mlp"] + 1)
+    )
+    forward = trainer.engine.forward
+
+    def recording(batch):
+        events.append({"tokens": batch.input_ids.numel(), "grad": torch.is_grad_enabled(), "mlp": 0})
+        return forward(batch)
+
+    trainer.engine.forward = recording
+    return events
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_budget_checkpoints_only_the_chunks_that_do_not_fit(workdir: Path, tmp_path: Path, layout: str) -> None:
+    """Gradient cache, pass 2: a budget between two chunks' estimates checkpoints the larger chunk only; pass 1
+    (no grad) never."""
+    chunking = (
+        ["grad_cache.chunk_texts=3"] if layout == "padded" else ["data.packing=true", "grad_cache.chunk_tokens=60"]
+    )
+    trainer = make_trainer(workdir, tmp_path / "run", "grad_cache.enabled=true", *chunking)
+    batch = next(iter(trainer.sampler))
+    sizes = sorted({c.input_ids.numel() for c in trainer.chunks(batch.sequences())})
+    assert len(sizes) > 1, sizes
+    threshold = sizes[len(sizes) // 2 - 1]
+    budget = trainer.encoder.activation_bytes(threshold)
+    trainer.checkpointing = CheckpointPolicy("auto", budget, trainer.encoder.activation_bytes)
+    events = record_forwards(trainer)
+    trainer.train_step(batch)
+    no_grad, with_grad = [e for e in events if not e["grad"]], [e for e in events if e["grad"]]
+    assert len(no_grad) == len(with_grad) and all(e["mlp"] == 1 for e in no_grad)
+    checkpointed = [e["mlp"] == 2 for e in with_grad]
+    assert checkpointed == [e["tokens"] > threshold for e in with_grad] and any(checkpointed) and not all(checkpointed)
+    assert all(e["mlp"] in (1, 2) for e in with_grad)
+
+
+@pytest.mark.parametrize("grad_cache", ["false", "true"])
+def test_checkpointing_leaves_gradients_identical(workdir: Path, tmp_path: Path, grad_cache: str) -> None:
+    """fp32 on CPU: a step checkpointing every forward and a step checkpointing none update to the same weights,
+    bit for bit (the recomputed forward is the same computation)."""
+    states = []
+    for mode in ("true", "false"):
+        trainer = make_trainer(workdir, tmp_path / mode, f"model.gradient_checkpointing={mode}",
+                               f"grad_cache.enabled={grad_cache}", "grad_cache.chunk_texts=5")  # fmt: skip
+        events = record_forwards(trainer)
+        trainer.train_step(next(iter(trainer.sampler)))
+        assert all(e["mlp"] == (2 if mode == "true" and e["grad"] else 1) for e in events), events
+        states.append(trainer.encoder.model.state_dict())
+    for key, value in states[0].items():
+        assert torch.equal(value, states[1][key]), key
+
+
+def test_encoder_checkpointing_context(qwen3_path: Path) -> None:
+    encoder = Encoder.from_pretrained(qwen3_path).train()
+    assert not encoder.checkpointing_enabled
+    ids = encoder.tokenize(CORPUS[:5])
+    weights = torch.randn(5, encoder.embedding_dim)
+    grads = []
+    for enabled in (True, False):
+        encoder.zero_grad()
+        with encoder.checkpointing(enabled):
+            assert encoder.checkpointing_enabled == enabled
+            (encoder(pad_sequences(ids, 0)) * weights).sum().backward()
+        grads.append([p.grad.clone() for p in encoder.parameters()])
+    assert not encoder.checkpointing_enabled  # restored
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+    assert Encoder.from_pretrained(qwen3_path, gradient_checkpointing=True).checkpointing_enabled
+
+
+def test_trainer_says_what_it_decided(workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    make_trainer(workdir, tmp_path / "a", "model.gradient_checkpointing=auto")
+    said = capsys.readouterr().out
+    assert "gradient checkpointing auto: ~" in said and "KiB of saved activations per token" in said
+    assert "no memory budget known" in said and "every forward with grad checkpoints" in said
+    trainer = make_trainer(
+        workdir, tmp_path / "b", "model.gradient_checkpointing=auto", "model.activation_budget_gb=0.5"
+    )
+    said = capsys.readouterr().out
+    fixed, per_token = trainer.encoder.activation_profile()
+    assert (
+        f"budget 0.50 GiB (model.activation_budget_gb): forwards of more than {(2**29 - fixed) // per_token:,} tokens"
+        in said
+    )
+    make_trainer(workdir, tmp_path / "c", "model.gradient_checkpointing=false")
+    assert "gradient checkpointing off in every forward with grad" in capsys.readouterr().out
+
+
+def test_budget_from_device_memory(workdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA, without activation_budget_gb: a share of the free memory left once gradients and AdamW moments are
+    allocated (reported by a stand-in for the CUDA memory queries)."""
+    trainer = make_trainer(workdir, tmp_path / "run")
+    numel = sum(p.numel() for p in trainer.encoder.parameters() if p.requires_grad)
+    assert trainer.engine.step_state_bytes() == 4 * numel + 8 * numel  # fp32 gradients and two moments, 1 rank
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2**29)
+    free = 10 * 2**30 + 2**29 - trainer.engine.step_state_bytes()
+    assert activation_budget(trainer.engine, torch.device("cuda", 0)) == int(ACTIVATION_MEMORY_SHARE * free)
+    assert activation_budget(trainer.engine, torch.device("cpu")) is None
+
+
+# ------------------------------------------------------------------------------------------------ host syncs
+@pytest.mark.parametrize("grad_cache", ["false", "true"])
+def test_one_finite_check_per_step(workdir: Path, tmp_path: Path, grad_cache: str) -> None:
+    """Loss and gradient norm are checked in one all-reduce (and one host read), inside the engine's step."""
+    trainer = make_trainer(workdir, tmp_path / "run", f"grad_cache.enabled={grad_cache}", "grad_cache.chunk_texts=3")
+    calls = []
+    failed_anywhere = trainer.runtime.failed_anywhere
+    trainer.runtime.failed_anywhere = lambda flags: calls.append(flags.tolist()) or failed_anywhere(flags)
+    trainer.runtime.any_failed = lambda failed: pytest.fail("a second check")
+    result = trainer.train_step(next(iter(trainer.sampler)))
+    assert calls == [[False, False]]
+    assert isinstance(result.grad_norm, torch.Tensor) and float(result.grad_norm) > 0
+    assert trainer.loss_fn.equal_batches  # every rank holds the same batch size: no size exchange
+
+
+@pytest.mark.parametrize(("layout", "grad_cache"), [("padded", "false"), ("packed", "true"), ("padded", "true")])
+def test_train_step_on_the_meta_device(workdir: Path, tmp_path: Path, layout: str, grad_cache: str) -> None:
+    """A whole step (collate, checkpoint decisions, forward, loss, backward, clip, update) with the model on the meta
+    device, where any read of a tensor's value fails: the step needs none beyond its finite check, which meta skips."""
+    trainer = make_trainer(
+        workdir, tmp_path / "run", "model.attn_implementation=f2llm_varlen", "model.gradient_checkpointing=auto",
+        "model.activation_budget_gb=0.0005", f"data.packing={layout == 'packed'}", "data.max_tokens=128",
+        f"grad_cache.enabled={grad_cache}", "grad_cache.chunk_tokens=60", device="meta",
+    )  # fmt: skip
+    assert trainer.encoder.device.type == "meta"
+    events = record_forwards(trainer)
+    result = trainer.train_step(next(iter(trainer.sampler)))
+    assert result.loss.total.device.type == "meta" and result.grad_norm.device.type == "meta"
+    budget = trainer.checkpoint_policy().budget
+    assert budget == int(0.0005 * 2**30)
+    expected = [e["grad"] and trainer.encoder.activation_bytes(e["tokens"]) > budget for e in events]
+    assert [e["mlp"] == 2 for e in events] == expected and any(expected), events
+
+
+# ------------------------------------------------------------------------------------------------ ranks disagree
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("engine", ["ddp", "zero2"])
+def test_ranks_may_checkpoint_differently(workdir: Path, tmp_path: Path, engine: str) -> None:
+    """2 ranks, gradient cache by tokens (the ranks' chunks differ): rank 0 checkpoints every forward with grad,
+    rank 1 none. No collective changes (DDP's all-reduce, ZeRO-2's reduce-scatter per chunk): the run ends at the
+    weights of the run where no rank checkpoints, bit for bit."""
+    engines = {
+        "ddp": [],
+        "zero2": ["engine=deepspeed", f"deepspeed_config={ROOT / 'train' / 'configs' / 'zero2.json'}"],
+    }
+    settings = ["data.batch_size=2", "grad_cache.enabled=true", "grad_cache.chunk_tokens=40", "data.packing=true",
+                "data.max_tokens=128", "validate_every=100", *engines[engine]]  # fmt: skip
+    runs = {}
+    for mode in ("mixed", "none"):
+        out = tmp_path / mode
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}"]
+        run([*launch, str(WORKER), mode, str(workdir / "base.yaml"), f"output_dir={out}", *settings])
+        runs[mode] = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    mixed = runs["mixed"]
+    assert mixed[0]["recomputed"] == mixed[0]["grad_forwards"] > 0 and mixed[1]["recomputed"] == 0
+    assert all(r["recomputed"] == 0 for r in runs["none"])
+    assert_same_weights(tmp_path / "mixed", tmp_path / "none", atol=0)
