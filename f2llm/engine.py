@@ -155,6 +155,12 @@ class Engine(ABC):
         """What a step sends between ranks (a log line), with or without the gradient cache's chunks."""
 
     @property
+    def gathers_parameters(self) -> bool:
+        """Whether a forward gathers partitioned parameters from the other ranks (DeepSpeed ZeRO-3): then a forward
+        recomputed in backward (activation checkpointing) runs collectives of its own."""
+        return False
+
+    @property
     def lr(self) -> float:
         """The rate the next update uses."""
         return self.scheduler.get_last_lr()[0]
@@ -409,9 +415,15 @@ class DeepSpeedEngine(Engine):
             raise
         return norm
 
+    @property
+    def gathers_parameters(self) -> bool:
+        return self.stage == 3
+
     def skip(self) -> None:
-        # DeepSpeed skipped the update (and its schedule step) and dropped the gradients itself; a non-finite loss
-        # stopped the step before any backward. What is left is to keep the schedule aligned with the data.
+        # DeepSpeed skipped the update (and its schedule step) and dropped the gradients itself: the loss and the
+        # norm are checked after its step, and a non-finite norm never reaches the weights. (A non-finite loss
+        # with a finite norm would have been applied; step() then stops the run instead of skipping.) What is
+        # left is to keep the schedule aligned with the data.
         self.ds.zero_grad()
         self.scheduler.step()
 

@@ -132,6 +132,14 @@ def _without_liger(model: PreTrainedModel) -> Iterator[None]:
 VARLEN = "f2llm_varlen"  # torch's varlen_attn as a transformers attention implementation (registered below)
 
 
+try:
+    # Imported with f2llm.model, not on first use: it registers the kernel's FLOP formula, which a FlopCounterMode
+    # opened before the first packed forward would otherwise miss (the mode copies the registry when it is made).
+    import torch.nn.attention.varlen
+except ImportError:  # torch < 2.9
+    pass
+
+
 @functools.cache
 def _torch_varlen_attn() -> Callable | None:
     """torch.nn.attention.varlen.varlen_attn when it takes what f2llm passes (scale, window_size, enable_gqa:
@@ -164,10 +172,16 @@ def _varlen_kernel(
     """[T, H, D] attention inside each ``cu_seqlens`` segment: torch's varlen_attn (flash kernel, CUDA; fake / meta
     and FLOP-counter registrations). The one place the kernel is called: CPU tests put a reference here."""
     varlen_attn = _torch_varlen_attn()
+    if varlen_attn is None and query.device.type == "meta":
+        return _MetaVarlenAttention.apply(query, key, value)  # measuring saved activations on an older torch
     if varlen_attn is None:
         raise RuntimeError(
             f"attn_implementation {VARLEN!r} needs torch.nn.attention.varlen.varlen_attn with scale / window_size / "
             f"enable_gqa (torch >= 2.13); this is torch {torch.__version__}: use sdpa or flash_attention_2"
+        )
+    if query.device.type == "cpu":
+        raise ValueError(
+            f"attn_implementation {VARLEN!r} runs on CUDA (and the meta device); use sdpa for a model on the CPU"
         )
     return varlen_attn(
         query,
@@ -181,6 +195,24 @@ def _varlen_kernel(
         window_size=window_size,
         enable_gqa=enable_gqa,
     )
+
+
+class _MetaVarlenAttention(torch.autograd.Function):
+    """What torch's varlen kernel keeps for backward (q, k, v, the output and a float32 [T, H] log-sum-exp), with no
+    computation: stands in on the meta device where this torch has no suitable varlen_attn, so that the activation
+    estimate (and the checkpointing decisions built on it) work on any torch."""
+
+    @staticmethod
+    def forward(ctx, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(query)
+        lse = query.new_empty(query.shape[:2], dtype=torch.float32)
+        ctx.save_for_backward(query, key, value, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        query, key, value, *_ = ctx.saved_tensors
+        return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
 
 
 # The dtype an emulated autocast computes matrix products in (see _MetaAutocast), or None.

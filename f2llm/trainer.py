@@ -18,8 +18,10 @@ once, where the engine can still refuse the update: one all-reduce and one host 
 Activation checkpointing (``model.gradient_checkpointing``) is decided per forward with grad by
 :class:`CheckpointPolicy`: forced on or off, or (auto) on only when the forward's estimated saved activations exceed
 the budget. The decision reads only the batch's shape, so it costs no host sync and works on the meta device.
-Checkpointing changes no collective (DDP and DeepSpeed reduce the same gradients in the same order; a recomputed
-forward holds none), so ranks may decide differently, e.g. for chunks of different sizes.
+Under DDP and ZeRO 0-2 checkpointing changes no collective (the same gradients are reduced in the same order; a
+recomputed forward holds none), so ranks may decide differently, e.g. for chunks of different sizes. ZeRO-3
+gathers a layer's parameters again when it recomputes it: there every forward with grad checkpoints when any rank's
+policy asks for it (one small all-reduce per forward), so all ranks run the same gathers.
 """
 
 from __future__ import annotations
@@ -438,6 +440,10 @@ class Trainer:
         """The engine's forward, checkpointed when it builds a graph and the policy says so for its size (input
         positions, padding included: a shape, known without reading the device)."""
         checkpoint = torch.is_grad_enabled() and self.checkpoint_policy()(batch.input_ids.numel())
+        if torch.is_grad_enabled() and self.engine.gathers_parameters:
+            # A recomputed forward gathers its parameters again: one rank recomputing alone would leave the
+            # others' collectives unmatched. Every rank checkpoints when any asks (ranks' budgets and chunks differ).
+            checkpoint = bool(self.runtime.max(int(checkpoint)))
         with self.encoder.checkpointing(checkpoint):
             return self.engine.forward(batch)
 

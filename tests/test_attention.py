@@ -110,6 +110,13 @@ def test_varlen_needs_torch_with_window_size_and_gqa(monkeypatch: pytest.MonkeyP
 
     assert varlen_available()  # torch 2.13 here
 
+    def estimate_on_meta() -> tuple[int, int]:
+        with torch.device("meta"):
+            model = AutoModel.from_config(tiny_qwen3_config(100))
+        return f2llm.model.estimate_activation_profile(model, "sdpa", torch.float32, torch.float32, decoder=True)
+
+    with_kernel = estimate_on_meta()
+
     def old_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
         raise AssertionError("not called")
 
@@ -117,8 +124,14 @@ def test_varlen_needs_torch_with_window_size_and_gqa(monkeypatch: pytest.MonkeyP
     f2llm.model._torch_varlen_attn.cache_clear()
     try:
         assert not varlen_available()
+        q = torch.zeros(6, 2, 8)
+        cu = torch.tensor([0, 6], dtype=torch.int32)
         with pytest.raises(RuntimeError, match=r"needs torch\.nn\.attention\.varlen\.varlen_attn"):
-            f2llm.model._varlen_kernel(*[None] * 5, scale=None, window_size=(-1, 0), enable_gqa=False)
+            f2llm.model._varlen_kernel(q, q, q, cu, 6, scale=None, window_size=(-1, 0), enable_gqa=False)
+        # The activation estimate (gradient_checkpointing: auto, the default) still measures on the meta device,
+        # through a stand-in that saves what the kernel saves: the same bytes per token as with the real kernel.
+        (fixed, per_token), (kernel_fixed, kernel_per_token) = estimate_on_meta(), with_kernel
+        assert per_token == kernel_per_token and abs(fixed - kernel_fixed) < 64  # the kernel also keeps cu_seqlens
     finally:
         monkeypatch.undo()
         f2llm.model._torch_varlen_attn.cache_clear()
