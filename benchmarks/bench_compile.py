@@ -187,11 +187,11 @@ def grouped_launches() -> Iterator[Launch]:
     C = contrastive
     for D in DIMS:
         for B in QUERIES:
-            block_b, block_g, block_d = C._grouped_blocks(B, GROUP, D)
-            blocks = dict(BLOCK_B=block_b, BLOCK_G=block_g, BLOCK_D=block_d)
+            block_b, block_g, block_d, num_warps = C._grouped_blocks(B, GROUP, D)
+            blocks = dict(BLOCK_B=block_b, BLOCK_G=block_g, BLOCK_D=block_d, num_warps=num_warps)
             for dname, dtype in DTYPES.items():
                 x, f32 = tensor(dtype), tensor(torch.float32)
-                label = f"{dname} {block_b}x{block_g}x{block_d}"
+                label = f"{dname} {block_b}x{block_g}x{block_d} w{num_warps}"
                 size = f"D={D} B={B} G={GROUP}"
                 yield Launch(
                     "grouped_fwd", C._grouped_fwd_kernel, (x, x, f32, f32, B, GROUP, D, 28.85), blocks, False, label,

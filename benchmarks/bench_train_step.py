@@ -1,33 +1,52 @@
-"""Training-step benchmark: one F2LLM training step of a Qwen3 backbone, ablated one switch at a time.
+"""Training-step benchmark: one F2LLM training step of a Qwen3 backbone, ablated one switch at a time, timed and
+FLOP-counted.
 
 Commands (from the repository root):
     python benchmarks/bench_train_step.py                          # CUDA: Qwen3-0.6B dimensions, every row
     python benchmarks/bench_train_step.py --model 4b --budget-s 300
     python benchmarks/bench_train_step.py --cpu                    # tiny Qwen3 on CPU (committed CPU results)
     python benchmarks/bench_train_step.py --cpu --quick            # seconds: every row type (CI smoke test)
+    python benchmarks/bench_train_step.py --flops --model all      # executed vs ideal FLOPs of one step (no GPU)
     python benchmarks/bench_train_step.py --comm                   # what each engine communicates per step
-It writes train_step_<device>.json and .md under --out (default benchmarks/results/local), after every row, so
-that a run stopped by a timeout keeps the rows it finished.
+The timed modes write train_step_<device>.json and .md under --out (default benchmarks/results/local), after every
+row, so that a run stopped by a timeout keeps the rows it finished; --flops writes train_step_flops.json / .md.
 
-One step = forward, loss, backward, gradient clipping (1.0) and an AdamW step (the trainer's defaults: betas
-(0.9, 0.98), weight decay 0.01), with gradient checkpointing on, of 16 queries x (1 positive + 7 hard negatives)
-on one device. The backbone is built from ``transformers.Qwen3Config`` with the real dimensions of Qwen3-0.6B /
-1.7B / 4B and random weights (bf16 on CUDA, fp32 on CPU); nothing is downloaded. Rows, each adding one switch:
+Every row runs the trainer's own step, ``f2llm.trainer.Trainer.train_step``: collation, the gradient cache
+(``f2llm.gradcache.GradientCache``), the encoder's forward and backward and the engine's step (``DDPEngine``: fp32
+master weights and AdamW state, the forward under bf16 autocast on CUDA, clipping at 1.0, AdamW with the trainer's
+defaults, betas (0.9, 0.98), weight decay 0.01) exactly as training does them. The Trainer is built directly (its
+dataclass fields) around an Encoder on a ``transformers.Qwen3Config`` backbone with the real dimensions of Qwen3-0.6B
+/ 1.7B / 4B and random weights (nothing is downloaded), and is fed a real ``f2llm.data.sampler.TrainingBatch`` of 16
+queries x (1 positive + 7 hard negatives), the recipe's batch on one GPU. Rows, each adding one switch:
 
-    a. baseline, as the recipe's code runs it: all texts padded into one batch, sdpa attention (flash-attention 2
-       when installed), plain PyTorch pooling (gather the last token, ``F.normalize``) and loss
-       (``cross_entropy(q @ p.T / t)`` in-batch + ``cross_entropy(bmm(q, docs) / t)`` hard), no Liger;
+    a. baseline, as the recipe's code runs it: all texts padded into one batch, sdpa attention with the padding
+       mask, gradient checkpointing, plain PyTorch pooling and loss: :class:`PlainPoolingEncoder` (a bench subclass
+       of ``f2llm.model.Encoder`` that replaces only the pooling, by the last token's hidden state and
+       ``F.normalize``; the Encoder has no pooling switch, so the subclass overrides ``forward`` for padded batches
+       with the same backbone call) and :class:`PlainF2LLMLoss` (F2LLMLoss's call signature on ``cross_entropy(q @
+       p.T / t)`` in-batch + ``cross_entropy(bmm(q, docs) / t)`` hard);
     b. + Liger RMSNorm / RoPE / SwiGLU (``f2llm.model.apply_liger_kernels``; skipped, with the reason, where Liger
-       cannot run: on CPU, or when liger_kernel is not importable);
+       cannot run: on CPU, or when liger_kernel is not importable). Liger changes no matmul: same FLOPs as a;
     c. + fused pooling and loss (``Encoder.forward``: ``f2llm.ops.pool``; ``F2LLMLoss``);
-    d. + packing (``Collator(mode="packed")`` with the trainer's default row capacity); on CUDA the Encoder runs
-       flash-attention's varlen kernel when flash-attn is installed, else sdpa with a block-diagonal causal mask
-       that transformers builds from the restarting position ids. Under a mask-based attention a second row d2
-       packs into rows of 2 x max text length (the mask's attention work grows with the square of the row width);
-    e. + gradient cache (``f2llm.gradcache.GradientCache``) at effective batches of 1k / 4k / 16k / 64k queries,
-       in chunks of at most --gc-chunk-tokens real tokens, packed as the faster of d / d2. With --budget-s, a
+    d. + packing (``data.packing``, rows of ``data.max_tokens``) with varlen attention where it runs (the
+       ``f2llm_varlen`` attention of f2llm.model, or flash-attention 2, on CUDA), else sdpa with the block-diagonal
+       causal mask transformers builds from the restarting position ids; gradient checkpointing decided by the
+       memory budget (below). The --flops row d is always the varlen layout: the full stack. Row d2 packs into rows
+       of 2 x max text length under sdpa's block-diagonal mask (that mask's attention work grows with the square of
+       the row width);
+    e. + gradient cache (``grad_cache.enabled``, ``grad_cache.chunk_tokens``) at effective batches of many queries on
+       one device, packed as d (timed rows without varlen: the faster of d / d2), in chunks of real tokens whose
+       activations fit the memory budget without checkpointing (or --gc-chunk-tokens). With --budget-s, a
        gradient-cache row whose predicted time exceeds what is left is skipped (the row says so), and so are the
        larger ones after it.
+
+Memory budget (rows d, d2, e): they run ``model.gradient_checkpointing: auto``, the trainer's CheckpointPolicy:
+a forward with grad (the batch, or a gradient-cache chunk in its second pass) checkpoints only when its estimated
+saved activations (the library's ``Encoder.activation_bytes``, for bf16 compute) exceed the budget. The budget is
+what an 80 GB H100 (``--memory-gb``, 80e9 bytes) leaves after the DDP engine's training state, 16 bytes per
+parameter (fp32 weights, fp32 gradients, AdamW's two fp32 moments): 65.6 GiB for Qwen3-0.6B, 48.9 GiB for 1.7B,
+14.6 GiB for 4B; the same on any GPU, so that the timed rows are the --flops rows. Rows a-c checkpoint every
+forward (the recipe's). :class:`StepObserver` (a forward pre-hook on the Encoder) records what each forward did.
 
 Text lengths come from the shipped SciFact data (``data/retrieval/scifact``), without a tokenizer: a text's
 token count is taken as round(1.3 x its word count) + 1 (EOS), capped at 1024, the recipe's maximum. Queries
@@ -36,21 +55,48 @@ are the instruction-formatted claims (23-70 tokens, mean 35), documents title + 
 The CPU modes scale the lengths down (x0.25; x0.125 with --quick), use a tiny Qwen3 (hidden 64, 2 layers) and
 one torch thread.
 
-Metrics per row:
+Metrics per timed row:
     step_s      median wall time of --steps steps after 2 warm-up steps (CUDA: synchronized); gradient-cache
                 rows run --gc-steps steps and no warm-up (their chunks reuse the shapes rows a-d warmed up);
     tokens_per_s real (non-padding) tokens of the step / step_s;
     real_share  real tokens / positions the model computed (padding included);
-    mfu_pct     model FLOPs / step_s / the matmul rate measured in this run (bf16 8192^3 on CUDA, fp32 on CPU), with
-                    model FLOPs = 6 * N * T + 6 * n_layers * (n_heads * head_dim) * sum_i len_i^2
-                N: the weight matrices' parameters without the token embedding (a lookup; an embedding model
-                has no LM head), i.e. what the linear layers multiply by;
-                T = sum_i len_i real tokens. The second term is attention: QK^T and AV cost 4 * len^2 * d_attn per
-                layer forward, times 3 for forward + backward, halved by the causal mask. Recomputation (gradient
-                checkpointing, the gradient cache's no-grad pass) and padding count as overhead, not as work;
+    mfu_pct     model FLOPs (the ideal of --flops below) / step_s / the matmul rate measured in this run (bf16
+                8192^3 on CUDA, fp32 on CPU). The GPU suite also reports the executed-FLOPs MFU of each row, from
+                the --flops rows of the same configuration (benchmarks/report.py summary);
     peak_mib    CUDA: torch.cuda.max_memory_allocated over the timed steps (weights, optimizer state, activations);
                 CPU: the process's peak resident memory over the timed steps (VmHWM after a reset).
 An out-of-memory row is recorded as OOM, any other failure as the error's text; the next rows still run.
+
+--flops counts the FLOPs one step executes, against the ideal, for every row on the real Qwen3 dimensions (--model
+0.6b, 1.7b, 4b or all; lengths at scale 1.0; gradient-cache rows at --gc-batches queries, default 512), on the meta
+device (no memory, no compute), plus row d0: d with checkpointing off (what d costs where its activations fit):
+    ideal       forward + backward of the real tokens once: 6 x N x T + 3 x n_layers x 4 x d_attn x sum_i
+                len_i (len_i + 1) / 2, with N the weight matrices' parameters without the token embedding (a
+                lookup; an embedding model has no LM head), T = sum_i len_i real tokens, d_attn = n_heads x head_dim
+                (QK^T and AV over the causal pairs of each text);
+    linear      counted: ``torch.utils.flop_counter.FlopCounterMode`` around ``Trainer.train_step``: every matmul of
+                the step, padding positions, checkpointing's recompute (torch's non-reentrant checkpoint stops
+                recomputing after the last saved tensor it needs, so a layer's down projection is not recomputed)
+                and the gradient cache's no-grad pass included. Split by phase (forward with grad, no-grad, inside
+                backward); recompute = inside backward - 2 x forward;
+    attention   by the kernel's actual work, call by call (:class:`AttentionLedger`): dense sdpa with a mask
+                computes every row's full W x W scores (padded: L_pad^2 per text; packed under the block-diagonal
+                mask: row width^2 per row), varlen kernels the causal pairs of each segment of the collator's
+                ``attn_cu_seqlens`` (texts, and runs of padding); 4 x d_attn FLOPs per score forward, backward 2.5 x
+                forward (flash / memory-efficient kernels recompute the scores: 5 GEMMs to 2), a recomputed or
+                no-grad forward 1 x. Varlen rows run the library's ``f2llm_varlen`` (torch's varlen_attn, its fake
+                kernel on meta), whose calls the counter hands to the ledger: torch's own FLOP formula for it, on
+                meta, takes every segment as long as the longest and counts no causal halving. sdpa rows (and
+                varlen rows where torch has no varlen_attn) run :func:`count_attention`, a zero-FLOP stand-in:
+                transformers' sdpa mask creation reads values (``.item()``), which meta tensors do not have;
+    loss        analytic (:class:`CountedLoss`; the fused kernels' target checks read values): in-batch B x N x D
+                scores: fused kernel 8 BND (forward, and a backward that recomputes the scores: 3 GEMMs), plain
+                torch 6 BND; hard negatives B x G x D (G = 1 + negatives), 6 BGD either way.
+Everything else is the library's: Trainer.train_step, GradientCache.step, the Encoder, the DDP engine's forward,
+backward and step (its finiteness check skips meta tensors). It writes train_step_flops.json with per-row
+``executed_flops``, ``ideal_flops``, ``ratio`` and the breakdown, and ``summary``: per model the
+``baseline_ratio`` (row a), ``full_stack_ratio`` (row d), ``full_stack_no_checkpointing_ratio`` (row d0) and
+``grad_cache_ratio`` (the first row e).
 
 --comm measures what one training step sends between ranks, per engine (DDP, DeepSpeed ZeRO-1/2/3) and gradient-
 cache chunk count, by running the trainer's own step (``f2llm.trainer.Trainer.train_step``) under torchrun with 2
@@ -83,21 +129,24 @@ import torch
 import torch.nn.functional as F
 from common import DEFAULT_OUT, MIB, cpu_median_s, cuda_median_ms, is_oom, write_results
 from tokenizers import Tokenizer, models
-from transformers import AutoModel, PreTrainedTokenizerFast, Qwen3Config
-from transformers.utils import is_flash_attn_2_available
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AttentionInterface, AutoModel, PreTrainedModel, PreTrainedTokenizerFast, Qwen3Config
 
-from f2llm.config import DataConfig, OptimConfig, TrainConfig, load_config
+from f2llm.config import DataConfig, GradCacheConfig, LossConfig, ModelConfig, TrainConfig, load_config
 from f2llm.data import INSTRUCTIONS, Collator, EncoderBatch, format_query
-from f2llm.gradcache import GradientCache, chunk_by_tokens
-from f2llm.loss import F2LLMLoss
-from f2llm.model import Encoder, apply_liger_kernels
+from f2llm.engine import build_engine
+from f2llm.loss import F2LLMLoss, LossOutput
+from f2llm.model import VARLEN as VARLEN_ATTENTION
+from f2llm.model import Encoder, apply_liger_kernels, default_attn_implementation, varlen_available
+from f2llm.trainer import CheckpointPolicy, Runtime, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 SCIFACT = ROOT / "data" / "retrieval" / "scifact"
 MAX_LENGTH = 1024  # the recipe's maximum tokens per text
 WORDS_TO_TOKENS = 1.3
 EOS = "<|endoftext|>"
-TEMPERATURE = TrainConfig().loss.temperature
+TEMPERATURE = LossConfig().temperature
 # Dimensions of the released Qwen3 base models (their config.json); "tiny" is the CPU mode's model.
 QWEN3_DIMS: dict[str, dict[str, int]] = {
     "0.6b": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
@@ -109,11 +158,21 @@ QWEN3_DIMS: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  head_dim=16, intermediate_size=128, vocab_size=1024),
 }  # fmt: skip
-# Gradient-cache step time over a plain step's, per token: one more forward (the no-grad pass) on top of
-# forward + recompute + backward (about 4 forwards). Used only to predict whether the first such row fits.
+FLOPS_MODELS = ("0.6b", "1.7b", "4b")
+# Gradient-cache step time over a plain step's, per token: one more forward (the no-grad pass). Used only to
+# predict whether the first such row fits --budget-s.
 GC_OVERHEAD = 1.3
-COLUMNS = ["row", "status", "attention", "layout", "queries", "texts", "chunks", "real_tokens", "real_share",
+COLUMNS = ["row", "status", "attention", "checkpointing", "queries", "texts", "chunks", "real_tokens", "real_share",
            "step_s", "tokens_per_s", "mfu_pct", "peak_mib", "steps"]  # fmt: skip
+FLOPS_COLUMNS = ["model", "row", "status", "attention", "checkpointing", "queries", "chunks", "real_share",
+                 "executed_tflop", "ideal_tflop", "ratio", "linear_share", "attention_share", "loss_share",
+                 "recompute_share"]  # fmt: skip
+# Training state of the DDP engine per parameter: fp32 weights, fp32 gradients, AdamW's exp_avg and exp_avg_sq.
+STATE_BYTES_PER_PARAM = 16
+GPU_MEMORY_GB = 80.0  # an 80 GB H100 (GB = 1e9 bytes)
+# Flash / memory-efficient attention backward: recompute QK^T, then dV, dP, dQ, dK: 5 GEMMs to the forward's 2.
+ATTENTION_BACKWARD = 2.5
+COUNT_ATTENTION = "f2llm_bench_count"  # the zero-FLOP attention function of --flops (see count_attention)
 
 
 @dataclass(frozen=True)
@@ -126,8 +185,9 @@ class Settings:
     negatives: int = 7
     length_scale: float = 1.0
     max_tokens: int = DataConfig().max_tokens
-    gc_batches: tuple[int, ...] = (1024, 4096, 16384, 65536)
-    gc_chunk_tokens: int = 65536
+    gc_batches: tuple[int, ...] = (512, 4096, 32768)
+    gc_chunk_tokens: int | None = None  # None: the largest chunk whose activations fit the memory budget
+    memory_gb: float = GPU_MEMORY_GB
     warmup: int = 2
     steps: int = 5
     gc_steps: int = 1
@@ -143,6 +203,8 @@ def default_settings(device: str, model: str | None, quick: bool) -> Settings:
     if device == "cuda":
         base = Settings(model=model or "0.6b", device=device)
         return replace(base, gc_batches=(256,), steps=3) if quick else base
+    if device == "meta":  # --flops: the real lengths and batch
+        return Settings(model=model or "0.6b", device=device, gc_batches=(512,))
     base = Settings(model=model or "tiny", device=device, length_scale=0.25, max_tokens=2048,
                     gc_batches=(64, 256), gc_chunk_tokens=4096, warmup=2, steps=3)  # fmt: skip
     if quick:
@@ -191,26 +253,25 @@ def scifact_lengths(scale: float = 1.0) -> LengthPool:
     return LengthPool(scaled(queries), scaled(docs))
 
 
-@dataclass
-class StepBatch:
-    """One step's texts in the trainer's order (queries, positives, negatives row-major) as token id arrays."""
+def draw_batch(pool: LengthPool, queries: int, negatives: int, vocab_size: int, eos_id: int, seed: int) -> Any:
+    """A TrainingBatch (what the trainer's sampler yields) of lengths drawn from ``pool``: random int32 token ids,
+    EOS last (what last-token pooling reads); a retrieval source, so the loss has its in-batch term."""
+    from f2llm.data.sampler import TrainingBatch
 
-    queries: int
-    negatives: int
-    seqs: list[np.ndarray]
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.fromiter((len(s) for s in self.seqs), dtype=np.int64, count=len(self.seqs))
-
-
-def draw_batch(pool: LengthPool, queries: int, negatives: int, vocab_size: int, eos_id: int, seed: int) -> StepBatch:
-    """Lengths drawn from ``pool``, random token ids, EOS last (what last-token pooling reads)."""
     rng = np.random.default_rng(seed)
     lengths = np.concatenate([rng.choice(pool.queries, queries), rng.choice(pool.documents, queries * (1 + negatives))])
-    tokens = rng.integers(0, vocab_size, int(lengths.sum()), dtype=np.int64)
+    tokens = rng.integers(0, vocab_size, int(lengths.sum()), dtype=np.int32)
     tokens[np.cumsum(lengths) - 1] = eos_id
-    return StepBatch(queries, negatives, np.split(tokens, np.cumsum(lengths)[:-1]))
+    seqs = np.split(tokens, np.cumsum(lengths)[:-1])
+    return TrainingBatch(source="scifact", kind="retrieval", epoch=0, step=0, rows=np.arange(queries),
+                         negative_columns=list(range(negatives)), queries=seqs[:queries],
+                         passages=seqs[queries : 2 * queries], negatives=seqs[2 * queries :])  # fmt: skip
+
+
+def batch_lengths(batch: Any) -> np.ndarray:
+    """Token counts of a TrainingBatch's texts, in the order of ``batch.sequences()``."""
+    seqs = batch.sequences()
+    return np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -221,33 +282,42 @@ def eos_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_encoder(settings: Settings, attn_implementation: str) -> Encoder:
-    """Qwen3 backbone with random weights, built on the device, gradient checkpointing on, in train mode."""
-    dims = QWEN3_DIMS[settings.model]
-    config = Qwen3Config(**dims, max_position_embeddings=40960, use_cache=False)
-    dtype = torch.bfloat16 if settings.device == "cuda" else torch.float32
-    with torch.device(settings.device):
-        model = AutoModel.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
-    # Non-reentrant checkpointing, as Encoder.from_pretrained enables it (the method's name depends on the
-    # transformers version).
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return Encoder(model, eos_tokenizer(), pooling="last", max_length=settings.max_length).train()
+def qwen3_config(dims: dict[str, int]) -> Qwen3Config:
+    return Qwen3Config(**dims, max_position_embeddings=40960, use_cache=False)
 
 
-def matmul_params(model: torch.nn.Module) -> int:
+def build_backbone(dims: dict[str, int], device: str, attn_implementation: str) -> PreTrainedModel:
+    """Qwen3 backbone with random fp32 weights (the DDP engine's master weights) built on ``device``, train mode.
+
+    On the meta device nothing is allocated; the weights have shapes and no values."""
+    with torch.device(device):
+        model = AutoModel.from_config(qwen3_config(dims), dtype=torch.float32, attn_implementation=attn_implementation)
+    return model.train()
+
+
+def set_attention(model: PreTrainedModel, name: str) -> None:
+    if model.config._attn_implementation == name:
+        return
+    try:
+        model.set_attn_implementation(name)
+    except (ValueError, ImportError, AttributeError):
+        model.config._attn_implementation = name  # a function registered in AttentionInterface is looked up by name
+
+
+def matmul_params(model: nn.Module) -> int:
     """N of the FLOP count: the weight matrices (2-D parameters) but the token embedding table."""
     return sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in name)
 
 
-def model_flops(config: Qwen3Config, n_params: int, lengths: np.ndarray) -> float:
-    """Training FLOPs of one step over texts of ``lengths`` (see the module docstring)."""
+def ideal_flops(config: Qwen3Config, n_params: int, lengths: np.ndarray) -> float:
+    """Forward + backward of the real tokens once (see the module docstring): 6 N T + causal attention."""
     d_attn = config.num_attention_heads * config.head_dim
     lengths = lengths.astype(np.float64)
-    return float(6 * n_params * lengths.sum() + 6 * config.num_hidden_layers * d_attn * (lengths**2).sum())
+    pairs = (lengths * (lengths + 1) / 2).sum()
+    return float(6 * n_params * lengths.sum() + 3 * config.num_hidden_layers * 4 * d_attn * pairs)
+
+
+model_flops = ideal_flops  # the FLOPs of the timed rows' MFU
 
 
 def matmul_tflops(device: str) -> tuple[float, str]:
@@ -265,165 +335,460 @@ def matmul_tflops(device: str) -> tuple[float, str]:
     return 2 * n**3 / seconds / 1e12, f"fp32 {n}^3 matmul (median of 7, torch threads: {threads})"
 
 
-# ------------------------------------------------------------------------------------------------ the step
-def plain_embed(encoder: Encoder, batch: EncoderBatch) -> torch.Tensor:
-    """The baseline's pooling: the HF model's last hidden state at each text's last token, then F.normalize."""
-    batch = batch.to(encoder.device)
-    hidden = encoder.model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
-    ).last_hidden_state
-    last = batch.attention_mask.sum(1) - 1
-    return F.normalize(hidden[torch.arange(hidden.shape[0], device=hidden.device), last], dim=-1)
+class PlainPoolingEncoder(Encoder):
+    """The baseline's pooling: the backbone's last hidden state at each text's last token, then ``F.normalize``.
+
+    ``f2llm.model.Encoder`` has no pooling switch (its forward calls the fused ``f2llm.ops.pool``), so this
+    subclass overrides ``forward`` for padded batches: the same backbone call as Encoder.forward's padded branch,
+    then the plain pooling. Everything else (construction, device handling, the trainer's use) is the Encoder's.
+    """
+
+    def forward(self, batch: EncoderBatch) -> torch.Tensor:
+        if batch.packed:
+            raise ValueError("PlainPoolingEncoder: the baseline pools padded batches only")
+        batch = batch.to(self.device, non_blocking=True)
+        hidden = self.model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+            use_cache=False,
+        ).last_hidden_state  # fmt: skip
+        last = batch.attention_mask.sum(1) - 1
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return F.normalize(hidden[rows, last].float(), dim=-1)
 
 
-def plain_loss(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """The baseline's loss: hard (each query vs its positive + negatives, via bmm) + in-batch (q @ p.T)."""
-    docs = torch.cat([p[:, None], n], dim=1)  # [B, 1 + k, D]
-    hard_logits = torch.bmm(q[:, None], docs.transpose(1, 2)).squeeze(1) / TEMPERATURE
-    zeros = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-    in_batch = F.cross_entropy(q @ p.T / TEMPERATURE, torch.arange(q.shape[0], device=q.device))
-    return F.cross_entropy(hard_logits, zeros) + in_batch
+class PlainF2LLMLoss(nn.Module):
+    """F2LLMLoss's call signature on plain PyTorch ops: hard (each query vs its positive + negatives, via bmm) +
+    in-batch (``q @ p.T``), both ``F.cross_entropy`` at the recipe's temperature; one rank."""
+
+    def __init__(self, temperature: float = TEMPERATURE) -> None:
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(
+        self, query_emb: torch.Tensor, pos_emb: torch.Tensor, neg_emb: torch.Tensor, in_batch: bool
+    ) -> LossOutput:
+        docs = torch.cat([pos_emb[:, None], neg_emb], dim=1)  # [B, 1 + k, D]
+        hard_logits = torch.bmm(query_emb[:, None], docs.transpose(1, 2)).squeeze(1) / self.temperature
+        zeros = torch.zeros(query_emb.shape[0], dtype=torch.long, device=query_emb.device)
+        hard = F.cross_entropy(hard_logits, zeros)
+        if not in_batch:
+            return LossOutput(hard, hard, torch.zeros((), device=hard.device, dtype=hard.dtype))
+        targets = torch.arange(query_emb.shape[0], device=query_emb.device)
+        in_batch_loss = F.cross_entropy(query_emb @ pos_emb.T / self.temperature, targets)
+        return LossOutput(hard + in_batch_loss, hard, in_batch_loss)
 
 
-def split_embeddings(emb: torch.Tensor, queries: int, negatives: int) -> tuple[torch.Tensor, ...]:
-    """[B + B + B*k, D] in the trainer's order -> q [B, D], p [B, D], n [B, k, D]."""
-    return emb[:queries], emb[queries : 2 * queries], emb[2 * queries :].reshape(queries, negatives, -1)
+def loss_flops(B: int, N: int, G: int, D: int, fused: bool, in_batch: bool = True) -> int:
+    """FLOPs of the loss, forward + backward (module docstring): in-batch 8 BND fused (its backward recomputes the
+    scores) or 6 BND plain; hard negatives 6 BGD."""
+    return 6 * B * G * D + ((8 if fused else 6) * B * N * D if in_batch else 0)
 
 
-@dataclass
+class CountedLoss(nn.Module):
+    """F2LLMLoss's call signature for the meta device: the loss keeps every embedding's gradient path (sums, no
+    FLOPs to count) and the FLOPs of the loss the row runs are added from the shapes (:func:`loss_flops`)."""
+
+    def __init__(self, fused: bool) -> None:
+        super().__init__()
+        self.fused = fused
+        self.flops = 0
+
+    def forward(
+        self, query_emb: torch.Tensor, pos_emb: torch.Tensor, neg_emb: torch.Tensor, in_batch: bool
+    ) -> LossOutput:
+        B, D = query_emb.shape
+        self.flops += loss_flops(B, pos_emb.shape[0], 1 + neg_emb.shape[1], D, self.fused, in_batch)
+        hard = (query_emb.sum() + pos_emb.sum() + neg_emb.sum()) * 0.0
+        in_batch_loss = (query_emb.sum() + pos_emb.sum()) * 0.0 if in_batch else torch.zeros_like(hard)
+        return LossOutput(hard + in_batch_loss, hard, in_batch_loss)
+
+
+# ------------------------------------------------------------------------------------------------ memory
+def state_bytes(model: nn.Module) -> int:
+    """The DDP engine's training state: fp32 weights, gradients and AdamW moments (16 bytes per parameter)."""
+    return STATE_BYTES_PER_PARAM * sum(p.numel() for p in model.parameters())
+
+
+def activation_budget_bytes(model: nn.Module, memory_gb: float = GPU_MEMORY_GB) -> int:
+    """The rows' ``model.activation_budget_gb`` (in bytes): the GPU's memory less the training state."""
+    return int(memory_gb * 1e9) - state_bytes(model)
+
+
+def checkpoint_policy(encoder: Encoder, mode: bool | str, budget: int, compute_dtype: torch.dtype) -> CheckpointPolicy:
+    """The trainer's CheckpointPolicy of a row: ``mode`` True / False / "auto", the library's activation estimate
+    (``Encoder.activation_bytes``) for ``compute_dtype`` (bf16 on CUDA and for --flops) against ``budget`` bytes."""
+    source = f"{budget / 2**30:.1f} GiB: an {GPU_MEMORY_GB:g} GB GPU less {STATE_BYTES_PER_PARAM} B per parameter"
+    return CheckpointPolicy(mode, budget, lambda n: encoder.activation_bytes(n, compute_dtype), source)
+
+
+def chunk_tokens_fitting(encoder: Encoder, budget: int, compute_dtype: torch.dtype) -> int:
+    """The gradient cache's chunk size (real tokens, a multiple of 1024, 2% left for packed rows' padding tails)
+    whose forward fits ``budget`` without checkpointing (by the library's estimate)."""
+    fixed, per_token = encoder.activation_profile(compute_dtype)
+    return max(MAX_LENGTH, int(0.98 * (budget - fixed) / per_token) // 1024 * 1024)
+
+
+class StepObserver:
+    """A forward pre-hook on the Encoder: it sees every batch the trainer's step encodes, on the host (before the
+    Encoder moves it to its device), and, for forwards with grad, whether the trainer's policy checkpoints it."""
+
+    def __init__(self, encoder: Encoder) -> None:
+        self.encoder = encoder
+        self.batch: EncoderBatch | None = None
+        self.grad = False  # the last forward builds a graph
+        self.decisions: list[bool] = []  # checkpointing of each forward with grad
+        self.positions: list[int] = []  # input positions of each forward with grad
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self.batch = args[0]
+        self.grad = torch.is_grad_enabled()
+        if self.grad:
+            self.decisions.append(self.encoder.checkpointing_enabled)
+            self.positions.append(self.batch.input_ids.numel())
+
+    def describe(self, policy: CheckpointPolicy) -> str:
+        rule = "by the memory budget" if policy.mode == "auto" else "fixed"
+        if not self.decisions:
+            return f"none ({rule})"
+        on, n = sum(self.decisions), len(self.decisions)
+        state = "on" if on == n else "off" if on == 0 else f"on in {on}/{n} forwards"
+        return f"{state} ({rule})"
+
+
+# ------------------------------------------------------------------------------------------------ the rows
+@dataclass(frozen=True)
 class Variant:
-    """One ablation row: which switches are on."""
+    """One ablation row: which switches are on (see the module docstring)."""
 
+    key: str
     row: str
     fused: bool
     packed: bool
-    max_tokens: int | None = None
+    attention: str  # "padded" (sdpa, padding mask), "varlen", or "mask" (sdpa, block-diagonal causal mask)
+    max_tokens: int | None = None  # packed row capacity
     gc_queries: int | None = None
+    checkpointing: bool | None = True  # None: by the memory budget
+    liger: bool = False
     skip: str | None = None
 
+    def attention_label(self) -> str:
+        if self.attention == "padded":
+            return "sdpa, padding mask"
+        if self.attention == "varlen":
+            return "varlen (cu_seqlens)"
+        return f"sdpa, block-diagonal causal mask (rows of {self.max_tokens})"
 
-@dataclass
-class Bench:
-    """The model, optimizer and measurement state shared by all rows."""
 
-    settings: Settings
-    encoder: Encoder
-    optimizer: torch.optim.Optimizer
-    n_params: int
-    peak_tflops: float
-    attn_implementation: str
-    liger: bool = False
-    start: float = field(default_factory=time.perf_counter)
+def ablation_rows(settings: Settings, varlen: bool) -> list[Variant]:
+    """Rows a-d (and d2); ``varlen``: row d runs varlen attention, else sdpa's block-diagonal mask."""
+    packed = "varlen" if varlen else "mask"
+    rows = [
+        Variant("a", "a. baseline (padded, checkpointing, plain pooling + loss)", fused=False, packed=False,
+                attention="padded"),
+        Variant("b", "b. + Liger RMSNorm/RoPE/SwiGLU", fused=False, packed=False, attention="padded", liger=True),
+        Variant("c", "c. + fused pooling + loss", fused=True, packed=False, attention="padded", liger=True),
+        Variant("d", f"d. + packing ({packed}), checkpointing by memory budget", fused=True, packed=True,
+                attention=packed, max_tokens=settings.max_tokens, checkpointing=None, liger=True),
+    ]  # fmt: skip
+    if 2 * settings.max_length < settings.max_tokens:
+        width = 2 * settings.max_length
+        rows.append(Variant("d2", f"d2. packing (mask), rows of {width}", fused=True, packed=True, attention="mask",
+                            max_tokens=width, checkpointing=None, liger=True))  # fmt: skip
+    return rows
+
+
+def gradient_cache_row(queries: int, attention: str, max_tokens: int) -> Variant:
+    size = f"{queries // 1024}k" if queries % 1024 == 0 else str(queries)
+    return Variant(f"e{queries}", f"e. + gradient cache, {size} queries", fused=True, packed=True, attention=attention,
+                   max_tokens=max_tokens, gc_queries=queries, checkpointing=None, liger=True)  # fmt: skip
+
+
+TOTAL_STEPS = 1000  # the schedule's length: any; a row runs a few steps
+
+
+def mode(variant: Variant) -> bool | str:
+    """``model.gradient_checkpointing`` of a row."""
+    return "auto" if variant.checkpointing is None else variant.checkpointing
+
+
+def row_config(variant: Variant, settings: Settings, chunk_tokens: int | None, budget: int) -> TrainConfig:
+    """The training config of a row: what Trainer.train_step reads (packing, row capacity, gradient cache, the
+    engine's dtype and optimizer) as the trainer's defaults give them."""
+    return TrainConfig(
+        model=ModelConfig(max_length=settings.max_length, gradient_checkpointing=mode(variant),
+                          activation_budget_gb=budget / 2**30),
+        data=DataConfig(batch_size=variant.gc_queries or settings.queries, packing=variant.packed,
+                        max_tokens=variant.max_tokens or settings.max_tokens),
+        grad_cache=GradCacheConfig(enabled=variant.gc_queries is not None, chunk_tokens=chunk_tokens),
+        engine="ddp", resume="never", tensorboard=False, plot=False,
+    )  # fmt: skip
+
+
+def make_trainer(config: TrainConfig, encoder: Encoder, loss_fn: nn.Module, device: str,
+                 checkpointing: CheckpointPolicy) -> Trainer:  # fmt: skip
+    """A Trainer built from its fields as Trainer.from_config builds them (engine, collator), with no data
+    source (the rows hand ``train_step`` their own TrainingBatch) and the row's checkpointing policy."""
+    engine = build_engine(config, encoder, TOTAL_STEPS, world_size=1)
+    collator = Collator(
+        pad_token_id=encoder.text_tokenizer.pad_token_id,
+        mode="packed" if config.data.packing else "padded",
+        max_tokens=config.data.max_tokens,
+    )
+    return Trainer(config=config, runtime=Runtime(0, 1, torch.device(device)), engine=engine, sampler=None,
+                   validation=None, collator=collator, loss_fn=loss_fn, total_steps=TOTAL_STEPS,
+                   checkpointing=checkpointing)  # fmt: skip
+
+
+def make_encoder(model: PreTrainedModel, fused: bool, max_length: int) -> Encoder:
+    cls = Encoder if fused else PlainPoolingEncoder
+    return cls(model, eos_tokenizer(), pooling="last", max_length=max_length).train()
+
+
+# ------------------------------------------------------------------------------------------------ FLOP counting
+def phase() -> str:
+    """Where an op runs: "backward" (inside autograd's backward, checkpointing's recompute included), "no_grad"
+    (the gradient cache's first pass) or "forward" (with grad)."""
+    if torch._C._current_graph_task_id() != -1:
+        return "backward"
+    return "forward" if torch.is_grad_enabled() else "no_grad"
+
+
+def _varlen_ops() -> tuple[Any, Any]:
+    """torch's varlen attention ops (forward, backward) as FlopCounterMode sees them, or Nones."""
+    ops = getattr(torch.ops, "torch_attn", None)
+    try:
+        return ops._varlen_attn, ops._varlen_attn_backward
+    except AttributeError:
+        return None, None
+
+
+class AttentionLedger:
+    """The attention FLOPs of a step by the kernel's actual work, call by call.
+
+    ``kind`` "dense": sdpa with a mask computes every row's full W x W scores; "varlen": the causal pairs of each
+    segment the collator hands the kernel (``attn_cu_seqlens``: every text, every run of padding). A call's forward
+    is 4 x d_attn FLOPs per score; its backward ATTENTION_BACKWARD x that; a forward inside backward is
+    checkpointing's recompute, one without grad the gradient cache's first pass. The batch is the one the
+    :class:`StepObserver` saw last (a backward follows its own chunk's forward)."""
+
+    def __init__(self, observer: StepObserver, kind: str) -> None:
+        self.observer = observer
+        self.kind = kind
+        self.flops = dict.fromkeys(("forward", "backward", "recompute", "no_grad"), 0)
+        self._pairs: dict[int, int] = {}
+
+    def pairs(self, batch: EncoderBatch) -> int:
+        key = id(batch)
+        if key not in self._pairs:
+            rows, width = batch.input_ids.shape
+            if self.kind == "dense":
+                self._pairs[key] = rows * width * width
+            else:
+                s = batch.attn_cu_seqlens.numpy().astype(np.int64)
+                s = np.diff(s)
+                self._pairs[key] = int((s * (s + 1) // 2).sum())
+        return self._pairs[key]
+
+    def work(self, d_attn: int) -> int:
+        return 4 * d_attn * self.pairs(self.observer.batch)
+
+    def forward(self, d_attn: int, backward_follows: bool) -> None:
+        """A forward call; ``backward_follows``: the attention computes no backward of its own (the zero-FLOP
+        stand-in), so a forward with grad adds it here."""
+        # Grad mode is off inside a custom op's kernel (torch's varlen attention): the forward's own mode, as the
+        # observer saw it, tells a forward with grad from the gradient cache's no-grad pass.
+        work = self.work(d_attn)
+        where = "backward" if phase() == "backward" else "forward" if self.observer.grad else "no_grad"
+        if where == "forward":
+            self.flops["forward"] += work
+            if backward_follows:
+                self.flops["backward"] += int(ATTENTION_BACKWARD * work)
+        else:
+            self.flops["recompute" if where == "backward" else "no_grad"] += work
+
+    def backward(self, d_attn: int) -> None:
+        self.flops["backward"] += int(ATTENTION_BACKWARD * self.work(d_attn))
 
     @property
-    def config(self) -> Qwen3Config:
-        return self.encoder.model.config
+    def total(self) -> int:
+        return sum(self.flops.values())
 
-    def collator(self, variant: Variant) -> Collator:
-        pad = self.encoder.text_tokenizer.pad_token_id
-        if variant.packed:
-            return Collator(pad_token_id=pad, mode="packed", max_tokens=variant.max_tokens)
-        return Collator(pad_token_id=pad, mode="padded")
 
-    def attention(self, variant: Variant) -> str:
-        attn = self.attn_implementation
-        if not variant.packed:
-            return f"{attn}, padding mask"
-        if attn.startswith("flash_attention"):
-            return f"{attn} varlen (cu_seqlens)"
-        return f"{attn}, block-diagonal causal mask (rows of {variant.max_tokens})"
+class PhaseFlopCounter(FlopCounterMode):
+    """FlopCounterMode that splits its count by :func:`phase` and hands torch's varlen attention calls to the
+    ledger instead of counting them (torch's formula on meta takes every segment as long as the longest and
+    counts no causal halving)."""
 
-    def prepare(self, variant: Variant, batch: StepBatch) -> tuple[list[EncoderBatch], Callable[[], None]]:
-        """(the collated model inputs, a function running one training step on them) as ``variant`` says.
+    def __init__(self, ledger: AttentionLedger) -> None:
+        super().__init__(display=False)
+        self.ledger = ledger
+        self.phases = dict.fromkeys(("forward", "backward", "no_grad"), 0)
+        self.varlen_forward, self.varlen_backward = _varlen_ops()
 
-        Collation happens here, once, outside the timed steps (the trainer's data loader does it ahead too).
-        """
-        collate = self.collator(variant)
-        loss_fn = F2LLMLoss(TEMPERATURE)
-        B, k = batch.queries, batch.negatives
+    def _count_flops(self, func_packet: Any, out: Any, args: Any, kwargs: Any) -> Any:
+        if func_packet is not None and func_packet is self.varlen_forward:  # query [T, H, D]
+            self.ledger.forward(args[0].shape[1] * args[0].shape[2], backward_follows=False)
+            return out
+        if func_packet is not None and func_packet is self.varlen_backward:  # grad_out, query [T, H, D], ...
+            self.ledger.backward(args[1].shape[1] * args[1].shape[2])
+            return out
+        if func_packet in self.flop_registry:
+            self.phases[phase()] += self.flop_registry[func_packet](*args, **kwargs, out_val=out)
+        return super()._count_flops(func_packet, out, args, kwargs)
 
-        if variant.gc_queries is not None:
-            inputs = [collate(g) for g in chunk_by_tokens(batch.seqs, self.settings.gc_chunk_tokens)]
-            cache = GradientCache(self.encoder)
 
-            def forward_backward() -> None:
-                cache.step(inputs, lambda emb: loss_fn(*split_embeddings(emb, B, k), in_batch=True).total)
+_LEDGER: AttentionLedger | None = None  # the ledger of the step being counted
 
-        else:
-            inputs = [collate(batch.seqs)]
 
-            def forward_backward() -> None:
-                if variant.fused:
-                    loss = loss_fn(*split_embeddings(self.encoder(inputs[0]), B, k), in_batch=True).total
-                else:
-                    loss = plain_loss(*split_embeddings(plain_embed(self.encoder, inputs[0]), B, k))
-                loss.backward()
+def count_attention(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any, **kwargs: Any
+) -> tuple[torch.Tensor, None]:
+    """The stand-in for sdpa (and for varlen where torch has no varlen_attn) under --flops: it records the call in
+    the current :class:`AttentionLedger` and returns an output of the right shape [B, W, H, d] made of elementwise
+    ops (no FLOPs) whose gradient reaches q, k and v, so that the projections' backward runs as with real
+    attention. Registered in transformers' AttentionInterface but not in its mask interface: transformers then
+    builds no mask (building one reads values, which meta tensors do not have)."""
+    if _LEDGER is not None:
+        _LEDGER.forward(query.shape[1] * query.shape[-1], backward_follows=True)
+    out = query + (key + value).repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+    return out.transpose(1, 2).contiguous(), None
 
-        grad_clip = OptimConfig().grad_clip
 
-        def step() -> None:
-            forward_backward()
-            torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), grad_clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+AttentionInterface.register(COUNT_ATTENTION, count_attention)
 
-        return inputs, step
 
-    def release(self) -> None:
-        """Drop gradients a failed step may have left and return cached blocks, so the next row starts clean."""
-        self.optimizer.zero_grad(set_to_none=True)
+def count_step(
+    model: PreTrainedModel, variant: Variant, batch: Any, settings: Settings, budget: int, chunk_tokens: int | None
+) -> dict[str, Any]:
+    """The FLOPs of one ``Trainer.train_step`` of ``variant`` on ``batch``, on the meta device, with its breakdown.
+
+    Attention: torch's varlen kernel (``f2llm_varlen``, its fake kernel on meta) for varlen rows where this torch
+    has it, else :func:`count_attention`."""
+    global _LEDGER
+    real_varlen = variant.attention == "varlen" and varlen_available()
+    set_attention(model, VARLEN_ATTENTION if real_varlen else COUNT_ATTENTION)
+    encoder = make_encoder(model, variant.fused, settings.max_length)
+    policy = checkpoint_policy(encoder, mode(variant), budget, torch.bfloat16)
+    observer = StepObserver(encoder)
+    ledger = AttentionLedger(observer, "varlen" if variant.attention == "varlen" else "dense")
+    loss = CountedLoss(variant.fused)
+    config = row_config(variant, settings, chunk_tokens, budget)
+    trainer = make_trainer(config, encoder, loss, "meta", policy)
+    encoder.activation_profile(torch.bfloat16)  # the policy's estimate, measured (on meta) before counting starts
+    hook = encoder.register_forward_pre_hook(observer)
+    t0 = time.perf_counter()
+    _LEDGER = ledger
+    try:
+        with PhaseFlopCounter(ledger) as counter:
+            trainer.train_step(batch)
+    finally:
+        _LEDGER = None
+        hook.remove()
+    lengths = batch_lengths(batch)
+    n_params = matmul_params(model)
+    phases = counter.phases
+    linear = sum(phases.values())
+    linear_recompute = phases["backward"] - 2 * phases["forward"]
+    attention_recompute = ledger.flops["recompute"] + ledger.flops["no_grad"]
+    executed = linear + ledger.total + loss.flops
+    ideal = ideal_flops(model.config, n_params, lengths)
+    positions = sum(observer.positions)
+    recompute = linear_recompute + phases["no_grad"] + attention_recompute
+    largest = max(observer.positions)
+    attention = variant.attention_label() + (
+        "; f2llm_varlen (torch varlen_attn, fake kernel)" if real_varlen else "; counted by call (stand-in)"
+    )
+    return {
+        "row": variant.row, "key": variant.key, "status": "ok", "attention": attention,
+        "layout": f"packed (rows of {variant.max_tokens})" if variant.packed else "padded",
+        "pooling_loss": "f2llm fused" if variant.fused else "plain torch",
+        "liger": "as on CUDA (not applied on meta: no matmul changes)" if variant.liger else False,
+        "checkpointing": observer.describe(policy), "queries": variant.gc_queries or settings.queries,
+        "texts": len(lengths), "chunks": len(observer.positions), "chunk_tokens": chunk_tokens,
+        "real_tokens": int(lengths.sum()), "positions": positions, "real_share": int(lengths.sum()) / positions,
+        "largest_forward_activations_gib": encoder.activation_bytes(largest, torch.bfloat16) / 2**30,
+        "executed_flops": executed, "ideal_flops": ideal, "ratio": executed / ideal,
+        "executed_tflop": executed / 1e12, "ideal_tflop": ideal / 1e12,
+        "linear_flops": linear, "linear_forward_flops": phases["forward"], "linear_backward_flops": phases["backward"],
+        "linear_no_grad_flops": phases["no_grad"], "linear_recompute_flops": linear_recompute,
+        "attention_flops": ledger.total, "attention_parts": dict(ledger.flops), "loss_flops": loss.flops,
+        "recompute_flops": recompute,
+        "linear_share": linear / executed, "attention_share": ledger.total / executed,
+        "loss_share": loss.flops / executed, "recompute_share": recompute / executed,
+        "ideal_linear_flops": 6 * n_params * int(lengths.sum()),
+        "count_s": round(time.perf_counter() - t0, 2),
+    }  # fmt: skip
+
+
+def run_flops(settings: Settings, model_names: list[str], out: Path) -> list[dict[str, Any]]:
+    """--flops: every row of every model, counted (see the module docstring); writes train_step_flops.json / .md."""
+    pool = scifact_lengths(settings.length_scale)
+    rows: list[dict[str, Any]] = []
+    summary: dict[str, dict[str, float | None]] = {}
+    models_meta: dict[str, Any] = {}
+    meta = {"what": "FLOPs of one Trainer.train_step on the meta device (no hardware): linear layers counted by "
+                    "torch.utils.flop_counter.FlopCounterMode, attention and loss analytic by their kernels' work",
+            "ideal": "6 N T + 3 x layers x 4 d_attn x sum len (len + 1) / 2 (forward + backward of the real tokens "
+                     "once)",
+            "attention_backward_factor": ATTENTION_BACKWARD, "lengths": pool.describe(), "settings": asdict(settings),
+            "gpu_memory_gb": settings.memory_gb, "state_bytes_per_param": STATE_BYTES_PER_PARAM,
+            "models": models_meta}  # fmt: skip
+    title = "FLOPs of one training step, executed vs ideal (meta device)"
+
+    def record(row: dict[str, Any]) -> None:
+        rows.append(row)
+        print({k: row.get(k) for k in FLOPS_COLUMNS}, flush=True)
+        write_results(out, "train_step_flops", rows, FLOPS_COLUMNS, title, meta=meta, quiet=True,
+                      extra={"summary": summary})  # fmt: skip
+
+    for name in model_names:
+        dims = QWEN3_DIMS[name]
+        label = f"Qwen3-{name[:-1]}B" if name.endswith("b") else f"Qwen3-{name}"
+        model = build_backbone(dims, "meta", COUNT_ATTENTION)
+        budget = activation_budget_bytes(model, settings.memory_gb)
+        probe = make_encoder(model, True, settings.max_length)
+        fixed, per_token = probe.activation_profile(torch.bfloat16)
+        chunk = settings.gc_chunk_tokens or chunk_tokens_fitting(probe, budget, torch.bfloat16)
+        models_meta[label] = {
+            "params": sum(p.numel() for p in model.parameters()), "matmul_params": matmul_params(model),
+            "state_gb": state_bytes(model) / 1e9, "activation_budget_gb": budget / 1e9,
+            "activation_budget_gib": budget / 2**30, "activation_bytes_per_token": per_token,
+            "activation_bytes_fixed": fixed, "gc_chunk_tokens": chunk, **dims,
+        }  # fmt: skip
+        base = draw_batch(pool, settings.queries, settings.negatives, dims["vocab_size"], 0, settings.seed)
+        variants = ablation_rows(settings, varlen=True)
+        variants.insert(4, Variant("d0", "d0. as d, checkpointing off (d where its activations fit)", fused=True,
+                                   packed=True, attention="varlen", max_tokens=settings.max_tokens,
+                                   checkpointing=False, liger=True))  # fmt: skip
+        variants += [gradient_cache_row(q, "varlen", settings.max_tokens) for q in settings.gc_batches]
+        found: dict[str, float] = {}
+        for variant in variants:
+            gc_index = settings.gc_batches.index(variant.gc_queries) if variant.gc_queries else None
+            batch = (
+                base
+                if gc_index is None
+                else draw_batch(
+                    pool, variant.gc_queries, settings.negatives, dims["vocab_size"], 0, settings.seed + 1 + gc_index
+                )
+            )
+            try:
+                row = count_step(model, variant, batch, settings, budget, chunk if gc_index is not None else None)
+                found.setdefault("e" if gc_index is not None else variant.key, row["ratio"])
+            except Exception as exc:
+                row = {"row": variant.row, "key": variant.key, "status": failure_status(exc)}
+            record({"model": label, **row})
+        summary[label] = {"baseline_ratio": found.get("a"), "full_stack_ratio": found.get("d"),
+                          "grad_cache_ratio": found.get("e"), "full_stack_no_checkpointing_ratio": found.get("d0"),
+                          "grad_cache_queries": settings.gc_batches[0] if settings.gc_batches else None,
+                          "activation_budget_gib": budget / 2**30}  # fmt: skip
+        del model
         gc.collect()
-        if self.settings.device == "cuda":
-            torch.cuda.empty_cache()
-
-    def sync(self) -> None:
-        if self.settings.device == "cuda":
-            torch.cuda.synchronize()
-
-    def measure(self, step: Callable[[], None], warmup: int, steps: int) -> tuple[list[float], float]:
-        """(step times in s, peak memory in MiB) of ``steps`` steps after ``warmup`` untimed ones."""
-        for _ in range(warmup):
-            step()
-        self.sync()
-        with peak_memory(self.settings.device) as peak:
-            times = []
-            for _ in range(steps):
-                t0 = time.perf_counter()
-                step()
-                self.sync()
-                times.append(time.perf_counter() - t0)
-        return times, peak["mib"]
-
-    def run(self, variant: Variant, batch: StepBatch) -> dict[str, Any]:
-        lengths = batch.lengths
-        layout = f"packed (rows of {variant.max_tokens})" if variant.packed else "padded"
-        row: dict[str, Any] = {
-            "row": variant.row,
-            "attention": self.attention(variant),
-            "layout": layout,
-            "liger": self.liger,
-            "pooling_loss": "f2llm fused" if variant.fused else "plain torch",
-            "queries": batch.queries,
-            "texts": len(lengths),
-            "real_tokens": int(lengths.sum()),
-        }
-        inputs, step = self.prepare(variant, batch)
-        positions = sum(b.input_ids.numel() for b in inputs)
-        row.update(chunks=len(inputs), positions=positions, real_share=row["real_tokens"] / positions)
-        cached = variant.gc_queries is not None
-        warmup, steps = (0, self.settings.gc_steps) if cached else (self.settings.warmup, self.settings.steps)
-        times, peak = self.measure(step, warmup, steps)
-        step_s = statistics.median(times)
-        flops = model_flops(self.config, self.n_params, lengths)
-        row.update(status="ok", step_s=step_s, step_times_s=times, tokens_per_s=row["real_tokens"] / step_s,
-                   model_tflop=flops / 1e12, mfu_pct=100 * flops / step_s / (self.peak_tflops * 1e12),
-                   peak_mib=peak, steps=steps)  # fmt: skip
-        return row
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
+    write_results(out, "train_step_flops", rows, FLOPS_COLUMNS, title, meta=meta, extra={"summary": summary})
+    print(json.dumps(summary, indent=1))
+    return rows
 
 
+# ------------------------------------------------------------------------------------------------ timed rows
 @contextlib.contextmanager
 def peak_memory(device: str) -> Iterator[dict[str, float]]:
     """Yields a dict whose "mib" is set, on exit, to the peak memory during the body (see the module docstring)."""
@@ -440,7 +805,6 @@ def peak_memory(device: str) -> Iterator[dict[str, float]]:
     result["mib"] = hwm_kib / 1024
 
 
-# ------------------------------------------------------------------------------------------------ the table
 def liger_unavailable(device: str) -> str | None:
     """Why Liger cannot run here, or None when it can."""
     if device != "cuda":
@@ -452,6 +816,13 @@ def liger_unavailable(device: str) -> str | None:
     return None
 
 
+def varlen_attention(device: str) -> str | None:
+    """The varlen attention the Encoder runs packed batches with here (flash_attention_2, else f2llm_varlen: what
+    the trainer picks by default on CUDA), or None: then sdpa with the block-diagonal mask."""
+    name = default_attn_implementation("qwen3", device, torch.bfloat16)
+    return None if name == "sdpa" else name
+
+
 def failure_status(exc: BaseException) -> str:
     """A row's status for a step that raised: "OOM", or the error's type and first line (traceback printed)."""
     if is_oom(exc):
@@ -461,6 +832,96 @@ def failure_status(exc: BaseException) -> str:
     return f"error: {type(exc).__name__}: {first_line}"
 
 
+@dataclass
+class Bench:
+    """The backbone and measurement state shared by the timed rows."""
+
+    settings: Settings
+    model: PreTrainedModel
+    n_params: int
+    budget: int
+    peak_tflops: float
+    varlen: str | None  # the varlen attention implementation, where one runs
+    liger: bool = False  # Liger applied (from row b on)
+    start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def config(self) -> Qwen3Config:
+        return self.model.config
+
+    def sync(self) -> None:
+        if self.settings.device == "cuda":
+            torch.cuda.synchronize()
+
+    def measure(self, step: Callable[[], Any], warmup: int, steps: int) -> tuple[list[float], float]:
+        """(step times in s, peak memory in MiB) of ``steps`` steps after ``warmup`` untimed ones."""
+        for _ in range(warmup):
+            step()
+        self.sync()
+        with peak_memory(self.settings.device) as peak:
+            times = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                step()
+                self.sync()
+                times.append(time.perf_counter() - t0)
+        return times, peak["mib"]
+
+    def run(self, variant: Variant, batch: Any) -> dict[str, Any]:
+        """One timed row: a Trainer of the row's config around the shared backbone, ``train_step`` on ``batch``."""
+        settings = self.settings
+        if variant.liger and not self.liger and liger_unavailable(settings.device) is None:
+            apply_liger_kernels(self.model)
+            self.liger = True
+        attention = self.varlen if variant.attention == "varlen" else "sdpa"
+        set_attention(self.model, attention)
+        encoder = make_encoder(self.model, variant.fused, settings.max_length)
+        compute = torch.bfloat16 if settings.device == "cuda" else torch.float32
+        policy = checkpoint_policy(encoder, mode(variant), self.budget, compute)
+        chunk_tokens = None
+        if variant.gc_queries is not None:
+            chunk_tokens = settings.gc_chunk_tokens or chunk_tokens_fitting(encoder, self.budget, compute)
+        encoder.activation_profile(compute)  # the policy's estimate, measured (on meta) before the timed steps
+        observer = StepObserver(encoder)
+        hook = encoder.register_forward_pre_hook(observer)
+        loss = F2LLMLoss(TEMPERATURE, equal_batches=True) if variant.fused else PlainF2LLMLoss(TEMPERATURE)
+        config = row_config(variant, settings, chunk_tokens, self.budget)
+        trainer = make_trainer(config, encoder, loss, settings.device, policy)
+        lengths = batch_lengths(batch)
+        row: dict[str, Any] = {
+            "row": variant.row, "key": variant.key,
+            "attention": variant.attention_label() + ("" if attention == "sdpa" else f" ({attention})"),
+            "layout": f"packed (rows of {variant.max_tokens})" if variant.packed else "padded", "liger": self.liger,
+            "pooling_loss": "f2llm fused" if variant.fused else "plain torch", "queries": len(batch.queries),
+            "texts": len(lengths), "real_tokens": int(lengths.sum()), "chunk_tokens": chunk_tokens,
+        }  # fmt: skip
+        cached = variant.gc_queries is not None
+        warmup, steps = (0, settings.gc_steps) if cached else (settings.warmup, settings.steps)
+        try:
+            times, peak = self.measure(lambda: trainer.train_step(batch), warmup, steps)
+        finally:
+            hook.remove()
+        per_step = len(observer.positions) // max(1, warmup + steps)
+        positions = sum(observer.positions[:per_step])
+        step_s = statistics.median(times)
+        flops = ideal_flops(self.config, self.n_params, lengths)
+        row.update(status="ok", checkpointing=observer.describe(policy), chunks=per_step, positions=positions,
+                   real_share=row["real_tokens"] / positions, step_s=step_s, step_times_s=times,
+                   tokens_per_s=row["real_tokens"] / step_s, model_tflop=flops / 1e12,
+                   mfu_pct=100 * flops / step_s / (self.peak_tflops * 1e12), peak_mib=peak, steps=steps)  # fmt: skip
+        return row
+
+    def release(self) -> None:
+        """Drop gradients a failed step may have left and return cached blocks, so the next row starts clean."""
+        self.model.zero_grad(set_to_none=True)
+        gc.collect()
+        if self.settings.device == "cuda":
+            torch.cuda.empty_cache()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
 def run_all(settings: Settings, out: Path) -> list[dict[str, Any]]:
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
@@ -468,19 +929,21 @@ def run_all(settings: Settings, out: Path) -> list[dict[str, Any]]:
         # One thread: on a small shared machine a second OpenMP thread that waits for a busy core makes step
         # times jump tenfold from run to run; one thread gives repeatable CPU numbers.
         torch.set_num_threads(1)
-    attn = "flash_attention_2" if settings.device == "cuda" and is_flash_attn_2_available() else "sdpa"
     pool = scifact_lengths(settings.length_scale)
     peak_tflops, peak_what = matmul_tflops(settings.device)
-    encoder = build_encoder(settings, attn)
-    optim = OptimConfig()
-    optimizer = torch.optim.AdamW(encoder.parameters(), lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
-    bench = Bench(settings, encoder, optimizer, matmul_params(encoder.model), peak_tflops, attn, start=start)
+    model = build_backbone(QWEN3_DIMS[settings.model], settings.device, "sdpa")
+    budget = activation_budget_bytes(model, settings.memory_gb)
+    varlen = varlen_attention(settings.device)
+    bench = Bench(settings, model, matmul_params(model), budget, peak_tflops, varlen, start=start)
     cfg = bench.config
-    meta = {"model": f"Qwen3-{settings.model} dimensions, random weights", "dtype": str(encoder.model.dtype),
-            "params": sum(p.numel() for p in encoder.parameters()), "matmul_params": bench.n_params,
+    meta = {"model": f"Qwen3-{settings.model} dimensions, random weights", "dtype": "float32 weights, " + (
+                "bf16 autocast" if settings.device == "cuda" else "float32 compute"),
+            "params": sum(p.numel() for p in model.parameters()), "matmul_params": bench.n_params,
             "hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers, "heads": cfg.num_attention_heads,
             "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim, "intermediate": cfg.intermediate_size,
-            "vocab": cfg.vocab_size, "attn_implementation": attn, "gradient_checkpointing": True,
+            "vocab": cfg.vocab_size, "attn_implementation": f"sdpa; packed: {varlen or 'sdpa (mask)'}",
+            "step": "f2llm.trainer.Trainer.train_step (DDP engine, one process)",
+            "activation_budget_gb": budget / 1e9, "gpu_memory_gb": settings.memory_gb,
             "peak_tflops": peak_tflops, "peak_measured": peak_what, "lengths": pool.describe(),
             "settings": asdict(settings), "torch_threads": torch.get_num_threads()}  # fmt: skip
     name = f"train_step_{settings.device}"
@@ -492,31 +955,19 @@ def run_all(settings: Settings, out: Path) -> list[dict[str, Any]]:
         print({k: row.get(k) for k in COLUMNS}, flush=True)
         write_results(out, name, rows, COLUMNS, title, meta=meta, quiet=not last)
 
-    eos = encoder.text_tokenizer.eos_token_id
-    base = draw_batch(pool, settings.queries, settings.negatives, cfg.vocab_size, eos, settings.seed)
-    mask_attention = not attn.startswith("flash_attention")
-    variants = [
-        Variant("a. baseline (padded, plain pooling + loss)", fused=False, packed=False),
-        Variant("b. + Liger RMSNorm/RoPE/SwiGLU", fused=False, packed=False, skip=liger_unavailable(settings.device)),
-        Variant("c. + fused pooling + loss", fused=True, packed=False),
-        Variant("d. + packing", fused=True, packed=True, max_tokens=settings.max_tokens),
-    ]
-    if mask_attention and 2 * settings.max_length < settings.max_tokens:
-        variants.append(Variant(f"d2. packing, rows of {2 * settings.max_length}", fused=True, packed=True,
-                                max_tokens=2 * settings.max_length))  # fmt: skip
-    best_packed: tuple[dict[str, Any], int] | None = None  # (row, row capacity) of the faster packed row
+    base = draw_batch(pool, settings.queries, settings.negatives, cfg.vocab_size, 0, settings.seed)
+    variants = ablation_rows(settings, varlen=varlen is not None)
+    best_packed: tuple[dict[str, Any], Variant] | None = None  # the faster packed row and its variant
     for variant in variants:
-        row: dict[str, Any] = {"row": variant.row, "queries": settings.queries}
-        if variant.skip:
-            record({**row, "status": variant.skip})
+        row: dict[str, Any] = {"row": variant.row, "key": variant.key, "queries": settings.queries}
+        skip = liger_unavailable(settings.device) if variant.key == "b" else None
+        if skip:
+            record({**row, "status": skip})
             continue
         try:
-            if variant.row.startswith("b."):
-                apply_liger_kernels(encoder.model)
-                bench.liger = True
             row = bench.run(variant, base)
             if variant.packed and (best_packed is None or row["tokens_per_s"] > best_packed[0]["tokens_per_s"]):
-                best_packed = (row, variant.max_tokens)
+                best_packed = (row, variant)
         except Exception as exc:
             row["status"] = failure_status(exc)
         bench.release()
@@ -527,11 +978,12 @@ def run_all(settings: Settings, out: Path) -> list[dict[str, Any]]:
     reference = best_packed[0] if best_packed else (measured[-1] if measured else None)
     per_token = reference["step_s"] / reference["real_tokens"] if reference else None
     overhead = GC_OVERHEAD
-    max_tokens = best_packed[1] if best_packed else settings.max_tokens
+    layout = best_packed[1] if best_packed else Variant("d", "", True, True, "mask", settings.max_tokens)
+    if varlen is not None:
+        layout = next(v for v in variants if v.key == "d")
     for i, gc_queries in enumerate(settings.gc_batches):
-        size = f"{gc_queries // 1024}k" if gc_queries % 1024 == 0 else str(gc_queries)
-        label = f"e. + gradient cache, {size} queries"
-        row = {"row": label, "queries": gc_queries}
+        variant = gradient_cache_row(gc_queries, layout.attention, layout.max_tokens or settings.max_tokens)
+        row = {"row": variant.row, "key": variant.key, "queries": gc_queries}
         last = i == len(settings.gc_batches) - 1
         expected_tokens = gc_queries * (pool.queries.mean() + settings.negatives * pool.documents.mean()
                                         + pool.documents.mean())  # fmt: skip
@@ -542,9 +994,8 @@ def run_all(settings: Settings, out: Path) -> list[dict[str, Any]]:
                 record({**row, "status": f"skipped: predicted {predicted:.0f} s > {max(left, 0):.0f} s left of "
                                          f"--budget-s {settings.budget_s:g}"}, last=last)  # fmt: skip
                 continue
-        variant = Variant(label, fused=True, packed=True, max_tokens=max_tokens, gc_queries=gc_queries)
         try:
-            batch = draw_batch(pool, gc_queries, settings.negatives, cfg.vocab_size, eos, settings.seed + 1 + i)
+            batch = draw_batch(pool, gc_queries, settings.negatives, cfg.vocab_size, 0, settings.seed + 1 + i)
             row = bench.run(variant, batch)
             per_token, overhead = row["step_s"] / row["real_tokens"], 1.0
         except Exception as exc:
@@ -616,7 +1067,6 @@ class CollectiveCounter:
                 return _original(*args, **kwargs)
 
             setattr(dist, name, counted)
-
 
 
 def write_comm_model(folder: Path) -> Path:
@@ -739,13 +1189,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available (tiny model)")
     parser.add_argument("--quick", action="store_true", help="fewest steps and smallest batches (smoke test)")
-    parser.add_argument("--model", choices=sorted(QWEN3_DIMS), help="backbone dimensions (default 0.6b; CPU tiny)")
+    parser.add_argument("--model", choices=[*sorted(QWEN3_DIMS), "all"],
+                        help="backbone (default 0.6b; CPU: tiny; all: --flops of 0.6b, 1.7b, 4b)")  # fmt: skip
+    parser.add_argument("--flops", action="store_true", help="executed vs ideal FLOPs of one step (meta device)")
     parser.add_argument("--budget-s", type=float, help="skip gradient-cache rows that would end the run past this")
     parser.add_argument("--gc-batches", help="comma-separated effective batches (queries) of the gradient-cache rows")
     parser.add_argument("--steps", type=int, help="timed steps per row (rows a-d)")
     parser.add_argument("--gc-steps", type=int, help="timed steps per gradient-cache row")
-    parser.add_argument("--gc-chunk-tokens", type=int, help="real tokens per gradient-cache chunk at most")
+    parser.add_argument("--gc-chunk-tokens", type=int,
+                        help="real tokens per gradient-cache chunk (default: what fits the budget)")  # fmt: skip
     parser.add_argument("--max-tokens", type=int, help="packed row capacity of row d")
+    parser.add_argument("--memory-gb", type=float, help=f"GPU memory of the budget rule (default {GPU_MEMORY_GB:g})")
     parser.add_argument("--comm", action="store_true", help="what each engine communicates per step (2 CPU ranks)")
     parser.add_argument("--comm-worker", type=Path, help=argparse.SUPPRESS)  # one rank of --comm, under torchrun
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
@@ -754,13 +1208,20 @@ def main(argv: list[str] | None = None) -> int:
         return comm_worker(args.comm_worker, args.steps or 2)
     if args.comm:
         return run_comm(args.out, args.steps or 2)
-    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    settings = default_settings(device, args.model, args.quick)
+    if args.flops:
+        device = "meta"
+    else:
+        device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+        if args.model == "all":
+            parser.error("--model all is for --flops")
+    names = list(FLOPS_MODELS) if args.model == "all" else [args.model or "0.6b"]
+    settings = default_settings(device, None if args.model == "all" else args.model, args.quick)
     gc_batches = tuple(int(b) for b in args.gc_batches.split(",") if b) if args.gc_batches is not None else None
     overrides = {"budget_s": args.budget_s, "gc_batches": gc_batches, "steps": args.steps, "gc_steps": args.gc_steps,
-                 "gc_chunk_tokens": args.gc_chunk_tokens, "max_tokens": args.max_tokens}  # fmt: skip
+                 "gc_chunk_tokens": args.gc_chunk_tokens, "max_tokens": args.max_tokens,
+                 "memory_gb": args.memory_gb}  # fmt: skip
     settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
-    rows = run_all(settings, args.out)
+    rows = run_flops(settings, names, args.out) if args.flops else run_all(settings, args.out)
     failed = [r["row"] for r in rows if str(r.get("status", "")).startswith("error")]
     if failed:
         print(f"bench_train_step: rows failed with an error: {failed}", file=sys.stderr)

@@ -98,16 +98,22 @@ def write_results(
     title: str,
     meta: dict[str, Any] | None = None,
     quiet: bool = False,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``out/name.json`` and ``out/name.md``, print the table (unless ``quiet``); returns the JSON path.
 
-    ``meta`` (settings of the run that hold for every row) is stored under ``"meta"`` in the JSON. A script that
-    writes partial results after every row passes ``quiet=True`` until the last write.
+    ``meta`` (settings of the run that hold for every row) is stored under ``"meta"`` in the JSON; ``extra`` adds
+    top-level keys (e.g. a ``summary``). A script that writes partial results after every row passes
+    ``quiet=True`` until the last write.
     """
     out.mkdir(parents=True, exist_ok=True)
     payload: dict[str, Any] = {"benchmark": name, "env": environment(), "rows": rows}
     if meta is not None:
         payload["meta"] = meta
+    for key, value in (extra or {}).items():
+        if key in payload:
+            raise ValueError(f"write_results: extra key {key!r} would replace the payload's own")
+        payload[key] = value
     path = out / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2))
     table = markdown_table(rows, columns)

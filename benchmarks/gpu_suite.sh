@@ -3,14 +3,17 @@
 #   1. kernel correctness on CUDA against float64 at real sizes (pooling, contrastive; bf16 and fp32);
 #   2. kernel benchmarks: time + peak memory vs the PyTorch reference and the peers whose wheels are carried;
 #   3. the training-step ablation (Qwen3-0.6B dimensions), with whatever time is left as its --budget-s;
-#   4. PNG plots and a summary table (printed last).
+#   4. PNG plots and a summary table (printed last), with each training-step row's model-FLOPs and executed-FLOPs MFU.
+# Two CPU-only steps run in the background beside steps 1-3 (they need no GPU time): the FLOP count of every
+# training-step row (bench_train_step.py --flops, on the meta device) and the compile check of every Triton kernel
+# configuration (bench_compile.py, when present; its failure is recorded and the suite goes on).
 # Every step runs under `timeout`; a failed or timed-out step is recorded and the suite goes on.
 #
 # Usage: bash benchmarks/gpu_suite.sh [--quick] [--dry-run] [--only STEP,...]
 #   --quick    smallest sizes of every benchmark (a smoke test on the GPU, about a minute)
 #   --dry-run  no GPU: every step in its CPU mode (--cpu, --quick for the timings), to prove the plumbing
 #   --only     run only these steps (pooling_check, pooling_bench, contrastive_check, contrastive_bench,
-#              train_step), e.g. to rerun the training step alone in a short GPU window
+#              train_step, train_step_flops, compile), e.g. to rerun the training step alone in a short GPU window
 # Environment:
 #   RESULTS_ROOT  results go to $RESULTS_ROOT/<device>/<yyyy-mm-dd>/ (default benchmarks/results; dry run: a
 #                 folder under ${TMPDIR:-/tmp})
@@ -100,7 +103,31 @@ step() {
   echo "$name $rc $((SECONDS - t0)) $limit" >> "$RESULTS/steps.txt"
 }
 
+# bg_step NAME LIMIT COMMAND...: a step in the background, its output in its log only: the CPU-only steps, run
+# beside the GPU steps so that they take none of the suite's time. wait_bg waits for them (each has its timeout).
+bg_pids=()
+bg_step() {
+  local name=$1
+  [ -z "$only" ] || [[ $only == *",$name,"* ]] || return 0
+  step "$@" >/dev/null 2>&1 &
+  bg_pids+=($!)
+  echo "== $name: started in the background (log: $RESULTS/$name.log)"
+}
+wait_bg() {
+  local pid
+  for pid in "${bg_pids[@]}"; do wait "$pid"; done
+}
+
 REPORT_RESERVE_S=30  # plots, summary and tarball at the end (they have their own timeouts)
+# Executed FLOPs of every training-step row (meta device, no GPU), for the executed-FLOPs MFU of the summary.
+if [ "$dry_run" = 1 ]; then flops=(--flops --model tiny --gc-batches 8); else flops=(--flops --model 0.6b); fi
+bg_step train_step_flops 300 env CUDA_VISIBLE_DEVICES= $PY benchmarks/bench_train_step.py "${flops[@]}" --out "$RESULTS"
+if [ -f benchmarks/bench_compile.py ]; then
+  # Compiles real kernels (ptxas): never under the interpreter.
+  bg_step compile 300 env TRITON_INTERPRET=0 $PY benchmarks/bench_compile.py --out "$RESULTS/compile"
+else
+  echo "== compile: skipped, benchmarks/bench_compile.py not in this checkout"
+fi
 step pooling_check 60 $PY benchmarks/bench_pooling.py --check "${cpu[@]}" --out "$RESULTS"
 step pooling_bench 90 $PY benchmarks/bench_pooling.py "${cpu[@]}" "${quick[@]}" --out "$RESULTS"
 step contrastive_check 75 $PY benchmarks/bench_contrastive.py --check "${cpu[@]}" --out "$RESULTS"
@@ -109,6 +136,10 @@ step contrastive_bench 120 $PY benchmarks/bench_contrastive.py "${cpu[@]}" "${qu
 train_limit=$(($(remaining) - REPORT_RESERVE_S))
 step train_step "$train_limit" $PY benchmarks/bench_train_step.py "${cpu[@]}" "${quick[@]}" \
   --budget-s $((train_limit > 60 ? train_limit - 30 : train_limit / 2)) --out "$RESULTS"
+
+wait_bg
+# A background step's failure is in steps.txt only.
+[ ! -f "$RESULTS/steps.txt" ] || awk '$2 != "0" { failed = 1 } END { exit failed }' "$RESULTS/steps.txt" || status=1
 
 timeout 45 $PY benchmarks/report.py plots "$RESULTS" || { echo "gpu_suite: report.py plots failed"; status=1; }
 timeout 20 $PY benchmarks/report.py summary "$RESULTS" >/dev/null || { echo "gpu_suite: report.py summary failed"; status=1; }

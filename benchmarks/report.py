@@ -36,9 +36,10 @@ START = re.compile(r"^<!-- performance:start.*-->$", re.MULTILINE)
 END = "<!-- performance:end -->"
 DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 SCRIPTS = {"pooling": "bench_pooling.py", "contrastive": "bench_contrastive.py", "train_step": "bench_train_step.py",
-           "train_step_comm": "bench_train_step.py"}  # fmt: skip
+           "train_step_comm": "bench_train_step.py", "train_step_flops": "bench_train_step.py"}  # fmt: skip
 TITLES = {"pooling": "Pooling + L2 norm", "contrastive": "Contrastive loss (InfoNCE)",
-          "train_step": "Training step ablation", "train_step_comm": "Communication per training step"}  # fmt: skip
+          "train_step": "Training step ablation", "train_step_comm": "Communication per training step",
+          "train_step_flops": "FLOPs of one training step, executed vs ideal"}  # fmt: skip
 COMM_TABLE = [("row", "engine, gradient-cache chunks"), ("collectives", "collectives per step"),
               ("comm_mib", "MiB sent per rank"), ("per_gradient", "x gradient size per step"),
               ("per_chunk_gradients", "x gradient size per chunk")]  # fmt: skip
@@ -145,6 +146,10 @@ CONTRASTIVE_CPU = [("impl", "impl"), ("B", "B"), ("N", "N"), ("D", "D"), ("media
 TRAIN_STEP = [("row", "row"), ("status", "status"), ("attention", "attention"), ("queries", "queries"),
               ("real_share", "real-token share"), ("step_s", "step s"), ("tokens_per_s", "tokens/s"),
               ("mfu_pct", "MFU %"), ("peak_mib", "peak MiB")]  # fmt: skip
+FLOPS_TABLE = [("model", "model"), ("row", "row"), ("checkpointing", "checkpointing"), ("chunks", "chunks"),
+               ("real_share", "real-token share"), ("executed_tflop", "executed TFLOP"),
+               ("ideal_tflop", "ideal TFLOP"), ("ratio", "executed / ideal"), ("attention_pct", "attention %"),
+               ("recompute_pct", "recompute %")]  # fmt: skip
 TABLES = {
     ("pooling", "cuda"): POOLING_CUDA,
     ("pooling", "cpu"): POOLING_CPU,
@@ -197,6 +202,50 @@ def train_step_note(meta: dict[str, Any]) -> str:
     )
 
 
+def flops_rows(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """train_step_flops rows with their shares as percentages (what the README table shows)."""
+    out = []
+    for r in payload["rows"]:
+        row = dict(r)
+        for share, pct in (("attention_share", "attention_pct"), ("recompute_share", "recompute_pct")):
+            if is_num(r.get(share)):
+                row[pct] = 100 * r[share]
+        out.append(row)
+    return out
+
+
+def flops_summary_lines(payload: dict[str, Any]) -> list[str]:
+    """One line per model: the summary's baseline, full-stack and gradient-cache ratios."""
+    lines = []
+    for model, s in payload.get("summary", {}).items():
+
+        def x(key: str, s: dict[str, Any] = s) -> str:
+            return f"{s[key]:.2f}x" if is_num(s.get(key)) else "-"
+
+        lines.append(
+            f"- {model}: baseline **{x('baseline_ratio')}**, full stack **{x('full_stack_ratio')}** "
+            f"({x('full_stack_no_checkpointing_ratio')} where its activations fit without checkpointing), "
+            f"gradient cache ({s.get('grad_cache_queries')} queries) **{x('grad_cache_ratio')}** of the ideal; "
+            f"activation budget {num_range([s.get('activation_budget_gib')])} GiB"
+        )
+    return lines
+
+
+def flops_note(payload: dict[str, Any]) -> str:
+    meta = payload.get("meta", {})
+    return (
+        "One `Trainer.train_step` per row on the meta device (no hardware, so these are counts, not measurements of "
+        "a device): the linear layers' FLOPs counted by `torch.utils.flop_counter.FlopCounterMode` (padding, "
+        "checkpointing's recompute and the gradient cache's no-grad pass included), attention by the kernel's work "
+        "per call (dense sdpa masks: every row's full W x W; varlen: the causal pairs of each segment; backward "
+        f"{meta.get('attention_backward_factor', '?')}x forward) and the loss from its shapes. Ideal: "
+        f"{meta.get('ideal', '?')}. Real Qwen3 dimensions, SciFact lengths, 16 queries x (1 + 7) documents, "
+        f"gradient-checkpointing rows decided by `model.gradient_checkpointing: auto` against an "
+        f"{num_range([meta.get('gpu_memory_gb')])} GB GPU less {meta.get('state_bytes_per_param', '?')} bytes per "
+        "parameter of training state."
+    )
+
+
 def render_run(run: Run, link: Callable[[Path], str]) -> str:
     """Markdown of one results folder: correctness lines, then one table (+ plot) per benchmark."""
     env = next(iter(run.results.values())).get("env", {})
@@ -239,6 +288,22 @@ def render_run(run: Run, link: Callable[[Path], str]) -> str:
             parts += [train_step_note(payload["meta"]), ""]
         parts += [table(payload["rows"], TABLES[(kind, variant)]), ""]
         parts += [f"![{TITLES[kind]}, {device}]({link(run.folder / f'{kind}.png')})", ""]
+    flops = run.results.get("train_step_flops")
+    if flops is not None:
+        parts += [
+            f"#### {TITLES['train_step_flops']} (meta device, {run.date})",
+            "",
+            f"`{shown_command(flops, 'train_step_flops')}`; source: "
+            f"[train_step_flops.json]({link(run.folder / 'train_step_flops.json')}), script: "
+            f"[{SCRIPTS['train_step_flops']}]({link(ROOT / 'benchmarks' / SCRIPTS['train_step_flops'])})",
+            "",
+            flops_note(flops),
+            "",
+            *flops_summary_lines(flops),
+            "",
+            table(flops_rows(flops), FLOPS_TABLE),
+            "",
+        ]
     comm = run.results.get("train_step_comm")
     if comm is not None:
         meta = comm.get("meta", {})
@@ -486,6 +551,49 @@ def key_numbers(run: Run) -> dict[str, str]:
         rows = found[1]["rows"]
         ok = [r for r in rows if r.get("status") == "ok"]
         out["train_step"] = f"{len(ok)}/{len(rows)} rows measured (table below)"
+    if flops := run.results.get("train_step_flops"):
+        out["train_step_flops"] = "; ".join(
+            f"{model}: executed / ideal FLOPs baseline {num_range([s.get('baseline_ratio')])}x, full stack "
+            f"{num_range([s.get('full_stack_ratio')])}x, gradient cache {num_range([s.get('grad_cache_ratio')])}x"
+            for model, s in flops.get("summary", {}).items()
+        )
+    return out
+
+
+def attention_kind(label: Any) -> str:
+    """What a row's attention computes, from its label: "varlen", "mask <row width>" or "padded"."""
+    text = str(label)
+    if text.startswith("varlen"):
+        return "varlen"
+    if "block-diagonal" in text:
+        return "mask " + "".join(c for c in text.split("rows of", 1)[-1] if c.isdigit())
+    return "padded"
+
+
+def with_executed_mfu(timed: dict[str, Any], flops: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The timed rows with ``exec_mfu_pct``: executed FLOPs per real token of the --flops row of the same
+    configuration (row key and attention; a gradient-cache row of another batch: the per-token count of the
+    counted one) x tokens/s / the run's measured matmul rate. ``mfu_pct`` stays the model-FLOPs MFU."""
+    meta = timed.get("meta", {})
+    peak = meta.get("peak_tflops")
+    model = str(meta.get("settings", {}).get("model", ""))
+    label = f"Qwen3-{model[:-1]}B" if model.endswith("b") else f"Qwen3-{model}"
+    counted = [r for r in (flops or {}).get("rows", []) if r.get("model") == label and r.get("status") == "ok"]
+    out = []
+    for row in timed["rows"]:
+        row = dict(row)
+        # Rows of results written before rows had keys: the label's "a." / "d2." / "e." prefix.
+        key = str(row.get("key") or str(row.get("row", "")).split(".", 1)[0])
+        kind = attention_kind(row.get("attention"))
+        same = [r for r in counted if attention_kind(r.get("attention")) == kind]
+        match = next((r for r in same if r.get("key") == key), None)
+        if match is None and key.startswith("e"):
+            match = next((r for r in same if str(r.get("key", "")).startswith("e")), None)
+        if match and is_num(row.get("tokens_per_s")) and is_num(peak) and peak > 0:
+            per_token = match["executed_flops"] / match["real_tokens"]
+            row["exec_mfu_pct"] = 100 * per_token * row["tokens_per_s"] / (peak * 1e12)
+            row["executed_per_ideal"] = match["ratio"]
+        out.append(row)
     return out
 
 
@@ -500,9 +608,12 @@ def render_summary(run: Run) -> str:
     parts = [f"## f2llm GPU suite summary: {run.device}, {run.date}", "",
              markdown_table(rows, ["step", "result", "seconds", "limit s", "key numbers"]), ""]  # fmt: skip
     if found := run.first("train_step", ["cuda", "cpu"]):
-        cols = [("row", "row"), ("status", "status"), ("tokens_per_s", "tokens/s"), ("mfu_pct", "MFU %"),
+        cols = [("row", "row"), ("status", "status"), ("tokens_per_s", "tokens/s"), ("mfu_pct", "model MFU %"),
+                ("exec_mfu_pct", "executed MFU %"), ("executed_per_ideal", "executed / ideal FLOPs"),
                 ("peak_mib", "peak MiB"), ("step_s", "step s"), ("real_share", "real share")]  # fmt: skip
-        parts += [f"training step ({found[1].get('meta', {}).get('model', '')})", "", table(found[1]["rows"], cols), ""]
+        rows = with_executed_mfu(found[1], run.results.get("train_step_flops"))
+        parts += [f"training step ({found[1].get('meta', {}).get('model', '')}); executed MFU from the --flops rows of "
+                  "the same configuration", "", table(rows, cols), ""]  # fmt: skip
     return "\n".join(parts)
 
 

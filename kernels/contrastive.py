@@ -370,9 +370,10 @@ def _infonce_bwd_probs_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """One [BLOCK_B, BLOCK_N] tile of the backward's (p - y) for a chunk of candidates: recomputed scores
-    (a register accumulator over D), softmax against the forward's log-sum-exp, written once."""
-    pid_b = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    (a register accumulator over D), softmax against the forward's log-sum-exp, written once. Candidate tiles run
+    along grid axis 0 (up to 2**31 - 1 programs; axis 1 stops at 65535)."""
+    pid_n = tl.program_id(0)
+    pid_b = tl.program_id(1)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -588,7 +589,7 @@ def _triton_infonce_backward(
     dc = torch.empty_like(c) if need_c else None
     for n0 in range(0, N, chunk):
         width = min(chunk, N - n0)
-        _infonce_bwd_probs_kernel[(triton.cdiv(B, cfg.block_b), triton.cdiv(width, cfg.block_n))](
+        _infonce_bwd_probs_kernel[(triton.cdiv(width, cfg.block_n), triton.cdiv(B, cfg.block_b))](
             q,
             c,
             tgt,
@@ -930,12 +931,13 @@ def _grouped_bwd_kernel(
         tl.store(ddocs_ptr + doc_off, dd.to(ddocs_ptr.dtype.element_ty), mask=mask_3d)
 
 
-def _grouped_blocks(B: int, G: int, D: int) -> tuple[int, int, int]:
-    """(BLOCK_B, BLOCK_G, BLOCK_D): about 8k elements of the [B, G, D] block in flight per program."""
+def _grouped_blocks(B: int, G: int, D: int) -> tuple[int, int, int, int]:
+    """(BLOCK_B, BLOCK_G, BLOCK_D, num_warps): about 8k elements of the [B, G, D] block in flight per program, over
+    8 warps (with 4, the fp32 backward needs up to 254 registers a thread on sm_90: no margin; with 8, 170)."""
     block_g = triton.next_power_of_2(G)
     block_d = min(256, triton.next_power_of_2(D))
     block_b = max(1, min(triton.next_power_of_2(B), 8192 // (block_g * block_d)))
-    return block_b, block_g, block_d
+    return block_b, block_g, block_d, 8
 
 
 class GroupedInfoNCEFunction(torch.autograd.Function):
@@ -947,9 +949,20 @@ class GroupedInfoNCEFunction(torch.autograd.Function):
         if use_triton:
             s = torch.empty((B, G), device=q.device, dtype=torch.float32)
             lse = torch.empty((B,), device=q.device, dtype=torch.float32)
-            block_b, block_g, block_d = _grouped_blocks(B, G, D)
+            block_b, block_g, block_d, num_warps = _grouped_blocks(B, G, D)
             _grouped_fwd_kernel[(triton.cdiv(B, block_b),)](
-                q, docs, s, lse, B, G, D, _LOG2E / temperature, BLOCK_B=block_b, BLOCK_G=block_g, BLOCK_D=block_d
+                q,
+                docs,
+                s,
+                lse,
+                B,
+                G,
+                D,
+                _LOG2E / temperature,
+                BLOCK_B=block_b,
+                BLOCK_G=block_g,
+                BLOCK_D=block_d,
+                num_warps=num_warps,
             )
             loss = (lse * _LN2 - s[:, 0] / temperature).mean()  # the kernel's log-sum-exp is in base 2
         else:
@@ -974,7 +987,7 @@ class GroupedInfoNCEFunction(torch.autograd.Function):
         if ctx.use_triton:
             dq = torch.empty_like(q)
             ddocs = torch.empty_like(docs)
-            block_b, block_g, block_d = _grouped_blocks(B, G, D)
+            block_b, block_g, block_d, num_warps = _grouped_blocks(B, G, D)
             _grouped_bwd_kernel[(triton.cdiv(B, block_b),)](
                 q,
                 docs,
@@ -990,6 +1003,7 @@ class GroupedInfoNCEFunction(torch.autograd.Function):
                 BLOCK_B=block_b,
                 BLOCK_G=block_g,
                 BLOCK_D=block_d,
+                num_warps=num_warps,
             )
         else:
             w = torch.exp(s / t - lse[:, None])

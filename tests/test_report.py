@@ -221,3 +221,51 @@ def test_gpu_suite_dry_run(tmp_path: Path) -> None:
         assert f"| {name} | PASS |" in summary
     assert "| pooling_check |" not in summary
     assert "| e. + gradient cache, 16 queries | ok |" in summary
+
+
+def test_flops_table_and_executed_mfu(report, tmp_path: Path) -> None:
+    """A train_step_flops.json beside a run's timed rows: its table and ratios in the README, and the suite summary's
+    executed-FLOPs MFU per timed row (executed FLOPs per real token of the --flops row of the same configuration x
+    tokens/s / the measured matmul rate), next to the model-FLOPs MFU."""
+    shutil.copytree(FIXTURES, tmp_path / "results")
+    run = tmp_path / "results" / GPU_RUN
+    timed = load(GPU_RUN, "train_step_cuda")
+    peak = timed["meta"]["peak_tflops"]
+    mask = "sdpa, block-diagonal causal mask (rows of 8192); counted by call (stand-in)"
+    counted = [("a", "a. baseline", "sdpa, padding mask; counted by call (stand-in)", 3.5e14, 36000, 3.6),
+               ("d", "d. + packing", mask, 1.3e14, 36000, 1.3),
+               ("e512", "e. + gradient cache, 512 queries", mask, 4.0e15, 1150000, 1.36)]  # fmt: skip
+    rows = [{"model": "Qwen3-0.6B", "key": k, "row": label, "status": "ok", "attention": attention,
+             "executed_flops": flops, "ideal_flops": flops / ratio, "ratio": ratio, "real_tokens": tokens,
+             "executed_tflop": flops / 1e12, "attention_share": 0.05, "recompute_share": 0.2}
+            for k, label, attention, flops, tokens, ratio in counted]  # fmt: skip
+    summary = {"Qwen3-0.6B": {"baseline_ratio": 3.6, "full_stack_ratio": 1.3, "grad_cache_ratio": 1.36,
+                              "full_stack_no_checkpointing_ratio": 1.02, "grad_cache_queries": 512,
+                              "activation_budget_gib": 65.6}}  # fmt: skip
+    payload = {"benchmark": "train_step_flops", "env": {"command": "python benchmarks/bench_train_step.py --flops"},
+               "rows": rows, "meta": {"ideal": "6 N T + attention"}, "summary": summary}  # fmt: skip
+    (run / "train_step_flops.json").write_text(json.dumps(payload))
+    readme = tmp_path / "README.md"
+    readme.write_text(BEFORE + START + AFTER)
+    assert report.main(["--results", str(tmp_path / "results"), "--readme", str(readme)]) == 0
+    region = region_of(readme)
+    assert "`python benchmarks/bench_train_step.py --flops`" in region
+    assert "Qwen3-0.6B: baseline **3.60x**, full stack **1.30x** (1.02x" in region
+    assert "gradient cache (512 queries) **1.36x**" in region
+    flops_table = tables(region)["FLOPs of one training step, executed vs ideal (meta device, 2000-01-01)"]
+    assert [r["executed / ideal"] for r in flops_table] == ["3.6", "1.3", "1.36"]
+    assert report.main(["summary", str(run)]) == 0
+    lines = {line.split("|")[1].strip(): line for line in (run / "summary.md").read_text().splitlines()
+             if line.startswith("| ")}  # fmt: skip
+    by_row = {r["row"]: r for r in timed["rows"]}
+
+    def mfu_cell(row: str, flops: float, tokens: int) -> str:
+        return cell(100 * flops / tokens * by_row[row]["tokens_per_s"] / (peak * 1e12))
+
+    for row, flops, tokens in (("a. baseline (padded, plain pooling + loss)", 3.5e14, 36000),
+                               ("d. + packing", 1.3e14, 36000),
+                               ("e. + gradient cache, 1k queries", 4.0e15, 1150000)):  # fmt: skip
+        assert f"| {mfu_cell(row, flops, tokens)} |" in lines[row], lines[row]
+    # No --flops row of the same configuration (b was not counted): no executed MFU, the model MFU stays.
+    cells = [c.strip() for c in lines["b. + Liger RMSNorm/RoPE/SwiGLU"].strip("|").split("|")]
+    assert cells[3] == cell(by_row["b. + Liger RMSNorm/RoPE/SwiGLU"]["mfu_pct"]) and cells[4] == ""
