@@ -42,7 +42,8 @@ queries x (1 positive + 7 hard negatives), the recipe's batch on one GPU. Rows, 
 
 Memory budget (rows d, d2, e): they run ``model.gradient_checkpointing: auto``, the trainer's CheckpointPolicy:
 a forward with grad (the batch, or a gradient-cache chunk in its second pass) checkpoints only when its estimated
-saved activations (the library's ``Encoder.activation_bytes``, for bf16 compute) exceed the budget. The budget is
+saved activations (the library's ``Encoder.activation_bytes``, for bf16 compute) exceed the budget, and then only
+as many of its first layers as it takes to fit (``Encoder.layer_checkpoint_saving``). The budget is
 what an 80 GB H100 (``--memory-gb``, 80e9 bytes) leaves after the DDP engine's training state, 16 bytes per
 parameter (fp32 weights, fp32 gradients, AdamW's two fp32 moments): 65.6 GiB for Qwen3-0.6B, 48.9 GiB for 1.7B,
 14.6 GiB for 4B; the same on any GPU, so that the timed rows are the --flops rows. Rows a-c checkpoint every
@@ -418,7 +419,8 @@ def checkpoint_policy(encoder: Encoder, mode: bool | str, budget: int, compute_d
     """The trainer's CheckpointPolicy of a row: ``mode`` True / False / "auto", the library's activation estimate
     (``Encoder.activation_bytes``) for ``compute_dtype`` (bf16 on CUDA and for --flops) against ``budget`` bytes."""
     source = f"{budget / 2**30:.1f} GiB: an {GPU_MEMORY_GB:g} GB GPU less {STATE_BYTES_PER_PARAM} B per parameter"
-    return CheckpointPolicy(mode, budget, lambda n: encoder.activation_bytes(n, compute_dtype), source)
+    saving = encoder.layer_checkpoint_saving(compute_dtype)
+    return CheckpointPolicy(mode, budget, lambda n: encoder.activation_bytes(n, compute_dtype), source, saving)
 
 
 def chunk_tokens_fitting(encoder: Encoder, budget: int, compute_dtype: torch.dtype) -> int:
@@ -436,22 +438,30 @@ class StepObserver:
         self.encoder = encoder
         self.batch: EncoderBatch | None = None
         self.grad = False  # the last forward builds a graph
-        self.decisions: list[bool] = []  # checkpointing of each forward with grad
+        self.decisions: list[int] = []  # checkpointed layers of each forward with grad
         self.positions: list[int] = []  # input positions of each forward with grad
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         self.batch = args[0]
         self.grad = torch.is_grad_enabled()
         if self.grad:
-            self.decisions.append(self.encoder.checkpointing_enabled)
+            self.decisions.append(self.encoder.checkpointed_layers)
             self.positions.append(self.batch.input_ids.numel())
 
     def describe(self, policy: CheckpointPolicy) -> str:
         rule = "by the memory budget" if policy.mode == "auto" else "fixed"
         if not self.decisions:
             return f"none ({rule})"
-        on, n = sum(self.decisions), len(self.decisions)
-        state = "on" if on == n else "off" if on == 0 else f"on in {on}/{n} forwards"
+        layers, n = self.encoder.num_checkpoint_layers, len(self.decisions)
+        if all(d == layers for d in self.decisions):
+            state = "on"
+        elif not any(self.decisions):
+            state = "off"
+        elif len(set(self.decisions)) == 1:
+            state = f"{self.decisions[0]} of {layers} layers"
+        else:
+            forwards = sum(map(bool, self.decisions))
+            state = f"{sum(self.decisions) / n:.1f} of {layers} layers on average, in {forwards}/{n} forwards"
         return f"{state} ({rule})"
 
 

@@ -61,6 +61,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 from transformers.masking_utils import AttentionMaskInterface
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import is_flash_attn_2_available
 
 from f2llm.data import EncoderBatch, TextTokenizer, format_query, is_decoder_model_type, pad_sequences
@@ -462,10 +463,13 @@ def estimate_activation_profile(
     compute_dtype: torch.dtype,
     *,
     decoder: bool,
+    checkpointed: bool = False,
 ) -> tuple[int, int]:
     """(fixed, per-token) bytes a training forward of ``model`` saves for backward, from two forwards of its config
     on the meta device: the same architecture, weights dtype and attention implementation, in training mode,
-    under an emulated autocast when ``compute_dtype`` differs from ``weights_dtype``.
+    under an emulated autocast when ``compute_dtype`` differs from ``weights_dtype``; with ``checkpointed``, every
+    layer transformers can checkpoint inside checkpoint (what its layers then save is not counted: their inputs,
+    which the checkpoint holds outside autograd, are left to the caller).
 
     What it counts: every distinct storage autograd saves (activations, dropout masks, autocast's weight copies),
     not the parameters. What it does not: the transient buffers of the backward itself and the output. Attention
@@ -481,6 +485,12 @@ def estimate_activation_profile(
         with torch.device("meta"):
             meta = AutoModel.from_config(config, dtype=weights_dtype, attn_implementation=probe_attention)
         meta.train()
+        if checkpointed:
+            enable = getattr(meta, "activation_checkpointing_enable", None)  # transformers >= 5.23
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                meta.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         weights = [*meta.parameters(), *meta.buffers()]
         autocast = _MetaAutocast(compute_dtype) if compute_dtype != weights_dtype else contextlib.nullcontext()
         for n in _PROBE_TOKENS:
@@ -491,7 +501,10 @@ def estimate_activation_profile(
                 kwargs["position_ids"] = torch.arange(half, device="meta").repeat(2)[None]
                 # A cache makes transformers skip its look for packing, which reads the position ids (meta cannot);
                 # the cached keys and values are the very tensors attention saves, so nothing more is counted.
+                # Checkpointing turns the cache off: prepared masks saying "none" skip the look there.
                 kwargs["use_cache"] = True
+                if checkpointed and _takes_prepared_masks(type(meta)):
+                    kwargs.update(use_cache=False, attention_mask=_no_masks(config))
                 if probe_attention == VARLEN:
                     cu = torch.arange(0, n + 1, half, dtype=torch.int32, device="meta")
                     kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=half, max_length_k=half)
@@ -569,7 +582,8 @@ class Encoder(nn.Module):
         pooler = getattr(model, "pooler", None)
         if isinstance(pooler, nn.Module):
             pooler.requires_grad_(False)
-        self._activation_profiles: dict[torch.dtype, tuple[int, int]] = {}
+        # compute dtype (or ("checkpointed", dtype): every layer checkpointed) -> (fixed, per-token) saved bytes
+        self._activation_profiles: dict[Any, tuple[int, int]] = {}
 
     # ------------------------------------------------------------------------------------------------------
     # Construction
@@ -681,18 +695,41 @@ class Encoder(nn.Module):
     # ------------------------------------------------------------------------------------------------------
     # Activation checkpointing and its memory
     # ------------------------------------------------------------------------------------------------------
+    def _checkpoint_layers(self) -> list[nn.Module]:
+        """The blocks (decoder / encoder layers) transformers can checkpoint one by one, in forward order."""
+        return [m for m in self.model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
     def _checkpoint_modules(self) -> list[nn.Module]:
         """The modules transformers gives a ``gradient_checkpointing`` flag (its GradientCheckpointingLayer blocks,
         and the odd model-level flag)."""
         return [m for m in self.model.modules() if hasattr(m, "gradient_checkpointing")]
 
     @property
+    def num_checkpoint_layers(self) -> int:
+        """How many layers can be checkpointed one by one (what ``checkpointing(k)`` counts)."""
+        return len(self._checkpoint_layers())
+
+    @property
+    def checkpointed_layers(self) -> int:
+        """How many of them are checkpointed now."""
+        return sum(bool(layer.gradient_checkpointing) for layer in self._checkpoint_layers())
+
+    @property
     def checkpointing_enabled(self) -> bool:
         return any(m.gradient_checkpointing for m in self._checkpoint_modules())
 
-    def set_checkpointing(self, enabled: bool) -> None:
+    def set_checkpointing(self, enabled: bool | int) -> None:
         """Recompute activations in backward (non-reentrant; training mode only) in every forward from now on, or
-        keep them. The first enabling sets transformers' checkpointing up."""
+        keep them: True / False for every layer, an int k for the first k layers (:meth:`_checkpoint_layers`; the
+        rest keep theirs). The first enabling sets transformers' checkpointing up."""
+        if not isinstance(enabled, bool):
+            layers = self._checkpoint_layers()
+            if not 0 <= enabled <= len(layers):
+                raise ValueError(f"Encoder: cannot checkpoint {enabled} of the model's {len(layers)} layers")
+            self.set_checkpointing(enabled > 0)
+            for i, layer in enumerate(layers):
+                layer.gradient_checkpointing = i < enabled
+            return
         modules = self._checkpoint_modules()
         if enabled and not modules:
             raise ValueError(f"Encoder: {type(self.model).__name__} does not support gradient checkpointing")
@@ -706,9 +743,10 @@ class Encoder(nn.Module):
             module.gradient_checkpointing = enabled
 
     @contextlib.contextmanager
-    def checkpointing(self, enabled: bool) -> Iterator[None]:
-        """Forwards inside checkpoint (or keep their activations) as ``enabled`` says; the setting before is
-        restored after. Checkpointing changes only what is kept for backward, never a result or a gradient."""
+    def checkpointing(self, enabled: bool | int) -> Iterator[None]:
+        """Forwards inside checkpoint (or keep their activations) as ``enabled`` says (see :meth:`set_checkpointing`:
+        all, none, or the first k layers); the setting before is restored after. Checkpointing changes only what
+        is kept for backward, never a result or a gradient."""
         modules = self._checkpoint_modules()
         before = [m.gradient_checkpointing for m in modules]
         self.set_checkpointing(enabled)
@@ -723,6 +761,25 @@ class Encoder(nn.Module):
         backward without checkpointing: ``fixed + per_token * num_tokens`` (see :meth:`activation_profile`)."""
         fixed, per_token = self.activation_profile(compute_dtype)
         return fixed + per_token * int(num_tokens)
+
+    def layer_checkpoint_saving(self, compute_dtype: torch.dtype | None = None) -> tuple[int, int]:
+        """(checkpointable layers, per-token bytes that checkpointing one of them saves): what its layers save
+        without checkpointing (this profile less the profile with every layer checkpointed, measured on meta,
+        shared evenly: the layers are alike), less the input a checkpointed layer keeps for its recomputation."""
+        layers = self._checkpoint_layers()
+        if not layers:
+            return 0, 0
+        weights = next(self.model.parameters()).dtype
+        dtype = compute_dtype or weights
+        key = ("checkpointed", dtype)
+        if key not in self._activation_profiles:
+            self._activation_profiles[key] = estimate_activation_profile(
+                self.model, self.attn_implementation, weights, dtype, decoder=self.is_decoder, checkpointed=True
+            )
+        _, all_kept = self.activation_profile(compute_dtype)
+        _, all_checkpointed = self._activation_profiles[key]
+        layer_input = self.model.config.hidden_size * weights.itemsize  # the residual stream, in the weights' dtype
+        return len(layers), max(0, (all_kept - all_checkpointed) // len(layers) - layer_input)
 
     def activation_profile(self, compute_dtype: torch.dtype | None = None) -> tuple[int, int]:
         """(fixed, per-token) bytes of the tensors a forward with grad saves for backward, measured once per

@@ -234,22 +234,40 @@ ACTIVATION_MEMORY_SHARE = 0.7
 
 @dataclass
 class CheckpointPolicy:
-    """Whether a forward with grad recomputes its activations in backward (``model.gradient_checkpointing``).
+    """Which layers of a forward with grad recompute their activations in backward (``model.gradient_checkpointing``).
 
-    ``mode`` True / False: always / never. ``"auto"``: when ``activation_bytes(tokens)`` (the forward's estimated
-    saved activations, for its input positions, padding included) exceeds ``budget`` bytes; with no budget known,
-    always (as True).
+    ``mode`` True / False: every layer / none. ``"auto"``: none while ``activation_bytes(tokens)`` (the forward's
+    estimated saved activations, for its input positions, padding included) fits ``budget`` bytes; beyond, just
+    enough of the first layers to fit (``layer_saving``: the layers and the per-token bytes checkpointing one
+    saves; without it, every layer). Each checkpointed layer costs one more forward of that layer: the fewer, the
+    less recompute. With no budget known, every layer (as True).
     """
 
     mode: Literal["auto"] | bool
     budget: int | None
     activation_bytes: Callable[[int], int]
     budget_source: str = "model.activation_budget_gb"
+    layer_saving: tuple[int, int] | None = None
 
     def __call__(self, tokens: int) -> bool:
+        """Whether a forward of ``tokens`` input positions checkpoints any layer."""
+        layers = self.layers(tokens)
+        return layers is True or layers > 0
+
+    def layers(self, tokens: int) -> bool | int:
+        """What a forward of ``tokens`` positions checkpoints: True (every layer), False (none) or the first k."""
         if self.mode != "auto":
             return bool(self.mode)
-        return self.budget is None or self.activation_bytes(tokens) > self.budget
+        if self.budget is None:
+            return True
+        excess = self.activation_bytes(tokens) - self.budget
+        if excess <= 0:
+            return False
+        n_layers, saving = self.layer_saving or (0, 0)
+        if saving <= 0:
+            return True
+        k = -(-excess // (saving * max(1, tokens)))
+        return True if k >= n_layers else int(k)
 
     def summary(self) -> str:
         if self.mode != "auto":
@@ -262,10 +280,14 @@ class CheckpointPolicy:
         if self.budget is None:
             return f"{head}, no memory budget known ({self.budget_source}): every forward with grad checkpoints"
         limit = max(0, self.budget - fixed) // max(1, per_token)
-        return (
+        text = (
             f"{head}, budget {self.budget / 2**30:,.2f} GiB ({self.budget_source}): forwards of more than "
             f"{limit:,} tokens checkpoint"
         )
+        saving = (self.layer_saving or (0, 0))[1]
+        if saving > 0:
+            text += f" just enough of their first layers to fit (~{saving / 2**10:,.1f} KiB/token saved per layer)"
+        return text
 
 
 def activation_budget(engine: Engine, device: torch.device) -> int | None:
@@ -325,8 +347,9 @@ class Trainer:
                     if budget is not None
                     else f"not set, and none derived on {self.runtime.device.type}"
                 )
+            saving = encoder.layer_checkpoint_saving(dtype) if budget is not None else None
             self.checkpointing = CheckpointPolicy(
-                model.gradient_checkpointing, budget, lambda n: encoder.activation_bytes(n, dtype), source
+                model.gradient_checkpointing, budget, lambda n: encoder.activation_bytes(n, dtype), source, saving
             )
             if self.runtime.main:
                 print(f"f2llm: {self.checkpointing.summary()}")
@@ -439,12 +462,16 @@ class Trainer:
     def forward(self, batch: EncoderBatch) -> torch.Tensor:
         """The engine's forward, checkpointed when it builds a graph and the policy says so for its size (input
         positions, padding included: a shape, known without reading the device)."""
-        checkpoint = torch.is_grad_enabled() and self.checkpoint_policy()(batch.input_ids.numel())
-        if torch.is_grad_enabled() and self.engine.gathers_parameters:
-            # A recomputed forward gathers its parameters again: one rank recomputing alone would leave the
-            # others' collectives unmatched. Every rank checkpoints when any asks (ranks' budgets and chunks differ).
-            checkpoint = bool(self.runtime.max(int(checkpoint)))
-        with self.encoder.checkpointing(checkpoint):
+        grad = torch.is_grad_enabled()
+        layers = self.checkpoint_policy().layers(batch.input_ids.numel()) if grad else False
+        if grad and self.engine.gathers_parameters:
+            # A recomputed layer gathers its parameters again: one rank recomputing alone would leave the others'
+            # collectives unmatched. Every rank checkpoints the most layers any rank asks for (budgets and chunks
+            # differ across ranks).
+            total = self.encoder.num_checkpoint_layers
+            count = self.runtime.max(total if layers is True else int(layers))
+            layers = count if count < total else True
+        with self.encoder.checkpointing(layers):
             return self.engine.forward(batch)
 
     def train_step(self, batch: TrainingBatch) -> StepResult:

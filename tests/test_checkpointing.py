@@ -99,6 +99,53 @@ def test_policy() -> None:
     assert [CheckpointPolicy("auto", 1100, per_token)(n) for n in (99, 100, 101)] == [False, False, True]
     assert CheckpointPolicy("auto", None, per_token)(1)  # no budget known: as true
     assert "more than 100 tokens checkpoint" in CheckpointPolicy("auto", 1100, per_token).summary()
+    # Just enough layers: 4 layers, each saving 2 bytes per token when checkpointed.
+    partial = CheckpointPolicy("auto", 1100, per_token, layer_saving=(4, 2))
+    assert partial.layers(100) is False  # 1100 bytes fit
+    assert partial.layers(101) == 1  # 10 bytes over: one layer saves 202
+    assert partial.layers(150) == 2  # 500 over: two layers save 600, one 300
+    assert partial.layers(10**6) is True  # more than all four save
+    assert [partial(n) for n in (100, 101)] == [False, True]
+
+
+def test_layer_saving_matches_a_real_forward(qwen3_path: Path) -> None:
+    """Checkpointing the first k layers of a real CPU forward removes what the meta estimate says per layer: the
+    bytes autograd no longer saves, plus the layer input the checkpoint holds instead (hidden size x fp32)."""
+    encoder = Encoder.from_pretrained(qwen3_path, attn_implementation="sdpa").train()
+    n_layers, saving = encoder.layer_checkpoint_saving()
+    assert n_layers == encoder.num_checkpoint_layers == len(encoder.model.layers) == 2 and saving > 0
+    weights = [*encoder.model.parameters(), *encoder.model.buffers()]
+    batch = pad_sequences([list(range(1, 201))], 0)
+    kwargs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+    kept = {}
+    for k in (0, 1, 2):
+        with encoder.checkpointing(k):
+            assert encoder.checkpointed_layers == k
+            kept[k] = saved_tensor_bytes(lambda: encoder.model(**kwargs), weights)
+    layer_input = encoder.model.config.hidden_size * 4
+    for k in (1, 2):
+        assert kept[0] - kept[k] == pytest.approx(k * (saving + layer_input) * 200, rel=0.02), (k, kept, saving)
+
+
+def test_checkpointing_the_first_layers_only(qwen3_path: Path) -> None:
+    """checkpointing(1) recomputes layer 0 alone in backward, with the gradients of no checkpointing."""
+    encoder = Encoder.from_pretrained(qwen3_path).train()
+    calls = [0, 0]
+    for i, layer in enumerate(encoder.model.layers):
+        layer.mlp.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+    ids = encoder.tokenize(CORPUS[:4])
+    weights = torch.randn(4, encoder.embedding_dim)
+    grads = []
+    for layers in (1, False):
+        calls[:] = [0, 0]
+        encoder.zero_grad()
+        with encoder.checkpointing(layers):
+            (encoder(pad_sequences(ids, 0)) * weights).sum().backward()
+        assert calls == ([2, 1] if layers else [1, 1])
+        grads.append([p.grad.clone() for p in encoder.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+    with pytest.raises(ValueError, match="cannot checkpoint 3 of the model's 2 layers"):
+        encoder.set_checkpointing(3)
 
 
 def record_forwards(trainer: Trainer) -> list[dict]:
