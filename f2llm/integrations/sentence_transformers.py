@@ -1,0 +1,528 @@
+"""sentence-transformers users get f2llm's engine in one import.
+
+    from f2llm.integrations.sentence_transformers import CachedMultipleNegativesRankingLoss
+
+    loss = CachedMultipleNegativesRankingLoss(model, mini_batch_size=64)   # sentence-transformers' arguments
+    SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss).train()
+
+Same name, constructor, inputs and loss as sentence-transformers 6.x's ``CachedMultipleNegativesRankingLoss`` (it
+subclasses it): columns (anchor, positive, negative_1, ..., negative_n); each anchor is scored against the positives
+and negatives of the whole batch (of every rank with ``gather_across_devices=True``), logits = similarity * scale.
+What runs inside is f2llm's:
+
+* the gradient cache (:mod:`f2llm.gradcache`): pass 1 embeds every mini-batch without gradients, each one's RNG
+  state captured (:class:`f2llm.gradcache.RngState`); the loss and d(loss)/d(embeddings) come from
+  :func:`f2llm.ops.infonce` on all embeddings at once (no B x N score matrix); pass 2 re-embeds each mini-batch with
+  gradients, dropout replayed, and back-propagates ``embeddings . cached gradient``. As in sentence-transformers,
+  pass 2 runs in the backward of the returned loss: ``loss.backward()`` (the trainer's) triggers it, and every
+  mini-batch is scaled by the gradient that backward hands the loss (gradient accumulation's 1/k, fp16's loss
+  scale). An autocast active in pass 1 (the trainer's mixed precision) is replayed in pass 2.
+* sequence packing: each mini-batch's texts are unpadded and laid end to end in rows
+  (:func:`f2llm.data.pack_sequences`), run through the model's Hugging Face transformer with a block-diagonal mask
+  (encoders, as :class:`f2llm.model.Encoder` does) or position ids restarting at every text (decoders, which
+  transformers turns into a block-diagonal causal mask), and pooled over each text by :func:`f2llm.ops.pool`: the
+  embeddings of sentence-transformers' padded forward, without computing its padding.
+* under DistributedDataParallel, the gradients are averaged over the ranks once, after the last mini-batch (the
+  packed forward calls the transformer directly, not through DDP's forward, so the reducer is bypassed and this
+  module all-reduces them itself; inside the trainer's ``no_sync`` (gradient accumulation) it does not).
+
+Packing needs the module stack ``Transformer -> Pooling -> [Normalize]`` on text, pooling ``mean``, ``cls`` or
+``lasttoken``, a BERT / RoBERTa encoder (sdpa or eager attention) or a Qwen2/Qwen3/Llama/Mistral decoder, and
+right-padded inputs for encoders. Any other model is embedded with sentence-transformers' own padded forward
+(a warning says why, once); the gradient cache and the loss stay f2llm's.
+
+Options whose semantics this loss does not implement raise a ValueError naming them: ``directions`` other than
+``("query_to_doc",)``, ``hardness_mode`` with ``hardness_strength > 0``, a ``similarity_fct`` other than ``cos_sim``
+or ``dot_score``. (``partition_mode="per_direction"`` with the one direction is the same loss, and accepted.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import tqdm
+from sentence_transformers.sentence_transformer.losses.cached_multiple_negatives_ranking import (
+    CachedMultipleNegativesRankingLoss as _STCachedMultipleNegativesRankingLoss,
+)
+from sentence_transformers.sentence_transformer.losses.cached_multiple_negatives_ranking import (
+    _create_minibatch,
+    _get_batch_size,
+)
+from sentence_transformers.util import cos_sim, dot_score
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+
+from f2llm import distributed
+from f2llm.data import EncoderBatch, pack_sequences
+from f2llm.gradcache import GradientCache, RngState, chunk_by_tokens
+from f2llm.ops import infonce, pool
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CachedMultipleNegativesRankingLoss"]
+
+# sentence-transformers' Pooling mode -> f2llm.ops.pool's.
+_POOLING_MODES = {"mean": "mean", "cls": "first", "lasttoken": "last"}
+# Model types whose packed forward is verified to give the padded forward's embeddings (tests/test_st_integration.py).
+# Encoders take a 4-D block-diagonal mask; decoders (RoPE) separate packed texts by their restarting position ids.
+_PACKED_ENCODERS = frozenset({"bert", "roberta", "xlm-roberta"})
+_PACKED_DECODERS = frozenset({"qwen2", "qwen3", "llama", "mistral"})
+_ENCODER_ATTENTION = ("sdpa", "eager")
+# The tokenized text features packing understands; "prompt_length" is bookkeeping (only read by Pooling when it
+# excludes the prompt, which then disables packing).
+_TEXT_FEATURES = frozenset({"input_ids", "attention_mask", "token_type_ids", "modality", "prompt_length"})
+_GRAD_BUCKET_BYTES = 25 * 2**20  # DDP's default bucket size
+
+
+# ------------------------------------------------------------------------------------------------ the packed model
+@dataclass(frozen=True)
+class _PackedModel:
+    """How to run one sentence-transformers model packed: its transformer, pooling and normalization."""
+
+    transformer: torch.nn.Module  # the Hugging Face model inside the Transformer module
+    decoder: bool
+    attn_implementation: str
+    position_offset: int  # RoBERTa numbers positions from padding_idx + 1
+    pooling: str  # f2llm.ops.pool's mode
+    normalize: bool
+    pad_token_id: int
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The SentenceTransformer inside a DDP and / or torch.compile wrapper."""
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def _packed_model(st_model: torch.nn.Module) -> tuple[_PackedModel | None, str]:
+    """(how to run ``st_model`` packed, "") or (None, why it cannot be)."""
+    from sentence_transformers.base.modules.normalize import Normalize
+    from sentence_transformers.base.modules.transformer import Transformer
+    from sentence_transformers.sentence_transformer.modules.pooling import Pooling
+
+    modules = list(st_model.children())
+    kinds = [type(m).__name__ for m in modules]
+    stack_ok = (
+        len(modules) in (2, 3)
+        and type(modules[0]) is Transformer
+        and type(modules[1]) is Pooling
+        and (len(modules) == 2 or type(modules[2]) is Normalize)
+    )
+    if not stack_ok:
+        return None, f"its modules are {kinds}, not Transformer -> Pooling [-> Normalize]"
+    transformer, pooling = modules[0], modules[1]
+    if len(modules) == 3 and not (
+        modules[2].module_input_name == modules[2].module_output_name == "sentence_embedding"
+    ):
+        return None, "its Normalize module does not normalize the sentence embedding"
+    if getattr(transformer, "backend", "torch") != "torch":
+        return None, f"its Transformer runs on the {transformer.backend!r} backend"
+    text = (transformer.modality_config or {}).get("text", {})
+    output_name = text.get("method_output_name")
+    if (
+        text.get("method") != "forward"
+        or output_name not in ("last_hidden_state", ("last_hidden_state",), ["last_hidden_state"])
+        or transformer.module_output_name != "token_embeddings"
+    ):
+        return None, f"its Transformer's text output is {text!r} -> {transformer.module_output_name!r}"
+    hf = transformer.model
+    config = hf.config
+    if getattr(config, "output_hidden_states", False):
+        return None, "its transformer outputs every layer's hidden states"
+    if not isinstance(pooling.pooling_mode, str) or pooling.pooling_mode not in _POOLING_MODES:
+        return None, f"its pooling mode {pooling.pooling_mode!r} is not one of {sorted(_POOLING_MODES)}"
+    if not pooling.include_prompt:
+        return None, "its Pooling excludes the prompt (include_prompt=False)"
+    model_type = getattr(config, "model_type", None)
+    attn = getattr(config, "_attn_implementation", None) or "eager"
+    decoder = model_type in _PACKED_DECODERS
+    if not decoder:
+        if model_type not in _PACKED_ENCODERS:
+            supported = sorted(_PACKED_ENCODERS | _PACKED_DECODERS)
+            return None, f"model type {model_type!r} is not one packing supports ({supported})"
+        if attn not in _ENCODER_ATTENTION:
+            return None, f"packed encoders need attn_implementation sdpa or eager, not {attn!r}"
+    # As f2llm.model.Encoder: RoBERTa-family embeddings number positions from padding_idx + 1, BERT from 0.
+    padding_idx = getattr(getattr(hf, "embeddings", None), "padding_idx", None)
+    position_offset = padding_idx + 1 if isinstance(padding_idx, int) else 0
+    tokenizer = getattr(transformer, "tokenizer", None)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    plan = _PackedModel(
+        transformer=hf,
+        decoder=decoder,
+        attn_implementation=attn,
+        position_offset=position_offset,
+        pooling=_POOLING_MODES[pooling.pooling_mode],
+        normalize=len(modules) == 3,
+        pad_token_id=int(pad) if pad is not None else 0,
+    )
+    return plan, ""
+
+
+def _unpackable_features(features: dict[str, Any], plan: _PackedModel) -> str:
+    """Why this column's features cannot be packed ("" when they can)."""
+    extra = sorted(set(features) - _TEXT_FEATURES)
+    if extra:
+        return f"its inputs carry {extra} besides the tokenized text"
+    if features.get("modality", "text") != "text":
+        return f"its inputs are of modality {features['modality']!r}"
+    ids, mask = features.get("input_ids"), features.get("attention_mask")
+    if not (isinstance(ids, Tensor) and isinstance(mask, Tensor) and ids.dim() == 2 and ids.shape == mask.shape):
+        return "its inputs lack a [batch, length] input_ids / attention_mask pair"
+    if not plan.decoder and ids.shape[1] and not bool(mask[:, 0].all()):
+        # BERT numbers positions from the first column, padding included: only right padding packs identically.
+        return "its encoder inputs are left-padded"
+    return ""
+
+
+@dataclass
+class _PackedChunk:
+    """One mini-batch's texts packed into rows, on the model's device."""
+
+    batch: EncoderBatch
+    token_type_ids: Tensor | None  # [R, W]; None: all zero (the transformer's default)
+
+
+def _pack_column(
+    features: dict[str, Tensor], ranges: Sequence[tuple[int, int]], plan: _PackedModel, row_tokens: int
+) -> list[_PackedChunk]:
+    """Every mini-batch of a column of tokenized texts as packed rows of at least ``row_tokens`` tokens."""
+    device = _plan_device(plan)
+    mask = features["attention_mask"].bool().cpu()
+    lengths = mask.sum(1).numpy()
+    if lengths.size and lengths.min() == 0:
+        raise ValueError(f"CachedMultipleNegativesRankingLoss: text(s) {np.flatnonzero(lengths == 0)[:10]} are empty")
+    bounds = np.cumsum(lengths)[:-1]
+    texts = np.split(features["input_ids"].cpu()[mask].numpy(), bounds)
+    token_types = features.get("token_type_ids")
+    types = None
+    if isinstance(token_types, Tensor) and bool(token_types.any()):
+        types = np.split(token_types.cpu()[mask].numpy(), bounds)
+    chunks = []
+    for begin, end in ranges:
+        batch = pack_sequences(texts[begin:end], max(row_tokens, int(lengths[begin:end].max())), plan.pad_token_id)
+        grid_types = None
+        if types is not None:
+            order = np.argsort(batch.text_position.numpy())  # stream slot -> text
+            stream = np.concatenate([types[begin + i] for i in order.tolist()])
+            flat = np.zeros(batch.input_ids.numel(), dtype=np.int64)
+            flat[batch.token_index.numpy() if batch.token_index is not None else slice(None)] = stream
+            grid_types = torch.from_numpy(flat.reshape(batch.input_ids.shape)).to(device)
+        chunks.append(_PackedChunk(batch.to(device), grid_types))
+    return chunks
+
+
+def _plan_device(plan: _PackedModel) -> torch.device:
+    return next(plan.transformer.parameters()).device
+
+
+def _encoder_mask(position_ids: Tensor, attn_implementation: str, dtype: torch.dtype) -> Tensor:
+    """[R, 1, W, W] block-diagonal mask (f2llm.model.Encoder's): a token attends to its own text's tokens only."""
+    segment = (position_ids == 0).cumsum(-1)
+    same = segment[:, None, :, None] == segment[:, None, None, :]
+    if attn_implementation == "sdpa":
+        return same
+    return torch.zeros(same.shape, dtype=dtype, device=same.device).masked_fill_(~same, torch.finfo(dtype).min)
+
+
+def _embed_packed(plan: _PackedModel, chunk: _PackedChunk) -> Tensor:
+    """Float32 sentence embeddings [n_texts, D] of a packed mini-batch, in its texts' order."""
+    batch = chunk.batch
+    positions = batch.position_ids + plan.position_offset if plan.position_offset else batch.position_ids
+    hf = plan.transformer
+    if plan.decoder:
+        ids = batch.input_ids
+        if plan.attn_implementation != "sdpa" and plan.attn_implementation != "eager":
+            # varlen kernels (flash-attention, f2llm_varlen) and flex find the texts in one flattened row
+            ids, positions = ids.reshape(1, -1), positions.reshape(1, -1)
+        hidden = hf(input_ids=ids, position_ids=positions, use_cache=False, return_dict=True).last_hidden_state
+    else:
+        kwargs: dict[str, Tensor] = {}
+        if chunk.token_type_ids is not None:
+            kwargs["token_type_ids"] = chunk.token_type_ids
+        mask = _encoder_mask(batch.position_ids, plan.attn_implementation, next(hf.parameters()).dtype)
+        hidden = hf(
+            input_ids=batch.input_ids, attention_mask=mask, position_ids=positions, return_dict=True, **kwargs
+        ).last_hidden_state
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    if batch.token_index is not None:
+        hidden = hidden.index_select(0, batch.token_index)
+    emb = pool(
+        hidden,
+        cu_seqlens=batch.cu_seqlens,
+        mode=plan.pooling,
+        normalize=plan.normalize,
+        validate=False,
+        out_dtype=torch.float32,
+    )
+    return emb.index_select(0, batch.text_position)
+
+
+# ------------------------------------------------------------------------------------------------ the training step
+def _autocast_of(st_model: torch.nn.Module, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """The autocast the model's forward runs under now, as a factory to enter it again in pass 2.
+
+    An autocast already active (a user's, or a trainer's around the loss), else accelerate's mixed precision: the
+    trainer (accelerate) wraps the SentenceTransformer's forward in an autocast, which the packed forward, calling
+    the transformer directly, would otherwise miss.
+    """
+    kind = device.type
+    if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind):
+        dtype = torch.get_autocast_dtype(kind)
+        return functools.partial(torch.autocast, kind, dtype=dtype)
+    if "_original_forward" in vars(st_model):  # accelerate's prepare_model wrapped the forward in autocast
+        from accelerate.state import AcceleratorState
+
+        if AcceleratorState._shared_state:
+            dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(AcceleratorState().mixed_precision)
+            if dtype is not None:
+                return functools.partial(torch.autocast, kind, dtype=dtype)
+    return contextlib.nullcontext
+
+
+def _all_reduce_gradients(ddp: DistributedDataParallel) -> None:
+    """Average every gradient over the ranks, as DDP's reducer does at the end of a synchronized backward."""
+    group = ddp.process_group
+    world = dist.get_world_size(group)
+    grads = [p.grad for p in ddp.module.parameters() if p.requires_grad and p.grad is not None]
+    buckets: dict[tuple[torch.dtype, torch.device], list[list[Tensor]]] = {}
+    for g in grads:
+        lists = buckets.setdefault((g.dtype, g.device), [[]])
+        if lists[-1] and sum(t.numel() for t in lists[-1]) * g.element_size() >= _GRAD_BUCKET_BYTES:
+            lists.append([])
+        lists[-1].append(g)
+    for lists in buckets.values():
+        for bucket in lists:
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat, group=group)
+            flat.div_(world)
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+
+@dataclass
+class _Step:
+    """What pass 2 needs of one forward: every column's mini-batches, RNG states and cached gradients."""
+
+    chunks: list[list[Any]]  # per column: _PackedChunk (packed) or sentence-transformers feature dicts (padded)
+    states: list[list[RngState]]
+    grads: list[Tensor]  # per column: d(loss)/d(embeddings) [n_texts, D]
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    plan: _PackedModel | None  # None: sentence-transformers' padded forward
+
+
+class CachedMultipleNegativesRankingLoss(_STCachedMultipleNegativesRankingLoss):
+    """sentence-transformers' ``CachedMultipleNegativesRankingLoss`` on f2llm's gradient cache, packing and InfoNCE.
+
+    Same arguments as sentence-transformers 6.x's class (see the module docstring for the few it refuses). Extra
+    attribute: ``pack_row_tokens``, the width of a packed row (at least the mini-batch's longest text): wider rows
+    waste less on row padding but attend over more (masked) positions.
+    """
+
+    pack_row_tokens: int = 64
+
+    def __init__(
+        self,
+        model: Any,
+        scale: float = 20.0,
+        similarity_fct: Callable[[Tensor, Tensor], Tensor] = cos_sim,
+        mini_batch_size: int = 32,
+        mini_batch_num_tokens: int | None = None,
+        gather_across_devices: bool = False,
+        directions: tuple[str, ...] = ("query_to_doc",),
+        partition_mode: str = "joint",
+        show_progress_bar: bool = False,
+        hardness_mode: str | None = None,
+        hardness_strength: float = 0.0,
+    ) -> None:
+        super().__init__(
+            model,
+            scale=scale,
+            similarity_fct=similarity_fct,
+            mini_batch_size=mini_batch_size,
+            mini_batch_num_tokens=mini_batch_num_tokens,
+            gather_across_devices=gather_across_devices,
+            directions=directions,
+            partition_mode=partition_mode,
+            show_progress_bar=show_progress_bar,
+            hardness_mode=hardness_mode,
+            hardness_strength=hardness_strength,
+        )
+        if not (isinstance(mini_batch_size, int) and mini_batch_size > 0):
+            raise ValueError(f"mini_batch_size must be a positive integer, got {mini_batch_size!r}")
+        self._check_supported()
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------------------------------------ options
+    def _check_supported(self) -> None:
+        """Refuse the options whose semantics f2llm does not implement (checked again at every forward: the
+        sentence-transformers class lets them be reassigned)."""
+        name = type(self).__name__
+        hint = "; use sentence_transformers.losses.CachedMultipleNegativesRankingLoss for it"
+        if tuple(self.directions) != ("query_to_doc",):
+            raise ValueError(
+                f"f2llm {name}: directions={tuple(self.directions)!r} is not supported, only ('query_to_doc',){hint}"
+            )
+        if self.hardness_mode is not None and self.hardness_strength > 0.0:
+            raise ValueError(
+                f"f2llm {name}: hardness_mode={self.hardness_mode!r} with hardness_strength={self.hardness_strength} "
+                f"is not supported{hint}"
+            )
+        if self._normalizes() is None:
+            fct = getattr(self.similarity_fct, "__name__", repr(self.similarity_fct))
+            raise ValueError(
+                f"f2llm {name}: similarity_fct={fct} is not supported, only sentence_transformers.util.cos_sim or "
+                f"dot_score{hint}"
+            )
+
+    def _normalizes(self) -> bool | None:
+        """True for cos_sim, False for dot_score, None for any other similarity."""
+        if self.similarity_fct is cos_sim:
+            return True
+        if self.similarity_fct is dot_score:
+            return False
+        return None
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            logger.warning(message)
+
+    # ------------------------------------------------------------------------------------------------ loss
+    def calculate_loss(
+        self, reps: list[list[Tensor]], labels: Tensor | None = None, *, with_backward: bool = False
+    ) -> Tensor:
+        """The in-batch InfoNCE of the anchors (``reps[0]``) against every candidate column (``reps[1:]``), from the
+        per-mini-batch embeddings; with ``with_backward``, back-propagated to them and returned detached.
+
+        Candidates are the positives then each negative column, of every rank with ``gather_across_devices`` (gathered
+        with gradient); anchor i's target is its own positive. Labels are unused.
+        """
+        queries = torch.cat(reps[0])
+        docs = torch.cat([torch.cat(column) for column in reps[1:]])
+        with torch.autocast(queries.device.type, enabled=False):  # the loss in float32, whatever autocast is on
+            queries, docs = queries.float(), docs.float()
+            if self._normalizes():
+                queries, docs = F.normalize(queries, dim=-1), F.normalize(docs, dim=-1)
+            targets = torch.arange(queries.shape[0], device=queries.device)
+            if self.gather_across_devices and distributed.world_size() > 1:
+                sizes = distributed.all_gather_sizes(docs.shape[0], docs.device)
+                docs = distributed.all_gather_with_grad(docs, sizes=sizes)
+                targets = targets + sum(sizes[: distributed.rank()])
+            loss = infonce(queries, docs, targets, temperature=1.0 / self.scale, validate=False)
+        if with_backward:
+            loss.backward()
+            loss = loss.detach()
+        return loss
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
+        sentence_features = list(sentence_features)
+        if len(sentence_features) < 2:
+            raise ValueError(f"Expected at least 2 inputs, got {len(sentence_features)}")
+        self._check_supported()
+        st_model = _unwrap(self.model)
+        plan, reason = _packed_model(st_model)
+        for features in sentence_features if plan is not None else ():
+            reason = _unpackable_features(features, plan)
+            if reason:
+                plan = None
+                break
+        if plan is None:
+            self._warn_once(
+                f"f2llm CachedMultipleNegativesRankingLoss: cannot pack this model ({reason}); embedding with "
+                "sentence-transformers' padded forward instead"
+            )
+        device = _plan_device(plan) if plan is not None else st_model.device
+        autocast = _autocast_of(st_model, device)
+        chunks = [self._mini_batches(features, plan) for features in sentence_features]
+
+        # Pass 1: every mini-batch without gradients, RNG states captured.
+        cache = GradientCache(functools.partial(self._embed, plan=plan), device=device)
+        reps, states = [], []
+        with autocast():
+            for column in chunks:
+                emb, column_states = cache.embed_without_grad(self._progress(column, "Embed mini-batches"))
+                reps.append([emb.detach().requires_grad_()])
+                states.append(column_states)
+        if not torch.is_grad_enabled():
+            return self.calculate_loss(reps, labels)
+
+        # The loss and its gradient w.r.t. every embedding: the cache.
+        loss = self.calculate_loss(reps, labels, with_backward=True).detach().requires_grad_()
+        grads = [column[0].grad for column in reps]
+        unused = [str(i) for i, g in enumerate(grads) if g is None]
+        if unused:
+            raise ValueError(f"The loss did not use input column(s) {', '.join(unused)}: remove them from the dataset")
+        # Pass 2 runs in the backward of the returned loss (sentence-transformers' contract).
+        step = _Step(chunks=chunks, states=states, grads=grads, autocast=autocast, plan=plan)
+        loss.register_hook(functools.partial(self._replay, step=step))
+        return loss
+
+    def _mini_batches(self, features: dict[str, Tensor], plan: _PackedModel | None) -> list[Any]:
+        """A column's mini-batches: ``mini_batch_size`` texts, or greedily up to ``mini_batch_num_tokens`` real
+        tokens (a longer text alone), as sentence-transformers splits them; packed, or sliced feature dicts."""
+        n = _get_batch_size(features)
+        if self.mini_batch_num_tokens is None:
+            ranges = [(b, min(b + self.mini_batch_size, n)) for b in range(0, n, self.mini_batch_size)]
+        else:
+            if "cu_seq_lens_q" in features:
+                lengths = features["cu_seq_lens_q"].diff().tolist()
+            elif "attention_mask" in features:
+                lengths = features["attention_mask"].sum(1).tolist()
+            else:
+                raise ValueError("mini_batch_num_tokens needs an attention_mask (or cu_seq_lens_q) in the inputs")
+            groups = chunk_by_tokens([range(int(length)) for length in lengths], self.mini_batch_num_tokens)
+            bounds = np.cumsum([0] + [len(g) for g in groups]).tolist()
+            ranges = list(itertools.pairwise(bounds))
+        if plan is not None:
+            return _pack_column(features, ranges, plan, self.pack_row_tokens)
+        return [_create_minibatch(features, begin, end) for begin, end in ranges]
+
+    def _embed(self, chunk: Any, plan: _PackedModel | None) -> Tensor:
+        if plan is not None:
+            return _embed_packed(plan, chunk)
+        # A copy: the model's modules write their outputs into the dict they get, and pass 2 reuses the chunk.
+        return self.model(dict(chunk))["sentence_embedding"]
+
+    def _progress(self, items: list[Any], desc: str) -> Iterable[Any]:
+        return tqdm.tqdm(items, desc=desc, disable=not self.show_progress_bar) if self.show_progress_bar else items
+
+    def _replay(self, grad_output: Tensor, step: _Step) -> None:
+        """Pass 2 (the backward hook of the returned loss): every mini-batch again with gradients, its RNG state and
+        autocast replayed, back-propagating ``embeddings . cached gradient * grad_output``."""
+        ddp = self.model if isinstance(self.model, DistributedDataParallel) else None
+        packed = step.plan is not None
+        remaining = sum(len(column) for column in step.chunks)
+        with torch.enable_grad():
+            for column, states, grad in zip(step.chunks, step.states, step.grads, strict=True):
+                offset = 0
+                for chunk, state in self._progress(list(zip(column, states, strict=True)), "Replay mini-batches"):
+                    remaining -= 1
+                    # The padded forward goes through DDP: sync only the last mini-batch (the packed one bypasses it).
+                    defer = ddp is not None and not packed and remaining > 0
+                    with ddp.no_sync() if defer else contextlib.nullcontext():
+                        with state.replay(), step.autocast():
+                            emb = self._embed(chunk, step.plan)
+                        n = emb.shape[0]
+                        cached = grad[offset : offset + n]
+                        offset += n
+                        if not emb.requires_grad:  # a frozen model: nothing to back-propagate
+                            continue
+                        surrogate = torch.dot(emb.flatten().float(), cached.flatten().float()) * grad_output
+                        surrogate.backward()
+        if ddp is not None and packed and ddp.require_backward_grad_sync:
+            _all_reduce_gradients(ddp)
