@@ -14,7 +14,8 @@ ones the ops' own dispatch functions return (``infonce_config``, ``matmul_config
 ``resolve_splits`` with 132 SMs, ``_grouped_blocks``, pooling's ``_block_sizes``) for the recipe's sizes:
 D in {1024, 2048, 2560} (Qwen3 0.6B / 1.7B / 4B) plus 64, 128 and 384 (the single-chunk paths and MiniLM),
 B in {16, 512, 16384} queries, N in {512, 4096, 131072} candidates, bfloat16 / float16 / float32 (ieee and tf32),
-mask margin on and off, and pooling in every mode over padded and packed bf16 and fp32 hidden states. Launches
+mask margin on and off, and pooling (D in {384, 1024, 2048, 2560}) in every mode over padded and packed bf16 and
+fp32 hidden states. Launches
 that compile to the same kernel are compiled once; the row lists every size that chose it.
 
 Per compiled kernel: registers per thread and spill bytes (ptxas' own log), shared memory, blocks per SM
@@ -57,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "compile"
 H100_SMS = 132
 DIMS = (64, 128, 384, 1024, 2048, 2560)
+POOL_DIMS = (384, 1024, 2048, 2560)  # the models' hidden sizes (MiniLM, Qwen3): pooling tiles follow D alone
 QUERIES = (16, 512, 16384)
 CANDIDATES = (512, 4096, 131072)
 GROUP = 8  # 1 positive + 7 hard negatives per query
@@ -212,7 +214,7 @@ def pooling_launches() -> Iterator[Launch]:
     """pool(): every mode over padded and packed hidden states, bf16 (the CUDA compute dtype) and fp32, with the
     float32 normalized output the Encoder asks for and without normalization."""
     P = pooling
-    for D in DIMS:
+    for D in POOL_DIMS:
         block_l, block_d, num_warps = P._block_sizes(D)
         for mode, mode_id in P._MODE_ID.items():
             for layout in ("padded", "packed"):
