@@ -528,6 +528,32 @@ def _default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def packed_encoder_mask(position_ids: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """[R, 1, W, W] block-diagonal mask of packed rows for an encoder (BERT-like) model: a token attends to every
+    token of its own text (segment: positions restart at 0) only; boolean for sdpa, additive in ``dtype`` for eager."""
+    segment = (position_ids == 0).cumsum(-1)
+    same = segment[:, None, :, None] == segment[:, None, None, :]
+    if attn_implementation == "sdpa":
+        return same
+    if attn_implementation == "eager":
+        return torch.zeros(same.shape, dtype=dtype, device=same.device).masked_fill_(~same, torch.finfo(dtype).min)
+    raise ValueError(
+        f"Encoder: packed batches for encoder models need attn_implementation 'sdpa' or 'eager', not "
+        f"{attn_implementation!r}; use padded batches (Collator(mode='padded'))"
+    )
+
+
+def pool_packed(hidden: torch.Tensor, batch: EncoderBatch, mode: Pooling, normalize: bool) -> torch.Tensor:
+    """Float32 embeddings [batch.num_texts, D] of a packed batch's last hidden states, in collation order."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    if batch.token_index is not None:
+        hidden = hidden.index_select(0, batch.token_index)
+    emb = pool(
+        hidden, cu_seqlens=batch.cu_seqlens, mode=mode, normalize=normalize, validate=False, out_dtype=torch.float32
+    )
+    return emb.index_select(0, batch.text_position)
+
+
 class Encoder(nn.Module):
     """Text -> L2-normalized embedding ``[D]`` (D = the backbone's hidden size).
 
@@ -830,18 +856,7 @@ class Encoder(nn.Module):
         return self._pool_packed(hidden, batch)
 
     def _pool_packed(self, hidden: torch.Tensor, batch: EncoderBatch) -> torch.Tensor:
-        hidden = hidden.reshape(-1, hidden.shape[-1])
-        if batch.token_index is not None:
-            hidden = hidden.index_select(0, batch.token_index)
-        emb = pool(
-            hidden,
-            cu_seqlens=batch.cu_seqlens,
-            mode=self.pooling,
-            normalize=self.normalize,
-            validate=False,
-            out_dtype=torch.float32,
-        )
-        return emb.index_select(0, batch.text_position)
+        return pool_packed(hidden, batch, self.pooling, self.normalize)
 
     def _forward_varlen(self, batch: EncoderBatch, positions: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         """A decoder with a varlen kernel, padded or packed batch: the [R, W] grid flattened into one row, whose
@@ -872,18 +887,7 @@ class Encoder(nn.Module):
         )
 
     def _packed_encoder_mask(self, position_ids: torch.Tensor) -> torch.Tensor:
-        """[R, 1, W, W] block-diagonal mask: a token attends to every token of its own text (segment) only."""
-        segment = (position_ids == 0).cumsum(-1)
-        same = segment[:, None, :, None] == segment[:, None, None, :]
-        if self.attn_implementation == "sdpa":
-            return same
-        if self.attn_implementation == "eager":
-            dtype = next(self.model.parameters()).dtype
-            return torch.zeros(same.shape, dtype=dtype, device=same.device).masked_fill_(~same, torch.finfo(dtype).min)
-        raise ValueError(
-            f"Encoder: packed batches for encoder models need attn_implementation 'sdpa' or 'eager', not "
-            f"{self.attn_implementation!r}; use padded batches (Collator(mode='padded'))"
-        )
+        return packed_encoder_mask(position_ids, self.attn_implementation, next(self.model.parameters()).dtype)
 
     # ------------------------------------------------------------------------------------------------------
     # Inference

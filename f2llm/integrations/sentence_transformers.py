@@ -65,7 +65,8 @@ from torch.nn.parallel import DistributedDataParallel
 from f2llm import distributed
 from f2llm.data import EncoderBatch, pack_sequences
 from f2llm.gradcache import GradientCache, RngState, chunk_by_tokens
-from f2llm.ops import infonce, pool
+from f2llm.model import packed_encoder_mask, pool_packed
+from f2llm.ops import infonce
 
 logger = logging.getLogger(__name__)
 
@@ -227,15 +228,6 @@ def _plan_device(plan: _PackedModel) -> torch.device:
     return next(plan.transformer.parameters()).device
 
 
-def _encoder_mask(position_ids: Tensor, attn_implementation: str, dtype: torch.dtype) -> Tensor:
-    """[R, 1, W, W] block-diagonal mask (f2llm.model.Encoder's): a token attends to its own text's tokens only."""
-    segment = (position_ids == 0).cumsum(-1)
-    same = segment[:, None, :, None] == segment[:, None, None, :]
-    if attn_implementation == "sdpa":
-        return same
-    return torch.zeros(same.shape, dtype=dtype, device=same.device).masked_fill_(~same, torch.finfo(dtype).min)
-
-
 def _embed_packed(plan: _PackedModel, chunk: _PackedChunk) -> Tensor:
     """Float32 sentence embeddings [n_texts, D] of a packed mini-batch, in its texts' order."""
     batch = chunk.batch
@@ -251,22 +243,11 @@ def _embed_packed(plan: _PackedModel, chunk: _PackedChunk) -> Tensor:
         kwargs: dict[str, Tensor] = {}
         if chunk.token_type_ids is not None:
             kwargs["token_type_ids"] = chunk.token_type_ids
-        mask = _encoder_mask(batch.position_ids, plan.attn_implementation, next(hf.parameters()).dtype)
+        mask = packed_encoder_mask(batch.position_ids, plan.attn_implementation, next(hf.parameters()).dtype)
         hidden = hf(
             input_ids=batch.input_ids, attention_mask=mask, position_ids=positions, return_dict=True, **kwargs
         ).last_hidden_state
-    hidden = hidden.reshape(-1, hidden.shape[-1])
-    if batch.token_index is not None:
-        hidden = hidden.index_select(0, batch.token_index)
-    emb = pool(
-        hidden,
-        cu_seqlens=batch.cu_seqlens,
-        mode=plan.pooling,
-        normalize=plan.normalize,
-        validate=False,
-        out_dtype=torch.float32,
-    )
-    return emb.index_select(0, batch.text_position)
+    return pool_packed(hidden, batch, plan.pooling, plan.normalize)
 
 
 # ------------------------------------------------------------------------------------------------ the training step
