@@ -453,6 +453,15 @@ def _measuring() -> Iterator[None]:
         _MEASURING.pop()
 
 
+def enable_checkpointing(model: PreTrainedModel) -> None:
+    """Turn transformers' non-reentrant activation checkpointing on in every layer of ``model``."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.23
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 _PROBE_TOKENS = (128, 256)  # two packed rows of two texts each: a straight line through their saved bytes
 
 
@@ -486,11 +495,7 @@ def estimate_activation_profile(
             meta = AutoModel.from_config(config, dtype=weights_dtype, attn_implementation=probe_attention)
         meta.train()
         if checkpointed:
-            enable = getattr(meta, "activation_checkpointing_enable", None)  # transformers >= 5.23
-            if enable is not None:
-                enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                meta.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(meta)
         weights = [*meta.parameters(), *meta.buffers()]
         autocast = _MetaAutocast(compute_dtype) if compute_dtype != weights_dtype else contextlib.nullcontext()
         for n in _PROBE_TOKENS:
@@ -760,11 +765,7 @@ class Encoder(nn.Module):
         if enabled and not modules:
             raise ValueError(f"Encoder: {type(self.model).__name__} does not support gradient checkpointing")
         if enabled and not all(hasattr(m, "_gradient_checkpointing_func") for m in modules):
-            enable = getattr(self.model, "activation_checkpointing_enable", None)  # transformers >= 5.23
-            if enable is not None:
-                enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(self.model)
         for module in modules:
             module.gradient_checkpointing = enabled
 

@@ -16,12 +16,13 @@ A non-finite loss or gradient norm stops the run (naming the step and the source
 once, where the engine can still refuse the update: one all-reduce and one host read per step.
 
 Activation checkpointing (``model.gradient_checkpointing``) is decided per forward with grad by
-:class:`CheckpointPolicy`: forced on or off, or (auto) on only when the forward's estimated saved activations exceed
-the budget. The decision reads only the batch's shape, so it costs no host sync and works on the meta device.
+:class:`CheckpointPolicy`: forced on or off, or (auto) only when the forward's estimated saved activations exceed
+the budget, and then just enough of its first layers to fit. The decision reads only the batch's shape, so it costs
+no host sync and works on the meta device.
 Under DDP and ZeRO 0-2 checkpointing changes no collective (the same gradients are reduced in the same order; a
 recomputed forward holds none), so ranks may decide differently, e.g. for chunks of different sizes. ZeRO-3
-gathers a layer's parameters again when it recomputes it: there every forward with grad checkpoints when any rank's
-policy asks for it (one small all-reduce per forward), so all ranks run the same gathers.
+gathers a layer's parameters again when it recomputes it: there every rank checkpoints, in each forward with grad,
+the most layers any rank's policy asks for (one small all-reduce per forward), so all ranks run the same gathers.
 """
 
 from __future__ import annotations
