@@ -52,7 +52,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import MockTensor, create_function_from_signature
 
-from f2llm.kernels import contrastive, pooling
+from f2llm.kernels import contrastive, matryoshka, pooling
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "compile"
@@ -62,6 +62,7 @@ POOL_DIMS = (384, 1024, 2048, 2560)  # the models' hidden sizes (MiniLM, Qwen3):
 QUERIES = (16, 512, 16384)
 CANDIDATES = (512, 4096, 131072)
 GROUP = 8  # 1 positive + 7 hard negatives per query
+MRL_DIMS = (1024, 2048, 2560)  # Matryoshka losses at the Qwen3 sizes, with F2LLM v2's default levels
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -210,6 +211,86 @@ def grouped_launches() -> Iterator[Launch]:
                 )
 
 
+def matryoshka_launches(capability: int) -> Iterator[Launch]:
+    """Matryoshka infonce (forward, backward probs and its per-segment GEMMs) and grouped_infonce at the Qwen3
+    sizes with v2's default levels (8 to 10 of them), bf16 and fp32."""
+    C, M = contrastive, matryoshka
+    cuda = torch.device("cuda")
+    for D in MRL_DIMS:
+        dims, _ = M.matryoshka_levels(D)
+        L, align = len(dims), M._alignment(dims)
+        levels = f"levels={L}"
+        for B in QUERIES:
+            for N in CANDIDATES:
+                for dname in ("bf16", "fp32"):
+                    dtype, precision = DTYPES[dname], "ieee"
+                    config = M.matryoshka_config(B, N, D, dtype, cuda, capability=capability)
+                    cfg = C.resolve_splits(config, B, N, H100_SMS)
+                    per_split, _ = C._split_ranges(N, cfg.block_n, cfg.splits_n)
+                    chunk = M.mrl_bwd_chunk_n(cfg, B, N, L)
+                    mma = dtype != torch.float32
+                    size = f"D={D} B={B} N={N}"
+                    tiles = f"{cfg.block_b}x{cfg.block_n}x{cfg.block_d} w{cfg.num_warps} s{cfg.num_stages}"
+                    blocks = dict(BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d)
+                    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                    q, c, h = tensor(dtype), tensor(dtype), tensor(dtype)
+                    i32, f32 = tensor(torch.int32), tensor(torch.float32)
+                    for margin in (False, True):
+                        common = dict(ALIGN=align, HAS_MARGIN=margin, CAST_FP32=False, PRECISION=precision)
+                        label = f"{dname} {precision} margin={margin} {levels} {tiles}"
+                        yield Launch(
+                            "mrl_fwd",
+                            M._mrl_fwd_kernel,
+                            (q, c, i32, f32, f32, f32, f32, i32, B, N, D, L, per_split, 28.85, 0.1),
+                            common | blocks | launch | dict(L_PAD=triton.next_power_of_2(L)),
+                            mma,
+                            label,
+                            size,
+                        )
+                        yield Launch(
+                            "mrl_bwd_probs",
+                            M._mrl_bwd_probs_kernel,
+                            (q, c, i32, f32, f32, f32, f32, f32, h, f32, f32, B, D, chunk, chunk, chunk, B * chunk,
+                             i32, L, 28.85, 0.1),
+                            common | blocks | launch,
+                            mma,
+                            label,
+                            size,
+                        )  # fmt: skip
+                    # Per segment: dq[:, seg] += H @ c[chunk, seg]; dc[chunk, seg] = H^T @ q[:, seg] (row stride D).
+                    for lo, hi in M._segments(dims):
+                        width = hi - lo
+                        for name, (rows, K), strides, out, accumulate in (
+                            ("matmul_dq", (B, chunk), (chunk, 1), tensor(torch.float32), True),
+                            ("matmul_dc", (chunk, B), (1, chunk), tensor(dtype), False),
+                        ):
+                            mc = C.matmul_config(rows, width, K, dtype, cuda)
+                            yield Launch(
+                                name,
+                                C._scaled_matmul_kernel,
+                                (h, tensor(dtype), out, f32, rows, width, K, *strides, D, D),
+                                dict(ACCUMULATE=accumulate, CAST_FP32=False, PRECISION=precision,
+                                     BLOCK_M=mc.block_m, BLOCK_N=mc.block_n, BLOCK_K=mc.block_k,
+                                     num_warps=mc.num_warps, num_stages=mc.num_stages),
+                                mma,
+                                f"{dname} {precision} {mc.block_m}x{mc.block_n}x{mc.block_k} w{mc.num_warps} "
+                                f"s{mc.num_stages}",
+                                f"{size} matryoshka segment {lo}:{hi}",
+                            )  # fmt: skip
+        for B in QUERIES:
+            block_b, block_g, block_d, num_warps = C._grouped_blocks(B, GROUP, D)
+            consts = dict(ALIGN=align, BLOCK_B=block_b, BLOCK_G=block_g, BLOCK_D=block_d, num_warps=num_warps)
+            for dname in ("bf16", "fp32"):
+                x, f32, i32 = tensor(DTYPES[dname]), tensor(torch.float32), tensor(torch.int32)
+                label = f"{dname} {levels} {block_b}x{block_g}x{block_d} w{num_warps}"
+                size = f"D={D} B={B} G={GROUP}"
+                yield Launch("mrl_grouped_fwd", M._mrl_grouped_fwd_kernel, (x, x, f32, f32, f32, i32, B, GROUP, D, L),
+                             consts, False, label, size)  # fmt: skip
+                yield Launch("mrl_grouped_bwd", M._mrl_grouped_bwd_kernel,
+                             (x, x, f32, f32, f32, tensor(DTYPES[dname]), tensor(DTYPES[dname]), i32, B, GROUP, D, L),
+                             consts, False, label, size)  # fmt: skip
+
+
 def pooling_launches() -> Iterator[Launch]:
     """pool(): every mode over padded and packed hidden states, bf16 (the CUDA compute dtype) and fp32, with the
     float32 normalized output the Encoder asks for and without normalization."""
@@ -251,7 +332,9 @@ def all_launches(capability: int) -> list[Launch]:
     """Every distinct launch of the grid on a GPU of ``capability``; a launch reached by several sizes keeps the
     list of them."""
     unique: dict[tuple, Launch] = {}
-    for launch in [*infonce_launches(capability), *grouped_launches(), *pooling_launches()]:
+    launches = [*infonce_launches(capability), *grouped_launches(), *matryoshka_launches(capability),
+                *pooling_launches()]  # fmt: skip
+    for launch in launches:
         seen = unique.get(launch.key())
         if seen is None:
             unique[launch.key()] = launch

@@ -1,4 +1,4 @@
-"""The ``f2llm`` command: ``f2llm train``, ``f2llm evaluate``, ``f2llm mine``, ``f2llm encode``.
+"""The ``f2llm`` command: ``f2llm train``, ``f2llm evaluate``, ``f2llm mine``, ``f2llm encode``, ``f2llm merge``.
 
 Each subcommand is registered by an ``add_<name>_parser(subparsers)`` function that sets ``func`` on its parser;
 adding a subcommand means writing one such function and listing it in :data:`SUBCOMMANDS`. Heavy libraries
@@ -234,10 +234,20 @@ def add_encode_parser(subparsers: Any) -> None:
         description="Texts from .txt (one per line), .jsonl (--field) or .parquet (--field column) -> embeddings.",
     )
     _add_model_arguments(p)
-    p.add_argument("input", type=Path, help=".txt, .jsonl or .parquet")
+    p.add_argument("input", type=Path, nargs="?", help=".txt, .jsonl or .parquet (or --training-data)")
     p.add_argument("--output", type=Path, required=True, help=".npy (float32 [n, D]) or .parquet (text, embedding)")
     p.add_argument("--field", default="text", help="JSON field / parquet column holding the text (default: text)")
     p.add_argument("--instruction", default=None, help="instruction given to every text (decoder query side)")
+    p.add_argument(
+        "--training-data",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="PATH",
+        help="instead of input: F2LLM-format training files or folders (v2 layout too); writes the model's raw "
+        "(un-normalized) embedding of every distinct text, queries with their training instruction, as a parquet "
+        "for distill.embeddings",
+    )
     p.set_defaults(func=run_encode)
 
 
@@ -296,6 +306,10 @@ def write_embeddings(path: Path, texts: Sequence[str], embeddings: np.ndarray) -
 
 
 def run_encode(args: argparse.Namespace) -> int:
+    if (args.input is None) == (args.training_data is None):
+        raise UsageError("give either an input file or --training-data PATH..., not both or neither")
+    if args.training_data is not None:
+        return run_encode_training_data(args)
     if args.output.suffix not in (".npy", ".parquet"):
         raise UsageError(f"--output {args.output}: expected a .npy or .parquet file")
     texts = read_texts(args.input, args.field)
@@ -305,6 +319,22 @@ def run_encode(args: argparse.Namespace) -> int:
     )
     path = write_embeddings(args.output, texts, embeddings)
     print(f"{len(texts)} embeddings of dimension {embeddings.shape[1]} written to {path}")
+    return 0
+
+
+def run_encode_training_data(args: argparse.Namespace) -> int:
+    """Teacher embeddings of training files, for distillation (f2llm.distill.write_teacher_embeddings)."""
+    from f2llm.distill import write_teacher_embeddings
+
+    if args.output.suffix != ".parquet":
+        raise UsageError(f"--output {args.output}: teacher embeddings of training data are written as .parquet")
+    if args.instruction is not None or args.field != "text":
+        raise UsageError("--instruction and --field do not apply to --training-data (its files say both)")
+    encoder = load_encoder(args)
+    path, count = write_teacher_embeddings(
+        encoder, args.training_data, args.output, batch_size=args.batch_size, show_progress=not args.no_progress
+    )
+    print(f"{count} distinct texts, raw embeddings of dimension {encoder.embedding_dim} written to {path}")
     return 0
 
 
@@ -332,9 +362,44 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# merge
+# ----------------------------------------------------------------------------------------------------------
+def add_merge_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "merge",
+        help="average the weights of saved models (checkpoint merging)",
+        description="Uniform or weighted average of model folders with safetensors weights (final/, extra/step-N/ "
+        "of f2llm train with save_extra). Tensors are averaged in float32 and written in the inputs' dtype; the "
+        "output holds the first input's config, tokenizer and sentence-transformers files.",
+    )
+    parser.add_argument("checkpoints", nargs="+", type=Path, help="model folders, e.g. runs/x/extra/step-*")
+    parser.add_argument("--out", type=Path, required=True, help="new folder for the merged model")
+    parser.add_argument(
+        "--weights", nargs="+", type=float, default=None, help="one weight > 0 per checkpoint (normalized to sum 1)"
+    )
+    parser.set_defaults(func=run_merge)
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from f2llm.merge import MergeError, merge_checkpoints, normalized_weights
+
+    try:
+        weights = normalized_weights(args.weights, len(args.checkpoints))
+        out = merge_checkpoints(args.checkpoints, args.out, weights)
+    except MergeError as e:
+        raise UsageError(str(e)) from None
+    if args.weights is not None:
+        print("weights normalized to sum 1: " + ", ".join(f"{w:.4g}" for w in weights))
+    print(f"merged {len(args.checkpoints)} checkpoints into {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------------------
-SUBCOMMANDS: list[Callable[[Any], None]] = [add_evaluate_parser, add_mine_parser, add_encode_parser, add_train_parser]
+SUBCOMMANDS: list[Callable[[Any], None]] = [
+    add_evaluate_parser, add_mine_parser, add_encode_parser, add_train_parser, add_merge_parser,
+]  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

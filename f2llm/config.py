@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-from f2llm.data.sources import SourceOverride
+from f2llm.data.sources import DEFAULT_NUM_NEGATIVES, KINDS, SourceOverride
 
 # DeepSpeed JSON keys that f2llm fills from the training config (f2llm.engine.deepspeed_config).
 DEEPSPEED_KEYS_OWNED = frozenset(
@@ -34,6 +34,19 @@ DEEPSPEED_KEYS_OWNED = frozenset(
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names where and why."""
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters trained instead of the backbone's weights (peft; see f2llm.lora). final/ is the merged model."""
+
+    r: int = 16  # rank of each adapter
+    alpha: float = 32.0  # scaling = alpha / r
+    dropout: float = 0.05  # dropout on each adapter's input
+    # Names of the linear layers that get an adapter (last name component): Qwen3's attention and MLP projections.
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
 
 
 @dataclass
@@ -59,6 +72,7 @@ class ModelConfig:
     gradient_checkpointing: Literal["auto"] | bool = "auto"
     activation_budget_gb: float | None = None  # GiB of saved activations one forward may keep (auto only)
     liger: bool | None = None  # None: on for CUDA
+    lora: LoraConfig | None = None  # None: full fine-tuning; a mapping (even {}): LoRA adapters only
 
 
 @dataclass
@@ -67,6 +81,9 @@ class DataConfig:
 
     paths: list[str] = field(default_factory=list)  # files, or directories holding one file per source
     sources: dict[str, SourceOverride] = field(default_factory=dict)  # per-source settings (f2llm.data.sources)
+    # Negatives sampled per query and batch by source kind (kinds left out keep these defaults, v1's; F2LLM v2 sets
+    # clustering: 9). A source's own sources.<name>.num_negatives wins.
+    num_negatives: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_NUM_NEGATIVES))
     batch_size: int = 16  # queries per rank per step (recipe: 16 x 32 GPUs = 512)
     validation_fraction: float = 0.01
     cache_dir: str = ".cache/f2llm/tokenized"
@@ -77,6 +94,10 @@ class DataConfig:
     # or drop (every row of a batch distinct; a source smaller than one global batch never trains).
     last_batch: Literal["wrap", "drop"] = "wrap"
     seed: int = 42
+
+    def __post_init__(self) -> None:
+        # A mapping naming some kinds keeps the defaults of the others (validate() refuses unknown kinds).
+        self.num_negatives = {**DEFAULT_NUM_NEGATIVES, **self.num_negatives}
 
 
 @dataclass
@@ -94,6 +115,9 @@ class OptimConfig:
     epochs: int = 2
     max_steps: int | None = None  # stop earlier than `epochs`
     grad_clip: float = 1.0
+    # cosine: warmup then cosine decay to min_lr (the recipe). constant_with_warmup: warmup then lr held constant
+    # (F2LLM v2's other scheduler_type; as transformers' get_constant_schedule_with_warmup).
+    schedule: Literal["cosine", "constant_with_warmup"] = "cosine"
 
 
 @dataclass
@@ -114,6 +138,30 @@ class LossConfig:
     # queries_only: no positive gets gradient from the in-batch term, as in the official F2LLM v1 code, whose
     # cross-GPU gather has no autograd (positives then learn from the hard-negative term only).
     in_batch_gradient: Literal["full", "queries_only"] = "full"
+    # Matryoshka (F2LLM v2): prefix dims trained besides the full one (added always; dims >= it are ignored), each
+    # level's terms weighted 1 / (n sqrt(D / d_n)) and summed. v2 ships every power of two from 8 below D.
+    matryoshka_dims: list[int] | None = None
+
+
+@dataclass
+class SaveExtraConfig:
+    """Model-only saves for checkpoint merging (f2llm merge): in the last ``last`` steps, every ``every`` steps (the
+    steps that are multiples of ``every`` and > total - last), under output_dir/extra/step-N/, never rotated."""
+
+    every: int = 500
+    last: int = 2500
+
+
+@dataclass
+class DistillConfig:
+    """Distillation from a frozen teacher (F2LLM v2, f2llm.distill): ``weight * kd`` is added to the loss, with kd the
+    MSE between the student's raw (un-normalized) pooled embeddings and the teacher's truncated to the student's
+    dimension. Exactly one of ``teacher`` (run live in every step) and ``embeddings`` (precomputed by
+    ``f2llm encode --training-data``) is set."""
+
+    teacher: str | None = None  # the teacher model (an f2llm folder or a Hugging Face model), its own tokenizer
+    embeddings: str | None = None  # a parquet written by `f2llm encode --training-data ... --output PATH`
+    weight: float = 1.0  # kd_weight of v2
 
 
 @dataclass
@@ -125,6 +173,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     grad_cache: GradCacheConfig = field(default_factory=GradCacheConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    distill: DistillConfig | None = None  # None: no distillation
     engine: Literal["ddp", "deepspeed"] = "ddp"
     deepspeed_config: str | None = None  # a DeepSpeed JSON (engine: deepspeed); its ZeRO stage is used as is
     # A rank that waits longer than this in a collective (a peer died or hangs) ends the job with an error.
@@ -135,6 +184,7 @@ class TrainConfig:
     validate_every: int = 5000
     save_every: int = 5000
     keep_last: int = 2
+    save_extra: SaveExtraConfig | None = None  # None: no extra saves; F2LLM v2 uses {every: 500, last: 2500}
     resume: Literal["auto", "never"] | str = "auto"  # auto: newest checkpoint in output_dir; or a checkpoint path
     nan_policy: Literal["stop", "skip"] = "stop"
     tensorboard: bool = True
@@ -250,6 +300,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def validate(config: TrainConfig) -> None:
     """Cross-field checks that types alone cannot express."""
+    _validate_lora_and_extra_saves(config)
     if not config.model.name_or_path:
         raise ConfigError("model.name_or_path is required")
     if not config.data.paths:
@@ -270,6 +321,13 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"{key} must be > 0, got {value}")
     if config.loss.temperature <= 0:
         raise ConfigError(f"loss.temperature must be > 0, got {config.loss.temperature}")
+    _validate_negatives_and_distill(config)
+    dims = config.loss.matryoshka_dims
+    if dims is not None and (not dims or any(d <= 0 for d in dims)):
+        raise ConfigError(
+            f"loss.matryoshka_dims must be a non-empty list of positive ints (prefix dimensions, e.g. [64, 128, 256]; "
+            f"the full one is added), got {dims}; use null to turn Matryoshka off"
+        )
     if config.dist_timeout_minutes <= 0:
         raise ConfigError(f"dist_timeout_minutes must be > 0, got {config.dist_timeout_minutes}")
     if config.model.activation_budget_gb is not None and config.model.activation_budget_gb <= 0:
@@ -318,6 +376,71 @@ def validate(config: TrainConfig) -> None:
                 f"deepspeed_config: {path} sets {owned}, which f2llm fills from the training config "
                 "(data.batch_size, optim.grad_clip, model.dtype; f2llm's AdamW and schedule); remove them"
             )
+
+
+def _validate_lora_and_extra_saves(config: TrainConfig) -> None:
+    lora = config.model.lora
+    if lora is not None:
+        if lora.r <= 0:
+            raise ConfigError(f"model.lora.r must be > 0 (the adapters' rank, e.g. 16), got {lora.r}")
+        if lora.alpha <= 0:
+            raise ConfigError(f"model.lora.alpha must be > 0 (scaling = alpha / r, e.g. 32), got {lora.alpha}")
+        if not 0 <= lora.dropout < 1:
+            raise ConfigError(f"model.lora.dropout must be in [0, 1), got {lora.dropout}")
+        if not lora.target_modules:
+            raise ConfigError("model.lora.target_modules must name at least one linear layer, e.g. [q_proj, v_proj]")
+        blank = [t for t in lora.target_modules if not t.strip() or "." in t]
+        if blank:
+            raise ConfigError(
+                f"model.lora.target_modules: {blank} are not layer names; give the last name component of the "
+                "linear layers (q_proj, not model.layers.0.self_attn.q_proj)"
+            )
+        repeated = sorted({t for t in lora.target_modules if lora.target_modules.count(t) > 1})
+        if repeated:
+            raise ConfigError(f"model.lora.target_modules lists {repeated} more than once")
+    extra = config.save_extra
+    if extra is not None:
+        for key, value in (("every", extra.every), ("last", extra.last)):
+            if value <= 0:
+                raise ConfigError(f"save_extra.{key} must be > 0 (or save_extra: null for none), got {value}")
+        if extra.last < extra.every:
+            raise ConfigError(
+                f"save_extra.last ({extra.last}) must be >= save_extra.every ({extra.every}): the extra saves are the "
+                "multiples of `every` among the last `last` steps, so a shorter window holds at most one"
+            )
+
+
+def _validate_negatives_and_distill(config: TrainConfig) -> None:
+    per_kind = config.data.num_negatives
+    unknown = sorted(set(per_kind) - set(KINDS))
+    if unknown:
+        raise ConfigError(f"data.num_negatives: unknown source kind(s) {unknown}; the keys are {list(KINDS)}")
+    for kind, value in per_kind.items():
+        if value < 0:
+            raise ConfigError(f"data.num_negatives.{kind} must be >= 0 (0 = in-batch negatives only), got {value}")
+    for name, override in config.data.sources.items():
+        if override.num_negatives is not None and override.num_negatives < 0:
+            raise ConfigError(f"data.sources.{name}.num_negatives must be >= 0, got {override.num_negatives}")
+    distill = config.distill
+    if distill is None:
+        return
+    if (distill.teacher is None) == (distill.embeddings is None):
+        raise ConfigError(
+            "distill: set exactly one of distill.teacher (a model run live in every step) and distill.embeddings "
+            f"(a parquet from `f2llm encode --training-data`), got teacher={distill.teacher!r}, "
+            f"embeddings={distill.embeddings!r}; use distill: null for no distillation"
+        )
+    if not distill.weight > 0:
+        raise ConfigError(
+            f"distill.weight must be > 0 (v2's kd_weight; distill: null turns distillation off), got {distill.weight}"
+        )
+    if distill.embeddings is not None and not Path(distill.embeddings).is_file():
+        raise ConfigError(
+            f"distill.embeddings: {distill.embeddings} does not exist; write it with `f2llm encode --model TEACHER "
+            "--training-data DATA... --output FILE.parquet`"
+        )
+    if distill.teacher is not None and not distill.teacher.strip():
+        raise ConfigError("distill.teacher is empty; give the teacher model's folder or hub name")
 
 
 def to_dict(config: TrainConfig) -> dict:

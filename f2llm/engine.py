@@ -61,7 +61,8 @@ class NonFiniteError(RuntimeError):
 
 # ------------------------------------------------------------------------------------------------ schedule
 class WarmupCosine:
-    """LR multiplier: linear warmup to 1, cosine decay to 0 at ``total_steps``, floored at ``min_ratio``.
+    """LR multiplier: linear warmup to 1, cosine decay to 0 at ``total_steps``, floored at ``min_ratio``
+    (``optim.schedule: cosine``). :class:`WarmupConstant` shares the warmup and holds 1 after it.
 
     ``warmup: steps``: the factor of step s (0-based) is (s + 1) / warmup_steps during warmup, so the first update
     already moves. ``warmup: per_process``: exactly what the official F2LLM v1 code ran: transformers' cosine
@@ -78,24 +79,41 @@ class WarmupCosine:
         self.per_process = per_process
 
     def __call__(self, step: int) -> float:
-        if self.per_process is not None:  # transformers' get_cosine_schedule_with_warmup, stepped W times
+        if self.per_process is not None:  # transformers' schedule with warmup, stepped W times per optimizer step
             at, warmup, total = step * self.per_process, self.warmup_steps, self.total_steps * self.per_process
             if at < warmup:
                 factor = at / max(1, warmup)
             else:
-                factor = max(0.0, 0.5 * (1.0 + math.cos(math.pi * (at - warmup) / max(1, total - warmup))))
+                factor = self.after_warmup((at - warmup) / max(1, total - warmup), clamp=False)
         elif step < self.warmup_steps:
             factor = (step + 1) / self.warmup_steps
         else:
             progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
-            factor = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+            factor = self.after_warmup(progress, clamp=True)
         return max(factor, self.min_ratio)
+
+    def after_warmup(self, progress: float, clamp: bool) -> float:
+        """The factor at ``progress`` (0 at the end of warmup, 1 at total_steps). ``clamp``: stay at the end's value
+        past total_steps; unclamped is transformers' formula, which rises again past it."""
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * (min(1.0, progress) if clamp else progress))))
 
     @classmethod
     def from_config(cls, config: TrainConfig, total_steps: int, world_size: int) -> WarmupCosine:
         optim = config.optim
         per_process = world_size if optim.warmup == "per_process" else None
         return cls(optim.warmup_steps, total_steps, optim.min_lr / optim.lr, per_process=per_process)
+
+
+class WarmupConstant(WarmupCosine):
+    """LR multiplier: :class:`WarmupCosine`'s warmup (both ``optim.warmup`` modes), then 1 to the end
+    (``optim.schedule: constant_with_warmup``, F2LLM v2's other schedule: transformers'
+    get_constant_schedule_with_warmup). During warmup it is floored at ``min_ratio`` as the cosine is."""
+
+    def after_warmup(self, progress: float, clamp: bool) -> float:
+        return 1.0
+
+
+SCHEDULES: dict[str, type[WarmupCosine]] = {"cosine": WarmupCosine, "constant_with_warmup": WarmupConstant}
 
 
 def set_schedule_step(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
@@ -207,6 +225,10 @@ def weights_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
     return compute if config.engine == "deepspeed" else torch.float32
 
 
+# A LoRA run's DDP checkpoint: its trainable (adapter) weights only, under the backbone's parameter names.
+TRAINABLE_FILE = "trainable.safetensors"
+
+
 def _adamw(config: TrainConfig, encoder: Encoder) -> torch.optim.AdamW:
     return torch.optim.AdamW(
         [p for p in encoder.parameters() if p.requires_grad],
@@ -217,7 +239,8 @@ def _adamw(config: TrainConfig, encoder: Encoder) -> torch.optim.AdamW:
 
 
 def _schedule(config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int, world_size: int):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine.from_config(config, total_steps, world_size))
+    schedule = SCHEDULES[config.optim.schedule].from_config(config, total_steps, world_size)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
 def _mib(n: int) -> str:
@@ -295,15 +318,41 @@ class DDPEngine(Engine):
 
     def save(self, folder: Path, main: bool) -> None:
         if main:
-            from safetensors.torch import save_model
+            from safetensors.torch import save_file, save_model
 
-            save_model(self.encoder.model, str(folder / "model.safetensors"))
+            if self.config.model.lora is None:
+                save_model(self.encoder.model, str(folder / "model.safetensors"))
+            else:  # the frozen backbone is the one name_or_path loads: the adapters are all that changes
+                save_file(
+                    {n: p.detach().contiguous() for n, p in self.encoder.model.named_parameters() if p.requires_grad},
+                    str(folder / TRAINABLE_FILE),
+                )
             save_state(self.optimizer.state_dict(), folder / "optimizer.pt")
 
     def load(self, folder: Path) -> None:
-        from safetensors.torch import load_model
+        from safetensors.torch import load_file, load_model
 
-        load_model(self.encoder.model, str(folder / "model.safetensors"), device=str(self.device))
+        expected = TRAINABLE_FILE if self.config.model.lora is not None else "model.safetensors"
+        if not (folder / expected).is_file():
+            kind = "a LoRA run's adapters" if expected == "model.safetensors" else "full weights (a run without LoRA)"
+            raise FileNotFoundError(
+                f"resume: {folder} has no {expected}: it holds {kind}; resume with the model.lora setting that wrote "
+                "it, or start afresh (resume=never, or another output_dir)"
+            )
+        if expected == "model.safetensors":
+            load_model(self.encoder.model, str(folder / expected), device=str(self.device))
+        else:
+            saved = load_file(str(folder / expected), device=str(self.device))
+            params = {n: p for n, p in self.encoder.model.named_parameters() if p.requires_grad}
+            if saved.keys() != params.keys():
+                raise ValueError(
+                    f"resume: {folder / expected} holds other adapters than this run trains (model.lora r or "
+                    f"target_modules changed?): missing {sorted(params.keys() - saved.keys())[:3]}, unexpected "
+                    f"{sorted(saved.keys() - params.keys())[:3]}"
+                )
+            with torch.no_grad():
+                for name, param in params.items():
+                    param.copy_(saved[name])
         self.optimizer.load_state_dict(load_state(folder / "optimizer.pt"))
 
     def full_weights(self) -> contextlib.AbstractContextManager:
@@ -428,12 +477,18 @@ class DeepSpeedEngine(Engine):
         self.scheduler.step()
 
     def save(self, folder: Path, main: bool) -> None:
-        self.ds.save_checkpoint(str(folder), tag="deepspeed")
+        # LoRA: the frozen backbone is the one name_or_path loads; only the adapters (and their optimizer) are saved.
+        lora = self.config.model.lora is not None
+        self.ds.save_checkpoint(str(folder), tag="deepspeed", exclude_frozen_parameters=lora)
 
     def load(self, folder: Path) -> None:
         use_weights_only_loading(self.ds)
-        # The schedule is rebuilt from the current config (set_schedule_step), not restored.
-        self.ds.load_checkpoint(str(folder), tag="deepspeed", load_lr_scheduler_states=False)
+        # The schedule is rebuilt from the current config (set_schedule_step), not restored. A LoRA checkpoint
+        # holds no frozen weights, hence a non-strict module load.
+        lora = self.config.model.lora is not None
+        self.ds.load_checkpoint(
+            str(folder), tag="deepspeed", load_lr_scheduler_states=False, load_module_strict=not lora
+        )
 
     def full_weights(self) -> contextlib.AbstractContextManager:
         if self.stage < 3:

@@ -783,6 +783,16 @@ class Encoder(nn.Module):
             for module, value in zip(modules, before, strict=True):
                 module.gradient_checkpointing = value
 
+    @contextlib.contextmanager
+    def raw_embeddings(self) -> Iterator[None]:
+        """Forwards inside return the pooled vectors without L2 normalization (distillation compares raw ones; the
+        trainer then normalizes them itself for the contrastive loss); the setting before is restored after."""
+        normalize, self.normalize = self.normalize, False
+        try:
+            yield
+        finally:
+            self.normalize = normalize
+
     def activation_bytes(self, num_tokens: int, compute_dtype: torch.dtype | None = None) -> int:
         """Estimated bytes a forward with grad of ``num_tokens`` input positions (padding included) keeps for
         backward without checkpointing: ``fixed + per_token * num_tokens`` (see :meth:`activation_profile`)."""

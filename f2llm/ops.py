@@ -8,6 +8,11 @@ from f2llm.kernels.contrastive import (
     infonce_config,
     infonce_reference,
 )
+from f2llm.kernels.matryoshka import (
+    matryoshka_grouped_infonce_reference,
+    matryoshka_infonce_reference,
+    matryoshka_levels,
+)
 from f2llm.kernels.pooling import pool, pool_reference
 
 __all__ = [
@@ -17,6 +22,9 @@ __all__ = [
     "infonce",
     "infonce_config",
     "infonce_reference",
+    "matryoshka_grouped_infonce_reference",
+    "matryoshka_infonce_reference",
+    "matryoshka_levels",
     "pool",
     "pool_reference",
 ]

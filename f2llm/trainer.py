@@ -7,7 +7,7 @@ Read top to bottom: :meth:`Trainer.from_config` sets up (process group, encoder,
 2. the texts (queries, positives, negatives) are encoded, in one forward or in gradient-cache chunks (every rank
    runs the same number of chunks);
 3. :class:`f2llm.loss.F2LLMLoss`: hard-negative loss always, in-batch loss (positives gathered from every rank)
-   for retrieval sources;
+   for retrieval sources; with ``distill``, plus ``weight * kd`` against a frozen teacher (f2llm.distill);
 4. backward, then the engine clips, updates and advances the warmup + cosine schedule; metrics, validation and
    checkpoints follow.
 
@@ -64,8 +64,10 @@ from f2llm.data import (
     TrainingBatch,
     load_sources,
 )
+from f2llm.distill import Teacher, build_teacher, distill_loss
 from f2llm.engine import Engine, NonFiniteError, WarmupCosine, build_engine, resolve_dtype, weights_dtype
 from f2llm.gradcache import GradientCache, chunk_by_tokens, split_to_count
+from f2llm.lora import LoraAdapter, merged_encoder
 from f2llm.loss import F2LLMLoss, LossOutput
 from f2llm.model import Encoder
 
@@ -202,7 +204,9 @@ def plot_loss_curve(metrics_file: Path, out: Path) -> None:
 
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, style in (("train/loss", "-"), ("train/hard", ":"), ("train/in_batch", "--"), ("val/loss", "o-")):
+    curves = [("train/loss", "-"), ("train/hard", ":"), ("train/in_batch", "--"), ("train/kd", "-.")]
+    curves.append(("val/loss", "o-"))
+    for key, style in curves:
         points = [(r["step"], r[key]) for r in rows if key in r]
         if points:
             ax.plot(*zip(*points, strict=True), style, label=key, markersize=4)
@@ -309,6 +313,7 @@ class StepResult:
     grad_norm: torch.Tensor  # 0-dim, not read back until logged: reading it would wait for the update
     tokens: int
     lr: float
+    kd: torch.Tensor | None = None  # distillation term (unweighted; loss.total includes weight * kd), None: off
 
 
 @dataclass
@@ -328,6 +333,8 @@ class Trainer:
     checkpoints: CheckpointWriter | None = None
     history: list[dict] = field(default_factory=list)
     checkpointing: CheckpointPolicy | None = None  # None: built from the config on first use
+    teacher: Teacher | None = None  # distill: the frozen teacher's targets (f2llm.distill)
+    lora: LoraAdapter | None = None  # model.lora: the peft adapters the encoder trains
 
     @property
     def encoder(self) -> Encoder:
@@ -372,6 +379,13 @@ class Trainer:
             device=runtime.device,
             compute_dtype=resolve_dtype(config.model.dtype, runtime.device),
         ).train()
+        lora = None
+        if config.model.lora is not None:  # before the engine: its optimizer and DDP / DeepSpeed see the adapters only
+            settings = config.model.lora
+            lora = LoraAdapter.apply(
+                encoder, settings.r, settings.alpha, settings.dropout, settings.target_modules, seed=config.seed,
+                where=config.model.name_or_path,
+            )  # fmt: skip
 
         sources = training_sources(config, encoder.text_tokenizer)
         sampling = dict(
@@ -395,11 +409,15 @@ class Trainer:
             ),
             # The sampler gives every rank the same number of queries: the loss need not exchange batch sizes.
             loss_fn=F2LLMLoss(
-                config.loss.temperature, in_batch_gradient=config.loss.in_batch_gradient, equal_batches=True
+                config.loss.temperature,
+                in_batch_gradient=config.loss.in_batch_gradient,
+                equal_batches=True,
+                matryoshka_dims=config.loss.matryoshka_dims,
             ),
             total_steps=total_steps,
             logger=MetricLogger(out, runtime.main, config.tensorboard),
             checkpoints=CheckpointWriter(out / "checkpoints", config.keep_last, runtime.rank, runtime.any_failed),
+            lora=lora,
         )
         if runtime.main:
             out.mkdir(parents=True, exist_ok=True)
@@ -407,6 +425,23 @@ class Trainer:
             for line in [*sampler.summary(), *(validation.summary() if validation else [])]:
                 print(f"f2llm: {line}")
             print(f"f2llm: {engine.communication(chunked=config.grad_cache.enabled)}")
+            if lora is not None:
+                trainable = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
+                total = sum(p.numel() for p in encoder.parameters())
+                print(
+                    f"f2llm: LoRA r={config.model.lora.r} on {config.model.lora.target_modules}: {trainable:,} "
+                    f"trainable of {total:,} parameters; final/ is the merged model, final/adapter/ the adapter"
+                )
+            if config.loss.matryoshka_dims is not None:
+                print(f"f2llm: {trainer.loss_fn.matryoshka_summary(encoder.embedding_dim)}")
+        if config.distill is not None:  # loaded before the memory budget is measured, and checked before any step
+            trainer.teacher = build_teacher(
+                config, sources, encoder, runtime.device, resolve_dtype(config.model.dtype, runtime.device),
+                trainer.collator,
+            )  # fmt: skip
+            if runtime.main:
+                source, weight = config.distill.teacher or config.distill.embeddings, config.distill.weight
+                print(f"f2llm: distillation from {source} (dimension {trainer.teacher.dim}), kd weight {weight}")
         trainer.checkpoint_policy()  # measured now, before any step has allocated gradients or optimizer state
         trainer.maybe_resume()
         return trainer
@@ -444,6 +479,16 @@ class Trainer:
         out = self.batch_loss(emb, batch)
         return out.total, out
 
+    def compute_distill_loss(
+        self, raw: torch.Tensor, batch: TrainingBatch, target: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[LossOutput, torch.Tensor]]:
+        """v2's total with distillation: the contrastive loss of the normalized embeddings plus ``weight * kd`` of
+        the raw ones (``raw``: the student's un-normalized pooled embeddings; ``target``: the teacher's)."""
+        out = self.batch_loss(torch.nn.functional.normalize(raw, dim=-1), batch)
+        kd = distill_loss(raw, target, batch.batch_size, batch.num_negatives)
+        total = out.total + self.config.distill.weight * kd
+        return total, (out._replace(total=total), kd)
+
     def check_finite(self, values: dict[str, torch.Tensor], batch: TrainingBatch) -> None:
         """Raise NonFiniteError on every rank when any of ``values`` (name -> tensor) is non-finite on any rank,
         naming the first such (a non-finite loss makes the gradient norm non-finite too): one all-reduce and one
@@ -479,6 +524,8 @@ class Trainer:
         engine = self.engine
         seqs = batch.sequences()
         lr = engine.lr  # the rate this step's update uses
+        if self.teacher is not None:
+            return self.distill_step(batch, seqs, lr)
         if self.config.grad_cache.enabled:
             cache = GradientCache(self.forward, engine.no_sync, engine.backward, device=self.runtime.device)
             out = cache.step(self.chunks(seqs), lambda emb: self.compute_loss(emb, batch)).aux
@@ -489,6 +536,25 @@ class Trainer:
         # step, which refuses a non-finite update itself).
         grad_norm = engine.step(lambda norm: self.check_finite({"loss": out.total, "gradient norm": norm}, batch))
         return StepResult(loss=detach_loss(out), grad_norm=grad_norm, tokens=sum(map(len, seqs)), lr=lr)
+
+    def distill_step(self, batch: TrainingBatch, seqs: list[np.ndarray], lr: float) -> StepResult:
+        """:meth:`train_step` with distillation: the student's forwards give raw pooled embeddings (normalized here
+        for the contrastive loss, so both terms get gradient), the teacher's targets come first, without grad (with
+        the gradient cache: in the chunks of pass 1, kept for the step), and kd joins the loss whose gradient the
+        cache keeps."""
+        engine = self.engine
+        with self.encoder.raw_embeddings():
+            if self.config.grad_cache.enabled:
+                chunks = self.chunks(seqs)
+                target = self.teacher.embed(batch, [c.num_texts for c in chunks])
+                cache = GradientCache(self.forward, engine.no_sync, engine.backward, device=self.runtime.device)
+                out, kd = cache.step(chunks, lambda raw: self.compute_distill_loss(raw, batch, target)).aux
+            else:
+                target = self.teacher.embed(batch, [len(seqs)])
+                total, (out, kd) = self.compute_distill_loss(self.forward(self.collator(seqs)), batch, target)
+                engine.backward(total)
+        grad_norm = engine.step(lambda norm: self.check_finite({"loss": out.total, "gradient norm": norm}, batch))
+        return StepResult(detach_loss(out), grad_norm, sum(map(len, seqs)), lr, kd=kd.detach())
 
     def skip_step(self) -> None:
         """Drop this step's gradients; the schedule still advances so it stays aligned with the data."""
@@ -583,6 +649,8 @@ class Trainer:
                     self.history.append({"step": self.step, **metrics})
             if self.step % config.save_every == 0 or self.step == self.total_steps:
                 self.save_checkpoint()
+            if self.extra_save_due(self.step):
+                self.save_final(out / "extra" / f"step-{self.step:08d}", adapter=False)
         bar.close()
         final = out / "final"
         self.save_final(final)
@@ -592,8 +660,9 @@ class Trainer:
         return final
 
     def log_step(self, batch: TrainingBatch, result: StepResult, seconds: float) -> None:
+        kd = [] if result.kd is None else [float(result.kd)]  # every rank distils or none does
         values = torch.tensor(
-            [float(result.loss.total), float(result.loss.hard), float(result.loss.in_batch), float(result.tokens)],
+            [float(result.loss.total), float(result.loss.hard), float(result.loss.in_batch), float(result.tokens), *kd],
             dtype=torch.float64,
         )
         if distributed.is_distributed():
@@ -609,12 +678,24 @@ class Trainer:
             "train/peak_memory_mib": peak_memory_mib(self.runtime.device),
             "source": batch.source,
         }
+        if kd:
+            metrics["train/kd"] = float(values[4]) / W
         self.logger.log(self.step, metrics)
         self.history.append({"step": self.step, **metrics})
 
-    def save_final(self, folder: Path) -> None:
+    def extra_save_due(self, step: int) -> bool:
+        """Whether ``step`` (1-based, done) gets an extra model save for merging (``save_extra``): a multiple of
+        ``every`` among the last ``last`` steps, as F2LLM v2 saves "for ckpt merging". (v2 also saves step 5, a
+        smoke test of its saving, not a model worth merging: not done here.)"""
+        extra = self.config.save_extra
+        return extra is not None and step % extra.every == 0 and step > self.total_steps - extra.last
+
+    def save_final(self, folder: Path, adapter: bool = True) -> None:
         """The trained encoder in ``model.final_dtype``, loadable by transformers, sentence-transformers and
-        Encoder.load.
+        Encoder.load (final/, and the extra saves for merging under extra/step-N/).
+
+        With LoRA it is the merged model (adapters folded into the weights, on the CPU: the training model is not
+        touched), and ``adapter``: the peft adapter beside it in ``adapter/``.
 
         Written under a temporary name and renamed when complete: a job killed while saving never leaves a partial
         model where a complete one is expected (a rerun resumes from the last checkpoint and saves it again).
@@ -625,8 +706,12 @@ class Trainer:
         if self.runtime.main and tmp.exists():
             shutil.rmtree(tmp)
         with self.engine.full_weights():
-            if self.runtime.main:
+            if self.runtime.main and self.lora is None:
                 self.encoder.save_pretrained(tmp, dtype=dtype)
+            elif self.runtime.main:
+                merged_encoder(self.encoder, dtype).save_pretrained(tmp)
+                if adapter:
+                    self.lora.save_adapter(tmp / "adapter")
         if self.runtime.main:
             fsync_tree(tmp)
             if folder.exists():
@@ -646,6 +731,7 @@ def training_sources(config: TrainConfig, tokenizer: TextTokenizer) -> list[Toke
         overrides=config.data.sources,
         seed=config.data.seed,
         validation_fraction=config.data.validation_fraction,
+        num_negatives=config.data.num_negatives,
     )
 
 

@@ -48,6 +48,7 @@ public functions that dispatch between them.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -749,6 +750,23 @@ class InfoNCEFunction(torch.autograd.Function):
         return dq, dc, None, None, None, None, None, None, None, None
 
 
+def _matryoshka_levels(
+    op: str, q: torch.Tensor, dims: Sequence[int] | None, weights: Sequence[float] | None
+) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
+    """Resolved (dims, weights) of the Matryoshka levels, or None for the single-level loss. The matryoshka module
+    imports this one, hence the import here."""
+    if dims is None:
+        if weights is not None:
+            raise ValueError(f"{op}: matryoshka_weights given without matryoshka_dims; pass the dims they weight")
+        return None
+    from f2llm.kernels.matryoshka import matryoshka_levels
+
+    try:
+        return matryoshka_levels(q.shape[-1], dims, weights)
+    except ValueError as exc:
+        raise ValueError(f"{op}: matryoshka_dims / matryoshka_weights: {exc}") from None
+
+
 def _check_temperature(temperature: float, op: str) -> None:
     if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"{op}: temperature must be a finite float > 0, got {temperature!r}")
@@ -766,11 +784,14 @@ def infonce(
     fp32_precision: Fp32Precision = "ieee",
     config: InfoNCEConfig | None = None,
     validate: bool = True,
+    matryoshka_dims: Sequence[int] | None = None,
+    matryoshka_weights: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """Mean InfoNCE loss of queries ``q`` against candidates ``c``, never materializing the [B, N] scores.
 
     Equals ``F.cross_entropy(q @ c.T / temperature, targets, ignore_index=ignore_index)`` except when every query
-    is ignored (0 with zero gradients here, nan there).
+    is ignored (0 with zero gradients here, nan there). With ``matryoshka_dims``: the weighted sum over prefix
+    levels of the same loss on re-normalized prefixes (:mod:`f2llm.kernels.matryoshka`), in one pass.
 
     Args:
         q: [B, D] query embeddings (float16, bfloat16 or float32; float64 on the PyTorch path).
@@ -787,6 +808,11 @@ def infonce(
         config: tile sizes of the Triton kernels (:func:`infonce_config` by default).
         validate: check that targets are in ``[0, N)`` or ``ignore_index`` (one host sync). With False the caller
             guarantees it; an out-of-range target then gives a wrong loss, never a crash.
+        matryoshka_dims: prefix sizes of the Matryoshka levels (resolved by
+            :func:`f2llm.kernels.matryoshka.matryoshka_levels`: D is always a level). Each level's scores are
+            cosines of the re-normalized prefixes (``mask_margin`` compares them) and the loss is
+            ``sum_l w_l InfoNCE_l``. None (default): one level on the raw dot products, as above.
+        matryoshka_weights: one weight per given dim; None: F2LLM v2's ``1 / (n sqrt(D / d_n))``.
 
     Returns:
         0-dim float32 loss (float64 for float64 inputs), differentiable w.r.t. ``q`` and ``c``.
@@ -821,13 +847,29 @@ def infonce(
                 f"{op}: targets at row(s) {rows.tolist()} are {targets[rows].tolist()}: each must be in [0, N) = "
                 f"[0, {c.shape[0]}) or equal ignore_index ({ignore_index})"
             )
+    levels = _matryoshka_levels(op, q, matryoshka_dims, matryoshka_weights)
     triton_path = use_triton(backend, q, op)
     cfg = None
     if triton_path:
         B, D = q.shape
-        cfg = config if config is not None else infonce_config(B, c.shape[0], D, q.dtype, q.device)
+        if config is not None:
+            cfg = config
+        elif levels is not None:
+            from f2llm.kernels.matryoshka import matryoshka_config
+
+            cfg = matryoshka_config(B, c.shape[0], D, q.dtype, q.device)
+        else:
+            cfg = infonce_config(B, c.shape[0], D, q.dtype, q.device)
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
         cfg = resolve_splits(cfg, B, c.shape[0], sms)
+    if levels is not None:
+        from f2llm.kernels.matryoshka import MatryoshkaInfoNCEFunction
+
+        return MatryoshkaInfoNCEFunction.apply(
+            q.contiguous(), c.contiguous(), targets, float(temperature),
+            None if mask_margin is None else float(mask_margin), ignore_index, triton_path, fp32_precision, cfg,
+            torch.is_grad_enabled(), *levels,
+        )  # fmt: skip
     return InfoNCEFunction.apply(
         q.contiguous(),
         c.contiguous(),
@@ -1020,6 +1062,8 @@ def grouped_infonce(
     temperature: float = DEFAULT_TEMPERATURE,
     *,
     backend: Backend = "auto",
+    matryoshka_dims: Sequence[int] | None = None,
+    matryoshka_weights: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """Mean over queries of the cross-entropy of query i over its own group ``docs[i]``, target 0.
 
@@ -1031,6 +1075,8 @@ def grouped_infonce(
         docs: [B, G, D] with G >= 1, same dtype and device as ``q``.
         temperature: logits are ``q . d / temperature``.
         backend: ``"triton"``, ``"torch"`` or ``"auto"`` (Triton on CUDA, PyTorch on CPU).
+        matryoshka_dims, matryoshka_weights: Matryoshka levels as in :func:`infonce` (cosines of re-normalized
+            prefixes, weighted sum over levels); None: one level on the raw dot products.
 
     Returns:
         0-dim float32 loss (float64 for float64 inputs), differentiable w.r.t. ``q`` and ``docs``.
@@ -1045,5 +1091,12 @@ def grouped_infonce(
     if q.device != docs.device:
         raise ValueError(f"{op}: q is on {q.device}, docs on {docs.device}")
     _check_temperature(temperature, op)
+    levels = _matryoshka_levels(op, q, matryoshka_dims, matryoshka_weights)
     triton_path = use_triton(backend, q, op)
+    if levels is not None:
+        from f2llm.kernels.matryoshka import MatryoshkaGroupedInfoNCEFunction
+
+        return MatryoshkaGroupedInfoNCEFunction.apply(
+            q.contiguous(), docs.contiguous(), float(temperature), triton_path, *levels
+        )
     return GroupedInfoNCEFunction.apply(q.contiguous(), docs.contiguous(), float(temperature), triton_path)

@@ -5,7 +5,8 @@ Usage: python -m torch.distributed.run --nproc-per-node 2 tests/dist_loss_worker
 1. Every rank builds the same global batch from a fixed seed (rank 0 saves it to OUT_DIR/inputs.pt), takes its
    equal slice of queries, positives and hard negatives, computes F2LLMLoss with the in-batch term (positives
    gathered from all ranks with gradient), runs backward, and saves its loss terms and the gradients of its own
-   rows to OUT_DIR/rank{r}.pt; the same with ``in_batch_gradient="queries_only"``.
+   rows to OUT_DIR/rank{r}.pt; the same with ``in_batch_gradient="queries_only"``, and both again with Matryoshka
+   levels (``MATRYOSHKA_DIMS``).
 2. all_gather_with_grad with unequal sizes: rank r holds r + 1 rows; each rank's loss weighs the gathered rows
    with a rank-dependent weight. Saves the gathered tensor and the gradient of its own rows.
 """
@@ -23,6 +24,7 @@ from f2llm import distributed
 from f2llm.loss import F2LLMLoss
 
 B, K, D, TEMPERATURE = 8, 3, 16, 0.05
+MATRYOSHKA_DIMS = (4, 8)  # levels 16, 8, 4
 
 
 def global_batch() -> dict[str, torch.Tensor]:
@@ -40,6 +42,17 @@ def unequal_gather(rank: int) -> dict[str, torch.Tensor]:
     weights = torch.arange(gathered.numel(), dtype=torch.float64).reshape(gathered.shape) * (rank + 1)
     (gathered * weights).sum().backward()
     return {"gathered": gathered.detach(), "grad": x.grad}
+
+
+def local_loss(
+    batch: dict[str, torch.Tensor], rows: slice, in_batch_gradient: str, matryoshka_dims: tuple[int, ...] | None
+) -> dict:
+    """This rank's F2LLMLoss terms on its rows of the global batch, and the gradients of those rows."""
+    local = {name: t[rows].clone().requires_grad_() for name, t in batch.items()}
+    loss_fn = F2LLMLoss(TEMPERATURE, in_batch_gradient=in_batch_gradient, matryoshka_dims=matryoshka_dims)
+    out = loss_fn(local["query"], local["pos"], local["neg"], in_batch=True)
+    out.total.backward()
+    return {**{term: t.detach() for term, t in out._asdict().items()}, "grads": {n: t.grad for n, t in local.items()}}
 
 
 def main(out_dir: Path) -> None:
@@ -62,6 +75,7 @@ def main(out_dir: Path) -> None:
         "in_batch": out.in_batch.detach(),
         "grads": {name: t.grad for name, t in local.items()},
         "unequal": unequal_gather(rank),
+        "matryoshka": {mode: local_loss(batch, rows, mode, MATRYOSHKA_DIMS) for mode in ("full", "queries_only")},
         "world": world,
     }
     torch.save(result, out_dir / f"rank{rank}.pt")

@@ -51,6 +51,13 @@ def test_gradient_checkpointing_modes(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, MINIMAL), ["model.activation_budget_gb=12"]).model.activation_budget_gb == 12.0
 
 
+def test_matryoshka_dims_from_yaml_and_overrides(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, MINIMAL)).loss.matryoshka_dims is None  # off by default, as in v1
+    config = load_config(write(tmp_path, MINIMAL + "loss:\n  matryoshka_dims: [512, 64, 8]\n"))
+    assert config.loss.matryoshka_dims == [512, 64, 8]
+    assert load_config(write(tmp_path, MINIMAL), ["loss.matryoshka_dims=[8,16]"]).loss.matryoshka_dims == [8, 16]
+
+
 def test_overrides_are_typed(tmp_path: Path) -> None:
     config = load_config(
         write(tmp_path, MINIMAL),
@@ -77,11 +84,29 @@ def test_overrides_are_typed(tmp_path: Path) -> None:
         (MINIMAL, ["optim.warmup=per_gpu"], r"optim\.warmup: 'per_gpu' is not one of"),
         (MINIMAL, ["loss.in_batch_gradient=none"], r"loss\.in_batch_gradient: 'none' is not one of"),
         (MINIMAL, ["loss.temperature=0"], r"loss\.temperature must be > 0"),
+        (MINIMAL, ["loss.matryoshka_dims=[64, 0]"], r"loss\.matryoshka_dims must be a non-empty list of positive"),
+        (MINIMAL, ["loss.matryoshka_dims=[-8]"], r"loss\.matryoshka_dims must be a non-empty list of positive"),
+        (MINIMAL, ["loss.matryoshka_dims=[]"], r"loss\.matryoshka_dims must be a non-empty list of positive"),
+        (MINIMAL, ["loss.matryoshka_dims=[8.5]"], r"loss\.matryoshka_dims\[0\]: expected int, got 8\.5"),
+        (MINIMAL, ["loss.matryoshka_dims=64"], r"loss\.matryoshka_dims: expected a list, got 64"),
         (MINIMAL, ["dist_timeout_minutes=0"], r"dist_timeout_minutes must be > 0"),
         (MINIMAL, ["grad_cache.chunk_tokens=0"], r"grad_cache\.chunk_tokens must be > 0"),
         (MINIMAL, ["model.gradient_checkpointing=sometimes"], r"model\.gradient_checkpointing: 'sometimes' matches"),
         (MINIMAL, ["model.activation_budget_gb=0"], r"model\.activation_budget_gb must be > 0"),
         (MINIMAL, ["temperature=0.05"], r"unknown key\(s\) \['temperature'\]"),
+        (MINIMAL, ["model.lora={r: 0}"], r"model\.lora\.r must be > 0"),
+        (MINIMAL, ["model.lora={r: 8.5}"], r"model\.lora\.r: expected int, got 8\.5"),
+        (MINIMAL, ["model.lora={alpha: 0}"], r"model\.lora\.alpha must be > 0"),
+        (MINIMAL, ["model.lora={dropout: 1.0}"], r"model\.lora\.dropout must be in \[0, 1\)"),
+        (MINIMAL, ["model.lora={target_modules: []}"], r"model\.lora\.target_modules must name at least one"),
+        (MINIMAL, ["model.lora={target_modules: [layers.0.q_proj]}"], r"model\.lora\.target_modules: .* not layer"),
+        (MINIMAL, ["model.lora={target_modules: [q_proj, q_proj]}"], r"lists \['q_proj'\] more than once"),
+        (MINIMAL, ["model.lora={rank: 8}"], r"model\.lora: unknown key\(s\) \['rank'\]"),
+        (MINIMAL, ["optim.schedule=linear"], r"optim\.schedule: 'linear' is not one of"),
+        (MINIMAL, ["save_extra={every: 0}"], r"save_extra\.every must be > 0"),
+        (MINIMAL, ["save_extra={last: -1}"], r"save_extra\.last must be > 0"),
+        (MINIMAL, ["save_extra={every: 500, last: 100}"], r"save_extra\.last \(100\) must be >= save_extra\.every"),
+        (MINIMAL, ["save_extra=500"], r"save_extra: expected a mapping for SaveExtraConfig, got 500"),
         ("- a\n- b\n", [], r"top level must be a mapping"),
         (MINIMAL + "  batch_size: [1\n", [], r"not valid YAML"),
     ],
@@ -90,6 +115,26 @@ def test_bad_configs_name_the_key(tmp_path: Path, text: str, overrides: list[str
     with pytest.raises(ConfigError, match=message) as info:
         load_config(write(tmp_path, text), overrides)
     assert str(tmp_path / "c.yaml") in str(info.value)
+
+
+def test_lora_schedule_and_extra_saves_defaults(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL))
+    assert config.model.lora is None and config.optim.schedule == "cosine" and config.save_extra is None
+    config = load_config(write(tmp_path, MINIMAL), ["model.lora={}", "save_extra={}"])  # {}: on, with the defaults
+    assert (config.model.lora.r, config.model.lora.alpha, config.model.lora.dropout) == (16, 32.0, 0.05)
+    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # Qwen3's linears
+    assert config.model.lora.target_modules == projections
+    assert (config.save_extra.every, config.save_extra.last) == (500, 2500)
+
+
+@pytest.mark.parametrize("size", ["0.6b", "1.7b", "4b"])
+def test_v2_configs_load(size: str) -> None:
+    config = load_config(Path(__file__).resolve().parents[1] / "train" / "configs" / f"f2llm-v2-{size}.yaml")
+    hidden = {"0.6b": 1024, "1.7b": 2048, "4b": 2560}[size]
+    assert config.loss.matryoshka_dims == [2**i for i in range(3, 15) if 2**i < hidden]
+    assert config.data.num_negatives == {"retrieval": 7, "classification": 1, "clustering": 9}
+    assert (config.save_extra.every, config.save_extra.last) == (500, 2500)
+    assert config.optim.schedule == "cosine" and config.optim.warmup == "steps" and config.model.max_length == 2048
 
 
 def test_deepspeed_json_may_not_set_what_f2llm_owns(tmp_path: Path) -> None:

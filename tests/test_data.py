@@ -119,6 +119,55 @@ def test_unknown_source_and_declared_kind(tmp_path: Path, tokenizer: TextTokeniz
     assert (src.kind, src.num_negatives, src.instruction) == ("classification", 1, None)
 
 
+def test_num_negatives_per_kind(tmp_path: Path, tokenizer: TextTokenizer) -> None:
+    """data.num_negatives sets negatives by source kind (v2: clustering 9); a source's own setting wins; a file with
+    fewer negative columns than asked is an error naming the file and both counts."""
+    write_source(tmp_path / "d" / "banking77.parquet", make_rows(12, 9))  # clustering
+    write_source(tmp_path / "d" / "msmarco.parquet", make_rows(12, 9))  # retrieval
+    write_source(tmp_path / "d" / "imdb.parquet", make_rows(12, 1))  # classification
+    v1 = {s.name: s.num_negatives for s in load_sources(tmp_path / "d", tokenizer, tmp_path / "cache")}
+    assert v1 == {"banking77": 7, "imdb": 1, "msmarco": 7}  # the defaults: v1's
+    v2 = load_sources(tmp_path / "d", tokenizer, tmp_path / "cache", num_negatives={"clustering": 9})
+    assert {s.name: s.num_negatives for s in v2} == {"banking77": 9, "imdb": 1, "msmarco": 7}
+    overridden = load_sources(
+        tmp_path / "d",
+        tokenizer,
+        tmp_path / "cache",
+        num_negatives={"clustering": 9, "retrieval": 3},
+        overrides={"banking77": SourceOverride(num_negatives=2)},
+    )
+    assert {s.name: s.num_negatives for s in overridden} == {"banking77": 2, "imdb": 1, "msmarco": 3}
+    with pytest.raises(DataError, match=r"imdb\.parquet: source 'imdb' has 1 negative column.*num_negatives=2"):
+        load_sources(tmp_path / "d", tokenizer, tmp_path / "cache", num_negatives={"classification": 2})
+    with pytest.raises(DataError, match=r"unknown source kind\(s\) \['reranking'\]"):
+        load_sources(tmp_path / "d", tokenizer, tmp_path / "cache", num_negatives={"reranking": 1})
+    with pytest.raises(DataError, match=r"num_negatives\.clustering: .* >= 0"):
+        load_sources(tmp_path / "d", tokenizer, tmp_path / "cache", num_negatives={"clustering": -1})
+
+
+def test_num_negatives_config(tmp_path: Path) -> None:
+    from f2llm.config import ConfigError, load_config
+    from f2llm.trainer import training_sources
+
+    base = ["model.name_or_path=m", f"data.paths=[{tmp_path / 'd'}]", f"data.cache_dir={tmp_path / 'cache'}"]
+    config = load_config(None, [*base, "data.num_negatives={clustering: 9}"])
+    assert config.data.num_negatives == {"retrieval": 7, "classification": 1, "clustering": 9}
+    assert load_config(None, base).data.num_negatives == {"retrieval": 7, "classification": 1, "clustering": 7}
+    with pytest.raises(ConfigError, match=r"data\.num_negatives: unknown source kind\(s\) \['retreival'\]"):
+        load_config(None, [*base, "data.num_negatives={retreival: 9}"])
+    with pytest.raises(ConfigError, match=r"data\.num_negatives\.retrieval must be >= 0"):
+        load_config(None, [*base, "data.num_negatives.retrieval=-1"])
+    with pytest.raises(ConfigError, match=r"data\.num_negatives\.clustering: expected int"):
+        load_config(None, [*base, "data.num_negatives.clustering=many"])
+    with pytest.raises(ConfigError, match=r"data\.sources\.banking77\.num_negatives must be >= 0"):
+        load_config(None, [*base, "data.sources={banking77: {num_negatives: -2}}"])
+    # The trainer's sources follow the setting.
+    write_source(tmp_path / "d" / "banking77.parquet", make_rows(12, 9))
+    tokenizer = TextTokenizer(tiny_tokenizer(), max_length=32, append_eos=True)
+    (source,) = training_sources(config, tokenizer)
+    assert source.num_negatives == 9
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Cache
 # ----------------------------------------------------------------------------------------------------------

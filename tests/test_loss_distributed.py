@@ -86,3 +86,28 @@ def test_queries_only_on_two_ranks(rank_results) -> None:
     for name in ("query", "pos", "neg"):
         distributed_grad = torch.cat([r["queries_only"]["grads"][name] for r in ranks]) / WORLD
         torch.testing.assert_close(distributed_grad, full[name].grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", ["full", "queries_only"])
+def test_matryoshka_on_two_ranks_equals_one_process(rank_results, mode: str) -> None:
+    """With Matryoshka levels the positives are gathered once at full D and truncated inside the op: per-rank terms
+    average to the global batch's, and the rank gradients averaged as DDP does equal those of the global-batch
+    loss written from the formula (float64), for the in-batch term with gradient to positives and queries_only."""
+    from tests.dist_loss_worker import MATRYOSHKA_DIMS
+    from tests.test_matryoshka_loss import reference_terms
+
+    batch, ranks = rank_results
+    full = {name: t.double().requires_grad_() for name, t in batch.items()}
+    q, pos, neg = full["query"], full["pos"], full["neg"]
+    candidates = pos if mode == "full" else pos.detach()
+    hard, in_batch = reference_terms(q, pos, neg, MATRYOSHKA_DIMS, True, positives_for_in_batch=candidates)
+    (hard + in_batch).backward()
+    results = [r["matryoshka"][mode] for r in ranks]
+    for term, want in (("total", hard + in_batch), ("hard", hard), ("in_batch", in_batch)):
+        mean_over_ranks = sum(r[term].double() for r in results) / WORLD
+        torch.testing.assert_close(mean_over_ranks, want.detach(), rtol=1e-5, atol=1e-6)
+    for name in ("query", "pos", "neg"):
+        distributed_grad = torch.cat([r["grads"][name] for r in results]).double() / WORLD
+        torch.testing.assert_close(distributed_grad, full[name].grad, rtol=1e-5, atol=1e-6)

@@ -4,8 +4,19 @@ A source is one parquet file (the released format), one JSON-lines file, a ``dat
 ``save_to_disk``, or an in-memory ``datasets.Dataset``, with string columns ``query``, ``passage`` and
 ``negative_1`` .. ``negative_K`` (K may be 0, e.g. before hard negatives are mined). Other columns are ignored.
 
+The v2 layout (F2LLM v2's data): a folder holding ``corpus.parquet`` (columns ``doc_id`` and ``text``, one row per
+document) is a folder of query files: every other .parquet / .jsonl file in it is a source whose ``passage`` and
+``negative_i`` columns hold document ids into that corpus instead of texts. The rule is the folder's: a query file
+is read in the v2 layout exactly when ``corpus.parquet`` sits next to it (whether the folder or the file is listed
+in the data paths). v2 names query files ``<source>_query.parquet``; the ``_query`` suffix is not part of the
+source name. Ids are ints or strings, matched exactly (the int 5 is not the string "5"): a query file's id columns
+must have the corpus ids' type. Ids are resolved to texts when the file is read, so every later step (validation,
+tokenization, distillation) sees texts; a missing id is an error naming the query file, the row, the field and the
+id, duplicate corpus ids an error naming them.
+
 Tokenized ids are cached as an Arrow file under ``cache_dir``, keyed by the tokenizer's identity (vocabulary,
-rule, max_length), the query instruction and the content hash of the file: a second run, or another rank, memory-
+rule, max_length), the query instruction and the content hash of the file (and of its corpus.parquet in the v2
+layout, so an edited corpus invalidates the cache): a second run, or another rank, memory-
 maps the cached file and tokenizes nothing. The first process to arrive builds the cache under a file lock while
 the others wait on it, so ranks (and nodes sharing the cache directory) never tokenize the same source twice.
 Every row is validated while the cache is built, i.e. before training starts.
@@ -35,7 +46,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from datasets.exceptions import DatasetGenerationError
 
-from f2llm.data.sources import INSTRUCT_PREFIX, DataError, SourceKind, SourceOverride, format_query, resolve_source
+from f2llm.data.sources import (
+    INSTRUCT_PREFIX,
+    DataError,
+    SourceKind,
+    SourceOverride,
+    SourceSpec,
+    format_query,
+    resolve_source,
+)
 from f2llm.data.tokenize import TextTokenizer
 
 # Bump when the cached layout or the validation rules change: old caches are then rebuilt, never misread.
@@ -43,6 +62,10 @@ CACHE_FORMAT_VERSION = "f2llm-tokenized-v1"
 _NEGATIVE = re.compile(r"^negative_(\d+)$")
 _TEXT_TYPES = (pa.string(), pa.large_string())
 SUPPORTED_SUFFIXES = (".parquet", ".jsonl")
+# The v2 layout: this file in a folder makes the folder's other files query files referencing it by document id.
+CORPUS_FILE = "corpus.parquet"
+CORPUS_ID, CORPUS_TEXT = "doc_id", "text"  # F2LLM v2's corpus columns (its run.py indexes corpus['doc_id'])
+QUERY_SUFFIX = "_query"  # v2's query files: <source>_query.parquet
 
 
 def negative_count(column_names: Sequence[str], where: str) -> int:
@@ -86,8 +109,11 @@ def content_digest(source: str | Path | datasets.Dataset) -> str:
     return h.hexdigest()
 
 
-def _jsonl_rows(path: str) -> Iterator[dict]:
-    """Rows of a JSON-lines file with line-precise errors (datasets' JSON loader reports neither line nor field)."""
+def _jsonl_rows(path: str, ids: bool = False) -> Iterator[dict]:
+    """Rows of a JSON-lines file with line-precise errors (datasets' JSON loader reports neither line nor field).
+
+    ``ids``: the v2 layout, where ``passage`` and ``negative_i`` hold document ids (int or string) instead of texts.
+    """
     columns: list[str] | None = None
     with open(path, "rb") as f:
         for line_no, raw_line in enumerate(f, start=1):
@@ -116,7 +142,13 @@ def _jsonl_rows(path: str) -> Iterator[dict]:
                 )
             for column in columns:
                 value = row.get(column)
-                if value is not None and not isinstance(value, str):
+                if ids and column != "query":
+                    if isinstance(value, bool) or not isinstance(value, int | str | None):
+                        raise DataError(
+                            f"{path}: line {line_no}, field {column!r}: expected a document id (int or string) of "
+                            f"{CORPUS_FILE}, got {type(value).__name__} {value!r:.80}"
+                        )
+                elif value is not None and not isinstance(value, str):
                     raise DataError(
                         f"{path}: line {line_no}, field {column!r}: expected a string, got "
                         f"{type(value).__name__} {value!r:.80}"
@@ -124,15 +156,171 @@ def _jsonl_rows(path: str) -> Iterator[dict]:
             yield {column: row.get(column) for column in columns}
 
 
+# ------------------------------------------------------------------------------------------------ the v2 layout
+def corpus_of(path: Path) -> Path | None:
+    """The corpus.parquet a query file references (the v2 layout: one next to it), or None."""
+    if path.name == CORPUS_FILE or path.suffix not in SUPPORTED_SUFFIXES:
+        return None
+    corpus = path.parent / CORPUS_FILE
+    return corpus if corpus.is_file() else None
+
+
+def source_name(path: Path) -> str:
+    """A source file's name: its stem; in the v2 layout without v2's ``_query`` suffix."""
+    stem = path.stem
+    if corpus_of(path) is not None and stem.endswith(QUERY_SUFFIX) and len(stem) > len(QUERY_SUFFIX):
+        return stem[: -len(QUERY_SUFFIX)]
+    return stem
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A v2 corpus.parquet: document ids (int64 or string, distinct) and their texts, row-aligned; its digest keys
+    the tokenized caches of the query files that reference it."""
+
+    path: Path
+    ids: pa.Array
+    texts: pa.Array
+    digest: str
+
+
+_CORPORA: dict[tuple[str, int, int], Corpus] = {}
+
+
+def _id_kind(dtype: pa.DataType) -> str | None:
+    if pa.types.is_integer(dtype):
+        return "int"
+    if pa.types.is_string(dtype) or pa.types.is_large_string(dtype):
+        return "string"
+    return None
+
+
+def _normalize_ids(array: pa.Array) -> pa.Array:
+    """Ints as int64, strings as large_string: one type per kind, so that lookups compare like with like."""
+    return array.cast(pa.int64() if pa.types.is_integer(array.type) else pa.large_string())
+
+
+def load_corpus(path: str | Path) -> Corpus:
+    """Read and check a corpus.parquet (memoized per file version: every query file of a folder shares it).
+
+    Raises:
+        DataError: missing ``doc_id`` / ``text`` column, ids neither ints nor strings, a null id, duplicate ids
+            (named), a null or empty text (row and id named).
+    """
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key in _CORPORA:
+        return _CORPORA[key]
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{path}: not a readable parquet file ({e}); rewrite it") from None
+    for column in (CORPUS_ID, CORPUS_TEXT):
+        if column not in table.column_names:
+            raise DataError(
+                f"{path}: missing column {column!r} (columns: {table.column_names}); a v2 corpus needs "
+                f"`{CORPUS_ID}` (document ids, int or string) and `{CORPUS_TEXT}`"
+            )
+    ids = table.column(CORPUS_ID).combine_chunks()
+    texts = table.column(CORPUS_TEXT).combine_chunks()
+    if _id_kind(ids.type) is None:
+        raise DataError(f"{path}: column {CORPUS_ID!r} has type {ids.type}; document ids must be ints or strings")
+    if texts.type not in _TEXT_TYPES:
+        raise DataError(f"{path}: column {CORPUS_TEXT!r} has type {texts.type}, expected string (one text per row)")
+    if ids.null_count:
+        row = int(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[0])
+        raise DataError(f"{path}: row {row}: {CORPUS_ID} is null; every document needs an id")
+    ids = _normalize_ids(ids)
+    counts = pc.value_counts(ids)
+    repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        shown = repeated.to_pylist()[:10]
+        raise DataError(
+            f"{path}: {len(repeated)} duplicate {CORPUS_ID}(s), e.g. {shown}; every document id must be distinct "
+            "(a query file's id would be ambiguous)"
+        )
+    bad = pc.or_(pc.is_null(texts), pc.equal(pc.utf8_trim_whitespace(texts.fill_null("")), ""))
+    if pc.any(bad).as_py():
+        row = int(np.flatnonzero(bad.to_numpy(zero_copy_only=False))[0])
+        raise DataError(
+            f"{path}: row {row} ({CORPUS_ID} {ids[row].as_py()!r}): {CORPUS_TEXT} is missing or empty; fix or drop it"
+        )
+    corpus = Corpus(path=path, ids=ids, texts=texts, digest=content_digest(path))
+    _CORPORA.clear()  # one corpus at a time is what a data folder needs; old versions are released
+    _CORPORA[key] = corpus
+    return corpus
+
+
+def _read_v2_query_file(path: Path, corpus: Corpus) -> datasets.Dataset:
+    """A query file of the v2 layout with its ``passage`` / ``negative_i`` ids replaced by the corpus texts."""
+    if path.suffix == ".parquet":
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{path}: not a readable parquet file ({e}); rewrite it") from None
+    else:
+        rows = list(_jsonl_rows(str(path), ids=True))
+        if not rows:
+            raise DataError(f"{path}: no rows")
+        columns: dict[str, pa.Array] = {}
+        for column in rows[0]:
+            values = [r[column] for r in rows]
+            try:
+                columns[column] = pa.array(values, type=pa.string() if column == "query" else None)
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                raise DataError(
+                    f"{path}: field {column!r} mixes int and string document ids; use one type, that of "
+                    f"{corpus.path}'s {CORPUS_ID}"
+                ) from None
+        table = pa.table(columns)
+    if table.num_rows == 0:
+        raise DataError(f"{path}: no rows")
+    k = _check_columns(table.column_names, str(path))
+    corpus_kind = _id_kind(corpus.ids.type)
+    resolved = {"query": table.column("query")}
+    for column in text_columns(k)[1:]:
+        ids = table.column(column).combine_chunks()
+        if ids.type == pa.null():  # every id missing: reported below, row by row
+            ids = ids.cast(corpus.ids.type)
+        kind = _id_kind(ids.type)
+        if kind != corpus_kind:
+            raise DataError(
+                f"{path}: column {column!r} holds {ids.type} values but {corpus.path}'s {CORPUS_ID} are "
+                f"{corpus_kind}s; in the v2 layout passage and negative_i are document ids of the corpus's type "
+                '(ids match exactly: the int 5 is not the string "5")'
+            )
+        ids = _normalize_ids(ids)
+        if ids.null_count:
+            row = int(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[0])
+            raise DataError(f"{path}: row {row}, field {column!r}: missing (null) document id; fix or drop the row")
+        index = pc.index_in(ids, value_set=corpus.ids)
+        if index.null_count:
+            missing = np.flatnonzero(index.is_null().to_numpy(zero_copy_only=False))
+            row = int(missing[0])
+            raise DataError(
+                f"{path}: row {row}, field {column!r}: document id {ids[row].as_py()!r} is not in {corpus.path} "
+                f"({len(missing)} row(s) of this field reference missing ids); add the documents or fix the ids"
+            )
+        resolved[column] = corpus.texts.take(index)
+    from datasets.table import InMemoryTable
+
+    return datasets.Dataset(InMemoryTable(pa.table(resolved)))
+
+
 def read_raw(source: str | Path | datasets.Dataset, cache_dir: str | Path | None = None) -> datasets.Dataset:
-    """The untokenized rows of a source as a ``datasets.Dataset``, its columns checked."""
+    """The untokenized rows of a source as a ``datasets.Dataset``, its columns checked (texts: in the v2 layout the
+    document ids are resolved through the folder's corpus.parquet)."""
     if isinstance(source, datasets.Dataset):
         ds, where = source, "dataset"
     else:
         path = Path(source)
         where = str(path)
         raw_cache = str(Path(cache_dir) / "raw") if cache_dir is not None else None
-        if path.is_dir():
+        corpus_path = corpus_of(path)
+        if corpus_path is not None and path.exists():
+            ds = _read_v2_query_file(path, load_corpus(corpus_path))
+        elif path.is_dir():
             loaded = datasets.load_from_disk(str(path))
             if not isinstance(loaded, datasets.Dataset):
                 raise DataError(f"{path}: holds a {type(loaded).__name__}; save one split (a Dataset) per source")
@@ -255,6 +443,8 @@ class TokenizedSource:
         train_rows / validation_rows: row indices of the two splits.
         cache_file: the Arrow file holding ``dataset``.
         cache_hit: True when this load found the cache and tokenized nothing.
+        source: what was read (a file or directory path, or the ``datasets.Dataset``): its texts, for
+            :func:`model_texts`.
     """
 
     name: str
@@ -267,6 +457,7 @@ class TokenizedSource:
     validation_rows: np.ndarray
     cache_file: Path
     cache_hit: bool
+    source: str | Path | datasets.Dataset | None = None
     _views: dict[tuple[str, ...], datasets.Dataset] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
@@ -299,6 +490,7 @@ def load_source(
     override: SourceOverride | None = None,
     seed: int = 0,
     validation_fraction: float = 0.01,
+    num_negatives: Mapping[str, int] | None = None,
 ) -> TokenizedSource:
     """Validate, tokenize (once: cached) and split one source.
 
@@ -310,6 +502,8 @@ def load_source(
         override: settings replacing the source tables (kind, instruction, num_negatives).
         seed: seed of the validation split.
         validation_fraction: share of rows held out (ceil; 0 disables).
+        num_negatives: negatives per query by source kind (f2llm.data.sources.check_num_negatives); the
+            override's num_negatives wins.
 
     Raises:
         DataError: unknown source, bad columns, a bad row (missing / empty / non-string field), or fewer negative
@@ -321,13 +515,14 @@ def load_source(
         where = f"dataset {name!r}"
     else:
         path = Path(source)
-        name = name or path.stem
+        name = name or source_name(path)
         where = str(path)
         if not path.exists():
             raise DataError(f"{path}: no such file or directory")
-    spec = resolve_source(name, override, where)
+    spec = resolve_source(name, override, where, num_negatives)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    corpus = corpus_of(Path(source)) if not isinstance(source, datasets.Dataset) else None
     key_parts = {
         "format": CACHE_FORMAT_VERSION,
         "tokenizer": tokenizer.identity(),
@@ -335,6 +530,8 @@ def load_source(
         "instruction": spec.instruction,
         "add_instruction": spec.add_instruction,
     }
+    if corpus is not None:  # the texts live in the corpus: a changed corpus is changed data
+        key_parts["corpus"] = load_corpus(corpus).digest
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()
     cache_file = cache_dir / f"{name}-{key[:20]}.arrow"
     meta_file = cache_file.with_suffix(".json")
@@ -347,11 +544,7 @@ def load_source(
         else:
             raw = read_raw(source, cache_dir)
             k = negative_count(raw.column_names, where)
-            carries = _queries_carry_instruction(raw, where)
-            # Instructions are the decoder recipe's (last-token models); encoders are trained and evaluated without.
-            auto = bool(spec.instruction) and tokenizer.append_eos and not carries
-            add = spec.add_instruction if spec.add_instruction is not None else auto
-            instruction = spec.instruction if add else None
+            instruction = query_instruction(spec, raw, tokenizer.append_eos, where)
             columns = text_columns(k)
             features = datasets.Features({f"{c}_ids": datasets.List(datasets.Value("int32")) for c in columns})
             dataset = raw.map(
@@ -391,28 +584,63 @@ def load_source(
         validation_rows=validation_rows,
         cache_file=cache_file,
         cache_hit=cache_hit,
+        source=source,
     )
+
+
+def query_instruction(spec: SourceSpec, raw: datasets.Dataset, decoder: bool, where: str) -> str | None:
+    """The instruction prefixed to a source's queries, or None: ``spec.add_instruction`` when set, else (auto) the
+    source's instruction for a decoder (the recipe's last-token models; encoders are trained and evaluated
+    without) when no query carries one already."""
+    if spec.add_instruction is not None:
+        return spec.instruction if spec.add_instruction else None
+    carries = _queries_carry_instruction(raw, where)
+    return spec.instruction if spec.instruction and decoder and not carries else None
+
+
+def model_texts(
+    raw: datasets.Dataset, instruction: str | None, batch_rows: int = 10_000
+) -> Iterator[tuple[str, int, list[str]]]:
+    """The texts a model reads for a source's rows, as training tokenizes them: ``(column, first row, texts)`` for
+    consecutive row ranges of every text column (queries formatted with ``instruction`` when it is set)."""
+    columns = text_columns(negative_count(raw.column_names, "dataset"))
+    view = raw.with_format("arrow", columns=columns)
+    for start in range(0, len(raw), batch_rows):
+        table = view[start : start + batch_rows]
+        for column in columns:
+            texts = table.column(column).to_pylist()
+            if column == "query" and instruction is not None:
+                texts = [format_query(q, instruction) for q in texts]
+            yield column, start, texts
 
 
 def find_source_files(data: str | Path | Sequence[str | Path]) -> list[Path]:
     """Source files: each directory given contributes its files (sorted; .parquet / .jsonl), each file itself.
 
-    A ``datasets`` directory (written by ``save_to_disk``) is one source, not a folder of sources.
+    A ``datasets`` directory (written by ``save_to_disk``) is one source, not a folder of sources. In a v2-layout
+    folder the corpus.parquet is no source: the other files are (its query files).
     """
     paths: list[Path] = []
     for item in [data] if isinstance(data, (str, Path)) else data:
         path = Path(item)
         if path.is_dir() and not (path / "dataset_info.json").exists():
-            files = sorted(p for p in path.iterdir() if p.suffix in SUPPORTED_SUFFIXES)
+            files = sorted(p for p in path.iterdir() if p.suffix in SUPPORTED_SUFFIXES and p.name != CORPUS_FILE)
             if not files:
                 raise DataError(f"{path}: no source files ({', '.join(SUPPORTED_SUFFIXES)}) in this directory")
             paths.extend(files)
+        elif path.name == CORPUS_FILE:
+            raise DataError(
+                f"{path}: a v2 corpus is not a source; list its folder (or its query files) in the data paths"
+            )
         else:
             paths.append(path)
-    names = [p.stem for p in paths]
+    names = [source_name(p) for p in paths]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise DataError(f"two sources share the name(s) {duplicates} (the source name is the file stem)")
+        raise DataError(
+            f"two sources share the name(s) {duplicates} (the source name is the file stem, without the v2 layout's "
+            f"{QUERY_SUFFIX!r} suffix)"
+        )
     return paths
 
 
@@ -424,23 +652,24 @@ def load_sources(
     overrides: Mapping[str, SourceOverride] | None = None,
     seed: int = 0,
     validation_fraction: float = 0.01,
+    num_negatives: Mapping[str, int] | None = None,
 ) -> list[TokenizedSource]:
     """:func:`load_source` for every source file of a directory (or list of paths), in name order."""
     overrides = overrides or {}
     files = find_source_files(data)
-    unused = sorted(set(overrides) - {p.stem for p in files})
+    names = [source_name(p) for p in files]
+    unused = sorted(set(overrides) - set(names))
     if unused:
-        raise DataError(
-            f"source settings given for {unused}, which are not among the sources {[p.stem for p in files]}"
-        )
+        raise DataError(f"source settings given for {unused}, which are not among the sources {names}")
     return [
         load_source(
             path,
             tokenizer,
             cache_dir,
-            override=overrides.get(path.stem),
+            override=overrides.get(source_name(path)),
             seed=seed,
             validation_fraction=validation_fraction,
+            num_negatives=num_negatives,
         )
         for path in files
     ]

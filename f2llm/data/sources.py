@@ -1,12 +1,14 @@
 """What a source is: its kind (retrieval / classification / clustering), its query instruction, its negatives.
 
-The source name is the file stem (``msmarco.parquet`` -> ``msmarco``). The tables below mirror the F2LLM recipe's
+The source name is the file stem (``msmarco.parquet`` -> ``msmarco``; in the v2 layout, next to a ``corpus.parquet``,
+``msmarco_query.parquet`` -> ``msmarco`` too: see f2llm.data.readers). The tables below mirror the F2LLM recipe's
 lists (38 retrieval, 5 classification, 19 clustering sources) plus the sources f2llm converts from its shipped data
 (``mrpc``). A source missing from the table must be declared with a :class:`SourceOverride` giving its kind.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -163,7 +165,8 @@ INSTRUCTIONS: dict[str, str] = {
     "twentynewsgroups": "Identify the topic or theme of the given news articles",
 }
 
-# Negatives sampled per query and batch (recipe: 7 of 24; classification sources have one).
+# Negatives sampled per query and batch by source kind (v1 recipe: 7 of 24; classification sources have one). F2LLM
+# v2 samples 9 for clustering sources (its num_hard_neg_clustering): data.num_negatives sets them per kind.
 DEFAULT_NUM_NEGATIVES: dict[str, int] = {"retrieval": 7, "classification": 1, "clustering": 7}
 
 
@@ -202,8 +205,32 @@ class SourceSpec:
     num_negatives: int
 
 
-def resolve_source(name: str, override: SourceOverride | None = None, where: str = "") -> SourceSpec:
-    """Settings of source ``name``: the tables above, then ``override``. ``where`` names the file for errors."""
+def check_num_negatives(per_kind: Mapping[str, int], where: str = "num_negatives") -> dict[str, int]:
+    """Negatives per source kind: ``per_kind`` over :data:`DEFAULT_NUM_NEGATIVES` (kinds it leaves out keep their
+    default). Keys must be source kinds and values ints >= 0; ``where`` names the setting in errors."""
+    unknown = sorted(set(per_kind) - set(KINDS))
+    if unknown:
+        raise DataError(f"{where}: unknown source kind(s) {unknown}; the keys are the kinds {', '.join(KINDS)}")
+    for kind, value in per_kind.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise DataError(
+                f"{where}.{kind}: negatives per query must be an int >= 0 (0 = in-batch only), got {value!r}"
+            )
+    return {**DEFAULT_NUM_NEGATIVES, **per_kind}
+
+
+def resolve_source(
+    name: str,
+    override: SourceOverride | None = None,
+    where: str = "",
+    num_negatives: Mapping[str, int] | None = None,
+) -> SourceSpec:
+    """Settings of source ``name``: the tables above, then ``override``. ``where`` names the file for errors.
+
+    ``num_negatives``: negatives per query by source kind (:func:`check_num_negatives`; None: the defaults, v1's);
+    a source's ``override.num_negatives`` wins over it.
+    """
+    per_kind = check_num_negatives(num_negatives or {})
     override = override or SourceOverride()
     kind = override.kind or SOURCE_KINDS.get(name)
     at = f"{where}: " if where else ""
@@ -217,7 +244,7 @@ def resolve_source(name: str, override: SourceOverride | None = None, where: str
     if kind not in KINDS:
         raise DataError(f"{at}source {name!r} has kind {kind!r}; expected one of {', '.join(KINDS)}")
     instruction = INSTRUCTIONS.get(name) if override.instruction is None else (override.instruction or None)
-    num_negatives = DEFAULT_NUM_NEGATIVES[kind] if override.num_negatives is None else override.num_negatives
+    num_negatives = per_kind[kind] if override.num_negatives is None else override.num_negatives
     if num_negatives < 0:
         raise DataError(f"{at}source {name!r}: num_negatives must be >= 0, got {num_negatives}")
     if override.add_instruction and not instruction:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import triton
 
-from f2llm.kernels import contrastive, pooling
+from f2llm.kernels import contrastive, matryoshka, pooling
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_compile.py"
 SMEM_PER_BLOCK = {"sm_90": 232448, "sm_80": 166912}
@@ -28,7 +28,7 @@ def jit_kernels() -> set[str]:
     """Names of every @triton.jit kernel launched from the host in f2llm's kernel modules (jit or interpreted)."""
     return {
         name
-        for module in (contrastive, pooling)
+        for module in (contrastive, matryoshka, pooling)
         for name, obj in inspect.getmembers(module)
         if isinstance(obj, triton.runtime.jit.KernelInterface) and name.endswith("_kernel")
     }
@@ -89,5 +89,12 @@ def test_table_covers_every_kernel_and_the_recipe_sizes(compile_rows: list[dict]
                 ("matmul_dc", "fp16 ieee 128x128x64 w8 s3"), ("infonce_bwd_probs", "bf16 ieee")]  # fmt: skip
     for kernel, config in expected:
         assert (kernel, config) in wgmma, (kernel, config, sorted(wgmma))
+    # Matryoshka at the recipe's sizes with v2's default levels: bf16 on the tensor cores, both architectures.
+    for size in ("D=1024 B=512 N=4096", "D=2560 B=16384 N=131072"):
+        assert any(r["kernel"] == "mrl_fwd" and size in r["sizes"] for r in compile_rows), size
+    for kernel in ("mrl_fwd", "mrl_bwd_probs"):
+        for arch in SMEM_PER_BLOCK:
+            bf16 = [r for r in compile_rows if r["kernel"] == kernel and r["arch"] == arch and "bf16" in r["config"]]
+            assert bf16 and all(r["mma_instructions"] > 0 for r in bf16), (kernel, arch)
     ieee = [r for r in compile_rows if r["kernel"] == "infonce_fwd" and "fp32 ieee" in r["config"]]
     assert ieee and all(not r["mma_expected"] and r["mma_instructions"] == 0 for r in ieee)
