@@ -231,22 +231,28 @@ def add_encode_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "encode",
         help="encode texts into embeddings (.npy or parquet)",
-        description="Texts from .txt (one per line), .jsonl (--field) or .parquet (--field column) -> embeddings.",
+        description="Texts from .txt (one per line), .jsonl (--field) or .parquet (--field column) -> embeddings. "
+        "With --config TRAIN.yaml [key.path=value ...] instead of an input: a distillation teacher's raw embeddings "
+        "of the texts training with that config reads, for distill.embeddings.",
     )
     _add_model_arguments(p)
-    p.add_argument("input", type=Path, nargs="?", help=".txt, .jsonl or .parquet (or --training-data)")
+    p.add_argument(
+        "input",
+        nargs="*",
+        metavar="INPUT | key.path=value",
+        help="one .txt, .jsonl or .parquet; with --config: the training config's overrides, as for f2llm train",
+    )
     p.add_argument("--output", type=Path, required=True, help=".npy (float32 [n, D]) or .parquet (text, embedding)")
     p.add_argument("--field", default="text", help="JSON field / parquet column holding the text (default: text)")
     p.add_argument("--instruction", default=None, help="instruction given to every text (decoder query side)")
     p.add_argument(
-        "--training-data",
+        "--config",
         type=Path,
-        nargs="+",
         default=None,
-        metavar="PATH",
-        help="instead of input: F2LLM-format training files or folders (v2 layout too); writes the model's raw "
-        "(un-normalized) embedding of every distinct text, queries with their training instruction, as a parquet "
-        "for distill.embeddings",
+        metavar="TRAIN.yaml",
+        help="instead of an input: the training config (data.paths, data.sources, model.max_length, the student "
+        "model.name_or_path); --model is the teacher, and the output a parquet of its raw (un-normalized) "
+        "embedding of every distinct text that training reads, for distill.embeddings",
     )
     p.set_defaults(func=run_encode)
 
@@ -306,13 +312,16 @@ def write_embeddings(path: Path, texts: Sequence[str], embeddings: np.ndarray) -
 
 
 def run_encode(args: argparse.Namespace) -> int:
-    if (args.input is None) == (args.training_data is None):
-        raise UsageError("give either an input file or --training-data PATH..., not both or neither")
-    if args.training_data is not None:
-        return run_encode_training_data(args)
+    if args.config is not None:
+        return run_encode_training_texts(args)
+    if len(args.input) != 1:
+        raise UsageError(
+            f"give one input file (.txt, .jsonl or .parquet), got {len(args.input)}: {args.input}; or --config "
+            "TRAIN.yaml for a teacher's embeddings of the training texts"
+        )
     if args.output.suffix not in (".npy", ".parquet"):
         raise UsageError(f"--output {args.output}: expected a .npy or .parquet file")
-    texts = read_texts(args.input, args.field)
+    texts = read_texts(Path(args.input[0]), args.field)
     encoder = load_encoder(args)
     embeddings = encoder.encode(
         texts, batch_size=args.batch_size, instruction=args.instruction, show_progress=not args.no_progress
@@ -322,17 +331,30 @@ def run_encode(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_encode_training_data(args: argparse.Namespace) -> int:
-    """Teacher embeddings of training files, for distillation (f2llm.distill.write_teacher_embeddings)."""
-    from f2llm.distill import write_teacher_embeddings
+def run_encode_training_texts(args: argparse.Namespace) -> int:
+    """Teacher embeddings of the texts training with ``--config`` reads, for distillation
+    (f2llm.distill.write_teacher_embeddings); the teacher is loaded as a live ``distill.teacher`` would be."""
+    import torch
+
+    from f2llm.config import load_config
+    from f2llm.distill import load_teacher_encoder, write_teacher_embeddings
+    from f2llm.engine import resolve_dtype
 
     if args.output.suffix != ".parquet":
         raise UsageError(f"--output {args.output}: teacher embeddings of training data are written as .parquet")
     if args.instruction is not None or args.field != "text":
-        raise UsageError("--instruction and --field do not apply to --training-data (its files say both)")
-    encoder = load_encoder(args)
+        raise UsageError("--instruction and --field do not apply with --config (its sources decide both)")
+    if args.pooling is not None or args.max_length is not None:
+        raise UsageError(
+            "--pooling and --max-length do not apply with --config: the teacher reads the config's model.max_length "
+            "(override it as model.max_length=N) with its own pooling, as a live distill.teacher does"
+        )
+    config = load_config(args.config, args.input)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype is not None else resolve_dtype(config.model.dtype, device)
+    encoder = load_teacher_encoder(args.model, device, dtype, config.model.max_length, where=f"--model {args.model}")
     path, count = write_teacher_embeddings(
-        encoder, args.training_data, args.output, batch_size=args.batch_size, show_progress=not args.no_progress
+        encoder, config, args.output, batch_size=args.batch_size, show_progress=not args.no_progress
     )
     print(f"{count} distinct texts, raw embeddings of dimension {encoder.embedding_dim} written to {path}")
     return 0

@@ -157,10 +157,10 @@ class DistillConfig:
     """Distillation from a frozen teacher (F2LLM v2, f2llm.distill): ``weight * kd`` is added to the loss, with kd the
     MSE between the student's raw (un-normalized) pooled embeddings and the teacher's truncated to the student's
     dimension. Exactly one of ``teacher`` (run live in every step) and ``embeddings`` (precomputed by
-    ``f2llm encode --training-data``) is set."""
+    ``f2llm encode --config``) is set."""
 
     teacher: str | None = None  # the teacher model (an f2llm folder or a Hugging Face model), its own tokenizer
-    embeddings: str | None = None  # a parquet written by `f2llm encode --training-data ... --output PATH`
+    embeddings: str | None = None  # a parquet written by `f2llm encode --model T --config C --output PATH`
     weight: float = 1.0  # kd_weight of v2
 
 
@@ -427,7 +427,7 @@ def _validate_negatives_and_distill(config: TrainConfig) -> None:
     if (distill.teacher is None) == (distill.embeddings is None):
         raise ConfigError(
             "distill: set exactly one of distill.teacher (a model run live in every step) and distill.embeddings "
-            f"(a parquet from `f2llm encode --training-data`), got teacher={distill.teacher!r}, "
+            f"(a parquet from `f2llm encode --config`), got teacher={distill.teacher!r}, "
             f"embeddings={distill.embeddings!r}; use distill: null for no distillation"
         )
     if not distill.weight > 0:
@@ -437,7 +437,7 @@ def _validate_negatives_and_distill(config: TrainConfig) -> None:
     if distill.embeddings is not None and not Path(distill.embeddings).is_file():
         raise ConfigError(
             f"distill.embeddings: {distill.embeddings} does not exist; write it with `f2llm encode --model TEACHER "
-            "--training-data DATA... --output FILE.parquet`"
+            "--config TRAIN.yaml [key.path=value ...] --output FILE.parquet` (this run's config and overrides)"
         )
     if distill.teacher is not None and not distill.teacher.strip():
         raise ConfigError("distill.teacher is empty; give the teacher model's folder or hub name")

@@ -14,23 +14,25 @@ f2llm differ:
   (it never trains with k = 0: classification sources use 1); f2llm drops the negatives' term (the mean of an
   empty tensor is NaN);
 * v2 feeds the teacher the student's token ids (both are Qwen3 models sharing the tokenizer and the max length);
-  f2llm's teacher tokenizes the same texts with its own tokenizer and max length, and uses its own pooling (the
-  student's ids are reused when the two tokenizers are the same);
+  f2llm's teacher reads the student's max length (``model.max_length``; a teacher with fewer positions is refused
+  before training) and the student's ids whenever the two tokenizers agree (vocabulary, rule); a teacher with
+  another tokenizer tokenizes the same texts, cut at the same max length, and uses its own pooling;
 * v2 runs the teacher on the whole batch at once; with the gradient cache f2llm runs it in the chunks of the
   student's first pass (same texts per chunk), without grad, and keeps its embeddings for the step.
 
 Two teachers give the same targets: :class:`LiveTeacher` (an :class:`f2llm.model.Encoder` run in every step) and
-:class:`PrecomputedTeacher` (a parquet written by ``f2llm encode --training-data``, see
-:func:`write_teacher_embeddings`). The precomputed file maps each text, as the model reads it (queries with their
-instruction), to its raw teacher embedding; the key is the first 16 bytes of the SHA-256 of the text's UTF-8
-bytes. Every text of every training source is looked up when training starts: a text the file lacks is an error
-naming the file, the row and the field.
+:class:`PrecomputedTeacher` (a parquet written by ``f2llm encode --model TEACHER --config TRAIN.yaml --output
+FILE.parquet``, see :func:`write_teacher_embeddings`: the texts training with that config reads, the teacher
+reading them at the config's ``model.max_length``). The precomputed file maps each text, as the model reads it
+(queries with their instruction), to its raw teacher embedding; the key is the first 16 bytes of the SHA-256 of
+the text's UTF-8 bytes. Every text of every training source is looked up when training starts: a text the file
+lacks is an error naming the file, the row and the field.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -84,7 +86,8 @@ class LiveTeacher:
     """A frozen :class:`f2llm.model.Encoder` (eval mode, no grad, raw pooled output) run on every batch.
 
     ``sources``: the training sources tokenized with the teacher's tokenizer (by name), or None when the teacher
-    reads the student's token ids (same tokenizer identity: vocabulary, rule, max length).
+    reads the student's token ids (same tokenizer identity: vocabulary, rule, max length; the max length is the
+    student's, :func:`load_teacher_encoder`).
     """
 
     encoder: Encoder
@@ -114,9 +117,27 @@ class LiveTeacher:
         return torch.cat(outs)
 
 
-def load_teacher_encoder(path: str, device: torch.device, dtype: torch.dtype) -> Encoder:
-    """The teacher: an f2llm folder with its saved pooling and max length (Encoder.load), else a Hugging Face model
-    with the Encoder's defaults; frozen and in eval mode."""
+def position_limit(encoder: Encoder) -> int | None:
+    """The most tokens ``encoder`` can read (its ``max_position_embeddings`` less the position offset), or None."""
+    limit = getattr(encoder.model.config, "max_position_embeddings", None)
+    return limit - encoder.position_offset if limit is not None else None
+
+
+def load_teacher_encoder(
+    path: str, device: torch.device, dtype: torch.dtype, max_length: int, where: str | None = None
+) -> Encoder:
+    """The teacher, frozen and in eval mode, reading at most ``max_length`` tokens per text: the student's
+    (``model.max_length``), as v2's teacher reads the student's ids. An f2llm folder keeps its saved pooling
+    (Encoder.load), a Hugging Face model gets the Encoder's default.
+
+    Raises:
+        ConfigError: the teacher has fewer positions than ``max_length``. A warning would let kd pull the
+            student's embedding of every longer text towards the teacher's embedding of a truncated one; the fix
+            (a lower ``model.max_length`` or another teacher) is the user's call. ``where`` names the setting
+            that gave ``path`` (default ``distill.teacher PATH``).
+    """
+    from f2llm.config import ConfigError
+    from f2llm.data import TextTokenizer
     from f2llm.model import F2LLM_CONFIG, Encoder
 
     options = dict(device=device, dtype=dtype, liger=False, gradient_checkpointing=False)
@@ -124,6 +145,16 @@ def load_teacher_encoder(path: str, device: torch.device, dtype: torch.dtype) ->
         teacher = Encoder.load(path, **options)
     else:
         teacher = Encoder.from_pretrained(path, **options)
+    limit = position_limit(teacher)
+    if limit is not None and limit < max_length:
+        raise ConfigError(
+            f"{where or f'distill.teacher {path}'}: the teacher reads at most {limit} tokens per text "
+            f"(max_position_embeddings in its config.json) but the student reads model.max_length={max_length}; "
+            f"kd would compare the student's embedding of each longer text with the teacher's of its first {limit} "
+            f"tokens. Set model.max_length to at most {limit}, or use a teacher with {max_length} positions or more"
+        )
+    if teacher.max_length != max_length:  # the text tokenizer is all that max_length decides
+        teacher.text_tokenizer = TextTokenizer(teacher.tokenizer, max_length, append_eos=teacher.is_decoder)
     teacher.requires_grad_(False)
     return teacher.eval()
 
@@ -132,7 +163,8 @@ def teacher_sources(
     sources: Sequence[TokenizedSource], tokenizer: TextTokenizer, student: TextTokenizer, cache_dir: str | Path
 ) -> dict[str, TokenizedSource] | None:
     """The student's sources tokenized with the teacher's ``tokenizer`` (cached like the student's), every query
-    with exactly the student's instruction; None when the two tokenizers are the same (the student's ids serve)."""
+    with exactly the student's instruction; None when the two tokenizers are the same (the student's ids serve:
+    the teacher reads the student's max length, so they are whenever vocabulary and rule agree)."""
     from f2llm.data import SourceOverride, load_source
 
     if tokenizer.identity() == student.identity():
@@ -187,19 +219,21 @@ def read_teacher_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(
-            f"{path}: not a readable parquet file ({e}); write it with `f2llm encode --training-data`"
+            f"{path}: not a readable parquet file ({e}); write it with "
+            "`f2llm encode --model TEACHER --config TRAIN.yaml --output FILE.parquet`"
         ) from None
     if table.column_names[:2] != [KEY_COLUMN, EMBEDDING_COLUMN]:
         raise DataError(
             f"{path}: columns {table.column_names}, expected [{KEY_COLUMN!r}, {EMBEDDING_COLUMN!r}] as written by "
-            "`f2llm encode --training-data` (a plain `f2llm encode` file maps texts, not training texts' keys)"
+            "`f2llm encode --model TEACHER --config TRAIN.yaml` (a plain `f2llm encode` file maps texts, not "
+            "training texts' keys)"
         )
     keys = table.column(KEY_COLUMN).combine_chunks()
     emb = table.column(EMBEDDING_COLUMN).combine_chunks()
     if keys.type != pa.binary(KEY_BYTES) or not pa.types.is_fixed_size_list(emb.type):
         raise DataError(
             f"{path}: column types {keys.type} / {emb.type}, expected fixed_size_binary[{KEY_BYTES}] / "
-            "fixed_size_list<float>; rewrite it with `f2llm encode --training-data`"
+            "fixed_size_list<float>; rewrite it with `f2llm encode --model TEACHER --config TRAIN.yaml`"
         )
     width = emb.type.list_size
     values = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, width)
@@ -234,9 +268,10 @@ def index_sources(
                 raise DataError(
                     f"{where}: no teacher embedding for {s.source}: row {start + miss}, field {column!r} "
                     f"({int((~found).sum())} text(s) of this field in rows {start}..{start + len(texts) - 1} missing): "
-                    f"{texts[miss][:80]!r}; the file must be written from these training files, with the queries' "
-                    "instructions training uses (`f2llm encode --model TEACHER --training-data DATA... --output "
-                    "FILE.parquet`)"
+                    f"{texts[miss][:80]!r}; the file must hold every text this config trains on (its data.paths, "
+                    "data.sources settings and the student's instruction rule): write it with `f2llm encode "
+                    "--model TEACHER --config TRAIN.yaml [key.path=value ...] --output FILE.parquet`, TRAIN.yaml "
+                    "and overrides as for this run"
                 )
             field = 0 if column == "query" else 1 if column == "passage" else 1 + int(column.split("_")[1])
             rows[start : start + len(texts), field] = order[at]
@@ -244,33 +279,60 @@ def index_sources(
     return index
 
 
+def student_is_decoder(name_or_path: str) -> bool:
+    """Whether the student ``model.name_or_path`` follows the decoder rule (EOS appended; instructions on queries by
+    default), read from its config alone: what :class:`f2llm.model.Encoder` decides when training loads it."""
+    from transformers import AutoConfig
+
+    from f2llm.data.tokenize import is_decoder_model_type
+
+    return is_decoder_model_type(AutoConfig.from_pretrained(name_or_path).model_type)
+
+
+def training_texts(config: TrainConfig) -> Iterator[str]:
+    """Every text training with ``config`` reads, as the model reads it, over all rows of all sources (validation
+    rows included; duplicates repeated): the sources of ``data.paths``, each with its ``data.sources`` settings and
+    ``data.num_negatives``, queries instructed by the student's rule (:func:`student_is_decoder`), as
+    :func:`f2llm.data.load_sources` decides them."""
+    from f2llm.data.readers import find_source_files, model_texts, query_instruction, read_raw, source_name
+    from f2llm.data.sources import resolve_source
+
+    data = config.data
+    files = find_source_files(data.paths)
+    names = [source_name(p) for p in files]
+    unused = sorted(set(data.sources) - set(names))
+    if unused:
+        raise DataError(f"data.sources: settings given for {unused}, which are not among the sources {names}")
+    decoder = student_is_decoder(config.model.name_or_path)
+    for path, name in zip(files, names, strict=True):
+        spec = resolve_source(name, data.sources.get(name), str(path), data.num_negatives)
+        raw = read_raw(path, data.cache_dir)
+        for _, _, batch in model_texts(raw, query_instruction(spec, raw, decoder, str(path))):
+            yield from batch
+
+
 def write_teacher_embeddings(
     encoder: Encoder,
-    data: str | Path | Sequence[str | Path],
+    config: TrainConfig,
     output: str | Path,
     *,
     batch_size: int = 32,
     show_progress: bool = True,
 ) -> tuple[Path, int]:
-    """Raw embeddings of every distinct text of the F2LLM-format training files ``data`` (folders or files, v2
-    layout included) by ``encoder`` (the teacher), as :func:`read_teacher_embeddings` reads them. Queries get the
-    instruction training gives them when the student, like the teacher, is a decoder (or, like it, an encoder):
-    the built-in source instructions, unless the queries already carry one. Returns (path, number of texts)."""
+    """Raw embeddings by ``encoder`` (the teacher, loaded by :func:`load_teacher_encoder` with the config's
+    ``model.max_length``) of every distinct text training with ``config`` reads (:func:`training_texts`), as
+    :func:`read_teacher_embeddings` reads them. Returns (path, number of texts)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from f2llm.data.readers import find_source_files, model_texts, query_instruction, read_raw, source_name
-    from f2llm.data.sources import SOURCE_KINDS, SourceOverride, resolve_source
-
+    if encoder.max_length != config.model.max_length:
+        raise ValueError(
+            f"write_teacher_embeddings: the teacher reads {encoder.max_length} tokens per text, training "
+            f"model.max_length={config.model.max_length}; load it with load_teacher_encoder(..., max_length=...)"
+        )
     texts: dict[bytes, str] = {}
-    for path in find_source_files(data):
-        name = source_name(path)
-        spec = resolve_source(name, SourceOverride(kind=SOURCE_KINDS.get(name, "retrieval")), str(path))
-        raw = read_raw(path)
-        instruction = query_instruction(spec, raw, encoder.is_decoder, str(path))
-        for _, _, batch in model_texts(raw, instruction):
-            for text in batch:
-                texts.setdefault(text_key(text), text)
+    for text in training_texts(config):
+        texts.setdefault(text_key(text), text)
     with encoder.raw_embeddings():
         emb = encoder.encode(list(texts.values()), batch_size=batch_size, show_progress=show_progress)
     output = Path(output)
@@ -304,7 +366,7 @@ def build_teacher(
     else:
         from f2llm.data import Collator
 
-        encoder = load_teacher_encoder(distill.teacher, device, dtype)
+        encoder = load_teacher_encoder(distill.teacher, device, dtype, config.model.max_length)
         teacher_collator = Collator(
             pad_token_id=encoder.text_tokenizer.pad_token_id,
             mode=collator.mode,

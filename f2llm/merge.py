@@ -7,6 +7,12 @@ other tensors (integer buffers) must be equal in every input and are copied. The
 input's other files (config, tokenizer, sentence-transformers modules) and the averaged weights, laid out in the
 first input's shards, so it loads wherever the inputs do. Only safetensors are read: a pickled ``.bin`` can run
 code when loaded.
+
+Refused: a folder that is not a model (no ``config.json``: e.g. a training checkpoint ``checkpoints/step-N``),
+adapter-only weights (a LoRA run's checkpoint ``trainable.safetensors`` or a peft adapter folder: averaging A and
+B separately means nothing; merge the LoRA run's merged ``final/`` or ``extra/step-N/`` instead), and an ``--out``
+inside an input. Nothing is left behind by a failed merge: it writes into a temporary sibling of ``--out``, removed
+on any failure, and renamed to ``--out`` at the end.
 """
 
 from __future__ import annotations
@@ -21,6 +27,11 @@ from pathlib import Path
 import torch
 
 INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"  # what makes a folder a model folder (transformers' AutoConfig reads it)
+# Adapter-only weights: a LoRA run's training checkpoint (f2llm.engine.TRAINABLE_FILE) and a peft adapter folder.
+ADAPTER_FILES = ("trainable.safetensors", "adapter_model.safetensors", "adapter_config.json")
+ADAPTER_TENSOR_MARKS = (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.")
+MODEL_FOLDERS_HINT = "merge model folders: a run's final/ or extra/step-N/ (LoRA runs save merged full models there)"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Not copied into the merged folder: the inputs' weights (replaced by the average), a LoRA adapter (it belongs to
 # one input's weights, not to the average), and an earlier merge's record (a new one is written).
@@ -55,6 +66,23 @@ def weight_files(folder: Path) -> list[Path]:
     raise MergeError(f"{folder}: no *.safetensors weights found")
 
 
+def check_model_folder(folder: Path) -> None:
+    """Raise :class:`MergeError` unless ``folder`` is a model folder holding full weights (not adapters)."""
+    if not folder.is_dir():
+        raise MergeError(f"{folder}: not a folder; give model folders such as runs/x/final or runs/x/extra/step-N")
+    adapters = [name for name in ADAPTER_FILES if (folder / name).is_file()]
+    if adapters:
+        raise MergeError(
+            f"{folder}: holds adapter-only weights ({', '.join(adapters)}), not a model: the LoRA A and B matrices "
+            f"averaged one by one make no merged adapter; {MODEL_FOLDERS_HINT}"
+        )
+    if not (folder / CONFIG_FILE).is_file():
+        raise MergeError(
+            f"{folder}: not a model folder (no {CONFIG_FILE}); a training checkpoint (checkpoints/step-N) holds the "
+            f"training state, not a loadable model: {MODEL_FOLDERS_HINT}"
+        )
+
+
 def _tensor_layout(folder: Path) -> dict[str, tuple[Path, torch.dtype, tuple[int, ...]]]:
     """name -> (file, dtype, shape) of every tensor in the folder, read from the safetensors headers only."""
     from safetensors import safe_open
@@ -65,6 +93,11 @@ def _tensor_layout(folder: Path) -> dict[str, tuple[Path, torch.dtype, tuple[int
             for name in f.keys():
                 if name in layout:
                     raise MergeError(f"{file}: tensor {name} is also in {layout[name][0]}")
+                if any(mark in name for mark in ADAPTER_TENSOR_MARKS):
+                    raise MergeError(
+                        f"{file}: tensor {name} is a LoRA adapter matrix, not a model weight (an unmerged peft "
+                        f"model?); {MODEL_FOLDERS_HINT}, or merge the adapters into their base model first"
+                    )
                 sliced = f.get_slice(name)
                 layout[name] = (file, _DTYPES[sliced.get_dtype()], tuple(sliced.get_shape()))
     return layout
@@ -96,8 +129,10 @@ def merge_checkpoints(
     """Average the weights of the model folders ``inputs`` into the new folder ``out``; returns ``out``.
 
     ``weights``: one positive number per input, normalized to sum to 1 (None: the plain mean). The weights used
-    and the inputs are recorded in ``out/merge.json``. Raises :class:`MergeError` before writing anything when the
-    inputs differ in tensor names, shapes or dtypes, or when ``out`` exists and is not empty.
+    and the inputs are recorded in ``out/merge.json``. Raises :class:`MergeError` before writing anything when an
+    input is not a model folder with full weights, when the inputs differ in tensor names, shapes or dtypes, or when
+    ``out`` exists and is not empty or lies inside an input; on a failure while writing (integer tensors that
+    differ), after removing what it wrote.
     """
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -109,8 +144,15 @@ def merge_checkpoints(
     coefficients = normalized_weights(weights, len(folders))
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MergeError(f"--out {out} exists and is not an empty folder; choose a new folder (or remove it)")
-    if any(out.resolve() == f.resolve() for f in folders):
-        raise MergeError(f"--out {out} is one of the inputs; write the merge to a new folder")
+    for folder in folders:
+        check_model_folder(folder)
+        if out.resolve() == folder.resolve():
+            raise MergeError(f"--out {out} is one of the inputs; write the merge to a new folder")
+        if out.resolve().is_relative_to(folder.resolve()):
+            raise MergeError(
+                f"--out {out} is inside the input {folder}: the merge would be copied into its own input; write it "
+                "outside every input (e.g. a sibling such as runs/x/merged)"
+            )
     layouts = [_tensor_layout(f) for f in folders]
     reference = layouts[0]
     for folder, layout in zip(folders[1:], layouts[1:], strict=True):
@@ -133,28 +175,30 @@ def merge_checkpoints(
     tmp = out.with_name(f".tmp-{out.name}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    _copy_non_weight_files(folders[0], tmp)
-    handles = [{file: safe_open(str(file), framework="pt") for file in weight_files(f)} for f in folders]
-    for first_file in weight_files(folders[0]):
-        averaged: dict[str, torch.Tensor] = {}
-        names = [n for n, (file, _, _) in reference.items() if file == first_file]
-        for name in names:
-            tensors = [h[layout[name][0]].get_tensor(name) for h, layout in zip(handles, layouts, strict=True)]
-            averaged[name] = _average(name, tensors, coefficients, folders)
-        metadata = handles[0][first_file].metadata()
-        save_file(averaged, str(tmp / first_file.name), metadata=metadata)
-    record = {"inputs": [str(f) for f in folders], "weights": coefficients}
-    (tmp / "merge.json").write_text(json.dumps(record, indent=2) + "\n")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():  # an empty folder
-        out.rmdir()
-    os.rename(tmp, out)
+    try:
+        _copy_non_weight_files(folders[0], tmp)
+        handles = [{file: safe_open(str(file), framework="pt") for file in weight_files(f)} for f in folders]
+        for first_file in weight_files(folders[0]):
+            averaged: dict[str, torch.Tensor] = {}
+            names = [n for n, (file, _, _) in reference.items() if file == first_file]
+            for name in names:
+                tensors = [h[layout[name][0]].get_tensor(name) for h, layout in zip(handles, layouts, strict=True)]
+                averaged[name] = _average(name, tensors, coefficients, folders)
+            metadata = handles[0][first_file].metadata()
+            save_file(averaged, str(tmp / first_file.name), metadata=metadata)
+        record = {"inputs": [str(f) for f in folders], "weights": coefficients}
+        (tmp / "merge.json").write_text(json.dumps(record, indent=2) + "\n")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():  # an empty folder
+            out.rmdir()
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 
-def _average(
-    name: str, tensors: list[torch.Tensor], coefficients: list[float], folders: list[Path]
-) -> torch.Tensor:
+def _average(name: str, tensors: list[torch.Tensor], coefficients: list[float], folders: list[Path]) -> torch.Tensor:
     dtype = tensors[0].dtype
     if not dtype.is_floating_point:
         for folder, t in zip(folders[1:], tensors[1:], strict=True):

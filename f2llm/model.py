@@ -472,20 +472,23 @@ def estimate_activation_profile(
     compute_dtype: torch.dtype,
     *,
     decoder: bool,
-    checkpointed: bool = False,
+    checkpointed: bool | int = False,
 ) -> tuple[int, int]:
     """(fixed, per-token) bytes a training forward of ``model`` saves for backward, from two forwards of its config
     on the meta device: the same architecture, weights dtype and attention implementation, in training mode,
-    under an emulated autocast when ``compute_dtype`` differs from ``weights_dtype``; with ``checkpointed``, every
-    layer transformers can checkpoint inside checkpoint (what its layers then save is not counted: their inputs,
-    which the checkpoint holds outside autograd, are left to the caller).
+    under an emulated autocast when ``compute_dtype`` differs from ``weights_dtype``; with ``checkpointed`` True,
+    every layer transformers can checkpoint inside checkpoint, an int k: the first k of them (what those layers
+    then save is not counted: their inputs, which the checkpoint holds outside autograd, are left to the caller).
 
     What it counts: every distinct storage autograd saves (activations, dropout masks, autocast's weight copies),
     not the parameters. What it does not: the transient buffers of the backward itself and the output. Attention
     other than eager is measured as torch's varlen kernel, which saves what every fused kernel (flash-attention,
     sdpa's flash and efficient backends) saves: q, k, v, the output and its log-sum-exp; on meta sdpa would take
     its math path, whose L x L probabilities no GPU run keeps. Liger's kernels cannot run on meta: the plain
-    PyTorch modules they replace are measured instead, which save more (a safe side).
+    PyTorch modules they replace are measured instead, which save more (a safe side). A model carrying peft
+    adapters (``model.lora``) is measured with the same adapters injected, and every weight trainable or frozen
+    as in ``model``: LoRA's dropout saves its mask and the dropped input per adapted layer, and a frozen weight
+    spares its layer's input (see :func:`_inject_adapters_like`).
     """
     config = copy.deepcopy(model.config)
     probe_attention = "eager" if attn_implementation == "eager" else VARLEN
@@ -493,9 +496,13 @@ def estimate_activation_profile(
     with _without_liger(model), _measuring():
         with torch.device("meta"):
             meta = AutoModel.from_config(config, dtype=weights_dtype, attn_implementation=probe_attention)
+        _inject_adapters_like(model, meta)
         meta.train()
         if checkpointed:
             enable_checkpointing(meta)
+            if checkpointed is not True:
+                for i, layer in enumerate(m for m in meta.modules() if isinstance(m, GradientCheckpointingLayer)):
+                    layer.gradient_checkpointing = i < checkpointed
         weights = [*meta.parameters(), *meta.buffers()]
         autocast = _MetaAutocast(compute_dtype) if compute_dtype != weights_dtype else contextlib.nullcontext()
         for n in _PROBE_TOKENS:
@@ -518,6 +525,49 @@ def estimate_activation_profile(
     (n1, n2), (b1, b2) = _PROBE_TOKENS, measured
     per_token = -(-(b2 - b1) // (n2 - n1))
     return max(0, b1 - per_token * n1), per_token
+
+
+def adapter_configs(model: nn.Module) -> dict[str, Any]:
+    """The peft adapter configs (name -> ``PeftConfig``) whose layers ``model`` holds, or {} without adapters.
+
+    ``peft.get_peft_model`` / ``inject_adapter_in_model`` record them on the model they inject into."""
+    configs = getattr(model, "peft_config", None)
+    if not configs:
+        return {}
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if not any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        return {}  # adapters merged and unloaded: the config outlived its layers
+    return dict(configs)
+
+
+def adapter_signature(model: nn.Module) -> str:
+    """A key telling apart the peft adapter configs recorded on ``model`` ("" for none), cheap enough for every
+    forward: measurements of ``model`` are cached under it, so adapters injected after one are measured anew."""
+    configs = getattr(model, "peft_config", None)
+    return repr(sorted((name, repr(config)) for name, config in configs.items())) if configs else ""
+
+
+def _inject_adapters_like(model: nn.Module, meta: nn.Module) -> None:
+    """Give the meta-device copy ``meta`` the peft adapters of ``model`` (same configs, same names) and the same
+    trainable / frozen weights, so that it saves for backward what ``model`` saves as it trains. Nothing without
+    adapters but the frozen weights (e.g. an encoder's pooler)."""
+    configs = adapter_configs(model)
+    if configs:
+        from peft import inject_adapter_in_model
+
+        for name, config in configs.items():
+            with torch.random.fork_rng(devices=[]):  # meta init draws nothing; the training streams stay as they are
+                inject_adapter_in_model(copy.deepcopy(config), meta, adapter_name=name)
+    trains = {name: p.requires_grad for name, p in model.named_parameters()}
+    unknown = [name for name, _ in meta.named_parameters() if name not in trains]
+    if unknown and configs:
+        raise RuntimeError(
+            f"estimate_activation_profile: the meta-device copy of {type(model).__name__} has parameters the model "
+            f"lacks ({unknown[:3]}); its adapters were not reproduced. Report this with the model's peft config"
+        )
+    for name, p in meta.named_parameters():
+        p.requires_grad_(trains.get(name, True))  # a name the model lacks (no adapters): trains, as a full fine-tune
 
 
 def sentence_transformers_max_length(name_or_path: str | os.PathLike) -> int | None:
@@ -613,7 +663,8 @@ class Encoder(nn.Module):
         pooler = getattr(model, "pooler", None)
         if isinstance(pooler, nn.Module):
             pooler.requires_grad_(False)
-        # compute dtype (or ("checkpointed", dtype): every layer checkpointed) -> (fixed, per-token) saved bytes
+        # (compute dtype, adapters) or ("checkpointed", k, dtype, adapters): the first k layers checkpointed (True:
+        # all) -> (fixed, per-token) saved bytes; adapters: adapter_signature (LoRA injected later is measured anew)
         self._activation_profiles: dict[Any, tuple[int, int]] = {}
 
     # ------------------------------------------------------------------------------------------------------
@@ -800,23 +851,34 @@ class Encoder(nn.Module):
         return fixed + per_token * int(num_tokens)
 
     def layer_checkpoint_saving(self, compute_dtype: torch.dtype | None = None) -> tuple[int, int]:
-        """(checkpointable layers, per-token bytes that checkpointing one of them saves): what its layers save
-        without checkpointing (this profile less the profile with every layer checkpointed, measured on meta,
-        shared evenly: the layers are alike), less the input a checkpointed layer keeps for its recomputation."""
+        """(checkpointable layers, per-token bytes that checkpointing one of them saves at least): what a layer
+        saves without checkpointing, less the input a checkpointed layer keeps for its recomputation. Measured on
+        meta for the first layer (this profile less the profile with it checkpointed) and for the others (less the
+        profile with all checkpointed, shared evenly: they are alike); the smaller of the two. They differ where
+        the first layer's input needs no gradient (LoRA: the embeddings are frozen), so its layer saves less."""
         layers = self._checkpoint_layers()
         if not layers:
             return 0, 0
         weights = next(self.model.parameters()).dtype
         dtype = compute_dtype or weights
-        key = ("checkpointed", dtype)
+        _, none_checkpointed = self.activation_profile(compute_dtype)
+        _, first_checkpointed = self._checkpointed_profile(1, dtype)
+        saved = none_checkpointed - first_checkpointed  # by the first layer
+        if len(layers) > 1:
+            _, all_checkpointed = self._checkpointed_profile(True, dtype)
+            saved = min(saved, (first_checkpointed - all_checkpointed) // (len(layers) - 1))
+        layer_input = self.model.config.hidden_size * weights.itemsize  # the residual stream, in the weights' dtype
+        return len(layers), max(0, saved - layer_input)
+
+    def _checkpointed_profile(self, layers: bool | int, dtype: torch.dtype) -> tuple[int, int]:
+        """The profile with the first ``layers`` layers checkpointed (True: every layer), cached."""
+        weights = next(self.model.parameters()).dtype
+        key = ("checkpointed", layers if layers is not True else "all", dtype, adapter_signature(self.model))
         if key not in self._activation_profiles:
             self._activation_profiles[key] = estimate_activation_profile(
-                self.model, self.attn_implementation, weights, dtype, decoder=self.is_decoder, checkpointed=True
+                self.model, self.attn_implementation, weights, dtype, decoder=self.is_decoder, checkpointed=layers
             )
-        _, all_kept = self.activation_profile(compute_dtype)
-        _, all_checkpointed = self._activation_profiles[key]
-        layer_input = self.model.config.hidden_size * weights.itemsize  # the residual stream, in the weights' dtype
-        return len(layers), max(0, (all_kept - all_checkpointed) // len(layers) - layer_input)
+        return self._activation_profiles[key]
 
     def activation_profile(self, compute_dtype: torch.dtype | None = None) -> tuple[int, int]:
         """(fixed, per-token) bytes of the tensors a forward with grad saves for backward, measured once per
@@ -828,11 +890,12 @@ class Encoder(nn.Module):
         """
         weights = next(self.model.parameters()).dtype
         dtype = compute_dtype or weights
-        if dtype not in self._activation_profiles:
-            self._activation_profiles[dtype] = estimate_activation_profile(
+        key = (dtype, adapter_signature(self.model))  # LoRA injected after a measurement is measured anew
+        if key not in self._activation_profiles:
+            self._activation_profiles[key] = estimate_activation_profile(
                 self.model, self.attn_implementation, weights, dtype, decoder=self.is_decoder
             )
-        return self._activation_profiles[dtype]
+        return self._activation_profiles[key]
 
     # ------------------------------------------------------------------------------------------------------
     # Forward

@@ -55,6 +55,70 @@ def test_estimate_matches_the_saved_tensors_of_a_real_forward(qwen3_path: Path, 
         assert estimate == pytest.approx(real, rel=0.01), (lengths, estimate, real)
 
 
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def real_saved_bytes(encoder: Encoder, lengths: list[int], autocast: bool) -> int:
+    """Bytes autograd saves in a real CPU training forward of ``encoder``'s backbone (parameters left out) over a
+    padded batch of texts of ``lengths`` tokens (max(lengths) x len(lengths) input positions)."""
+    weights = [*encoder.model.parameters(), *encoder.model.buffers()]
+    batch = pad_sequences([list(range(1, n + 1)) for n in lengths], 0)
+    kwargs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        return saved_tensor_bytes(lambda: encoder.model(**kwargs), weights)
+
+
+@pytest.mark.parametrize("dropout", [0.05, 0.0])
+@pytest.mark.parametrize("compute", ["float32", "bfloat16-autocast"])
+def test_estimate_of_a_lora_model_matches_its_real_forward(qwen3_path: Path, compute: str, dropout: float) -> None:
+    """With LoRA on every projection the estimate measures the model as it trains: dropout > 0 saves a mask and the
+    dropped input per adapted layer (more than a full fine-tune), dropout 0 with frozen base weights less. Each
+    against a real CPU forward of the LoRA model, at lengths the estimate was not fit on; a profile measured before
+    the adapters were injected is not reused."""
+    from f2llm.lora import LoraAdapter
+
+    encoder = Encoder.from_pretrained(qwen3_path, attn_implementation="sdpa").train()
+    dtype = torch.bfloat16 if compute != "float32" else None
+    _, full_per_token = encoder.activation_profile(dtype)
+    LoraAdapter.apply(encoder, r=4, alpha=8, dropout=dropout, target_modules=ALL_PROJECTIONS, seed=0)
+    for lengths in ([50], [120, 120], [300]):
+        real = real_saved_bytes(encoder, lengths, autocast=dtype is not None)
+        estimate = encoder.activation_bytes(max(lengths) * len(lengths), dtype)
+        assert estimate == pytest.approx(real, rel=0.01), (lengths, estimate, real)
+    _, per_token = encoder.activation_profile(dtype)
+    assert (per_token > full_per_token) == (dropout > 0), (per_token, full_per_token)
+
+
+def test_checkpoint_policy_of_a_lora_run_uses_the_lora_estimate(workdir: Path, tmp_path: Path) -> None:
+    """The trainer's auto policy (built after the adapters are injected) predicts what the LoRA forward saves."""
+    trainer = make_trainer(workdir, tmp_path / "run", "model.lora={r: 4, alpha: 8, dropout: 0.1}",
+                           "model.gradient_checkpointing=auto", "model.activation_budget_gb=0.5")  # fmt: skip
+    policy = trainer.checkpoint_policy()
+    autocast = trainer.engine.compute_dtype != next(trainer.encoder.model.parameters()).dtype
+    real = real_saved_bytes(trainer.encoder, [200], autocast=autocast)
+    assert policy.activation_bytes(200) == pytest.approx(real, rel=0.01), (policy.activation_bytes(200), real)
+
+
+def test_layer_saving_of_a_lora_model_is_what_its_first_layer_saves(qwen3_path: Path) -> None:
+    """With LoRA (dropout 0.1, every projection) the embeddings are frozen: layer 0's input needs no gradient and
+    its projections keep less than layer 1's. The per-layer saving the policy counts on is the smaller, layer 0's,
+    as a real CPU forward measures it: checkpointing k layers never saves less than k times it."""
+    from f2llm.lora import LoraAdapter
+
+    encoder = Encoder.from_pretrained(qwen3_path, attn_implementation="sdpa").train()
+    LoraAdapter.apply(encoder, r=4, alpha=8, dropout=0.1, target_modules=ALL_PROJECTIONS, seed=0)
+    n_layers, saving = encoder.layer_checkpoint_saving()
+    assert n_layers == 2 and saving > 0
+    kept = {}
+    for k in (0, 1, 2):
+        with encoder.checkpointing(k):
+            kept[k] = real_saved_bytes(encoder, [200], autocast=False)
+    layer_input = encoder.model.config.hidden_size * 4
+    assert kept[0] - kept[1] == pytest.approx((saving + layer_input) * 200, rel=0.02), (kept, saving)
+    assert kept[1] - kept[2] > 1.1 * (kept[0] - kept[1])  # layer 1 saves clearly more: the layers differ
+    assert kept[0] - kept[2] >= 2 * (saving + layer_input) * 200
+
+
 def test_estimate_runs_once_per_compute_dtype(qwen3_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import f2llm.model
 

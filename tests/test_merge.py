@@ -136,6 +136,7 @@ def test_merge_refuses_what_it_cannot_average(models: dict[str, Path], tmp_path:
         merge_checkpoints([a, dropped], tmp_path / "x")
     pickled = tmp_path / "pickled"
     pickled.mkdir()
+    shutil.copy(b / "config.json", pickled / "config.json")
     torch.save(tensors(b), pickled / "pytorch_model.bin")
     with pytest.raises(MergeError, match=r"pickle files \['pytorch_model\.bin'\]; f2llm merge reads safetensors only"):
         merge_checkpoints([a, pickled], tmp_path / "x")
@@ -168,3 +169,72 @@ def test_adapter_folder_is_not_copied(models: dict[str, Path], tmp_path: Path) -
     out = merge_checkpoints([with_adapter, models["b"]], tmp_path / "merged")
     assert not (out / "adapter").exists()
     assert {p.name for p in models["a"].iterdir()} <= {p.name for p in out.iterdir()}
+
+
+def test_folders_that_are_not_models_are_refused(models: dict[str, Path], tmp_path: Path) -> None:
+    """A training checkpoint (weights and optimizer state, no config.json), a LoRA run's checkpoint (its adapters
+    only), a peft adapter folder and weights holding LoRA matrices would all "merge" into no loadable model."""
+    a, b = models["a"], models["b"]
+    checkpoint = tmp_path / "checkpoints" / "step-00000010"  # as CheckpointWriter lays out a full fine-tune's
+    checkpoint.mkdir(parents=True)
+    shutil.copy(b / "model.safetensors", checkpoint / "model.safetensors")
+    (checkpoint / "optimizer.pt").write_bytes(b"")
+    not_a_model = r"step-00000010: not a model folder \(no config\.json\).*final/ or extra/step-N"
+    with pytest.raises(MergeError, match=not_a_model):
+        merge_checkpoints([a, checkpoint], tmp_path / "x")
+
+    lora_checkpoint = tmp_path / "lora-checkpoint"  # a LoRA run's: the adapters alone, A and B per layer
+    lora_checkpoint.mkdir()
+    adapters = {"layers.0.self_attn.q_proj.lora_A.default.weight": torch.randn(4, 64),
+                "layers.0.self_attn.q_proj.lora_B.default.weight": torch.randn(64, 4)}  # fmt: skip
+    save_file(adapters, str(lora_checkpoint / "trainable.safetensors"))
+    second_run = shutil.copytree(lora_checkpoint, tmp_path / "lora-checkpoint-2")
+    with pytest.raises(MergeError, match=r"adapter-only weights \(trainable\.safetensors\).*final/ or extra/step-N"):
+        merge_checkpoints([lora_checkpoint, second_run], tmp_path / "x")
+    shutil.copy(a / "config.json", lora_checkpoint / "config.json")  # even beside a config
+    with pytest.raises(MergeError, match=r"adapter-only weights"):
+        merge_checkpoints([a, lora_checkpoint], tmp_path / "x")
+
+    peft_adapter = tmp_path / "peft-adapter"  # as peft's save_pretrained writes final/adapter
+    peft_adapter.mkdir()
+    save_file(adapters, str(peft_adapter / "adapter_model.safetensors"))
+    (peft_adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(MergeError, match=r"adapter-only weights \(adapter_model\.safetensors, adapter_config\.json\)"):
+        merge_checkpoints([a, peft_adapter], tmp_path / "x")
+
+    unmerged = tmp_path / "unmerged"  # a model folder whose weights still hold LoRA matrices
+    shutil.copytree(a, unmerged)
+    save_file({**tensors(a), **adapters}, str(unmerged / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(MergeError, match=r"tensor layers\.0\.self_attn\.q_proj\.lora_[AB]\.default\.weight is a LoRA"):
+        merge_checkpoints([unmerged, a], tmp_path / "x")
+    assert not (tmp_path / "x").exists() and not (tmp_path / ".tmp-x").exists()
+
+
+def test_out_inside_an_input_is_refused(models: dict[str, Path], tmp_path: Path) -> None:
+    """--out runs/x/final/merged would put the merge (and its temporary folder) inside the folder being copied."""
+    a = tmp_path / "runs" / "x" / "final"
+    shutil.copytree(models["a"], a)
+    before = sorted(p.relative_to(a) for p in a.rglob("*"))
+    for out in (a / "merged", a / "deeper" / "merged", models["b"] / "merged"):
+        with pytest.raises(MergeError, match=r"--out .*merged is inside the input .*; write it outside every input"):
+            merge_checkpoints([a, models["b"]], out)
+    assert sorted(p.relative_to(a) for p in a.rglob("*")) == before  # nothing written into the input
+    assert not (models["b"] / "merged").exists() and not (models["b"] / ".tmp-merged").exists()
+    sibling = merge_checkpoints([a, models["b"]], a.parent / "merged")  # next to it: fine
+    assert (sibling / "model.safetensors").is_file()
+
+
+def test_a_failure_while_writing_leaves_nothing_behind(models: dict[str, Path], tmp_path: Path) -> None:
+    """Integer tensors that differ are found only while averaging, after the temporary folder was made: it goes."""
+    with_ints = []
+    for name, fill in (("a", 1), ("b", 2)):
+        folder = tmp_path / f"ints-{name}"
+        shutil.copytree(models[name], folder)
+        state = tensors(folder)
+        state["counter"] = torch.full((3,), fill, dtype=torch.int64)
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        with_ints.append(folder)
+    out = tmp_path / "out" / "merged"
+    with pytest.raises(MergeError, match=r"ints-b: non-float tensor counter differs from .*ints-a's"):
+        merge_checkpoints(with_ints, out)
+    assert list((tmp_path / "out").iterdir()) == []  # neither merged nor .tmp-merged
