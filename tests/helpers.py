@@ -73,12 +73,15 @@ def tiny_qwen3_config(vocab_size: int, **overrides) -> transformers.Qwen3Config:
     return transformers.Qwen3Config(**kwargs)
 
 
-def tiny_qwen3(tmp_path: Path, seed: int = 0, **config_overrides) -> Path:
-    """Save a random tiny Qwen3 (causal-LM checkpoint, like a base model) + tokenizer; returns the folder."""
-    path = Path(tmp_path) / f"tiny-qwen3-{seed}"
+def tiny_qwen3(
+    tmp_path: Path, seed: int = 0, name: str | None = None, vocab_size: int = 400, **config_overrides
+) -> Path:
+    """Save a random tiny Qwen3 (causal-LM checkpoint, like a base model) + tokenizer of ``vocab_size`` entries
+    under ``name`` (default ``tiny-qwen3-{seed}``); returns the folder."""
+    path = Path(tmp_path) / (name or f"tiny-qwen3-{seed}")
     if (path / "config.json").exists():
         return path
-    tokenizer = tiny_tokenizer()
+    tokenizer = tiny_tokenizer(vocab_size=vocab_size)
     config = tiny_qwen3_config(len(tokenizer), **config_overrides)
     config.eos_token_id = config.pad_token_id = tokenizer.eos_token_id
     torch.manual_seed(seed)

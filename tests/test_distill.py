@@ -19,7 +19,7 @@ from f2llm.data.sources import INSTRUCTIONS
 from f2llm.distill import LiveTeacher, PrecomputedTeacher, distill_loss, text_key
 from f2llm.model import Encoder
 from f2llm.trainer import Runtime, Trainer
-from tests.helpers import make_rows, metrics, tiny_qwen3, tiny_qwen3_config, tiny_tokenizer, trainer_workdir
+from tests.helpers import make_rows, metrics, tiny_qwen3, trainer_workdir
 
 datasets.disable_progress_bars()
 STUDENT_DIM = 64  # tests.helpers.tiny_qwen3's hidden size
@@ -28,19 +28,7 @@ STUDENT_MAX_LENGTH = 64  # base.yaml's model.max_length: instructed msmarco quer
 
 def qwen3_with_other_tokenizer(root: Path) -> Path:
     """A 96-wide tiny Qwen3 teacher whose tokenizer has another vocabulary (300 entries, the student's 400)."""
-    path = root / "tiny-qwen3-other-vocab"
-    tokenizer = tiny_tokenizer(vocab_size=300)
-    config = tiny_qwen3_config(len(tokenizer), hidden_size=96)
-    config.eos_token_id = config.pad_token_id = tokenizer.eos_token_id
-    torch.manual_seed(4)
-    model = transformers.Qwen3ForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.2)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return tiny_qwen3(root, seed=4, name="tiny-qwen3-other-vocab", vocab_size=300, hidden_size=96)
 
 
 def tiny_bert(root: Path) -> Path:
