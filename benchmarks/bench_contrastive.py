@@ -38,8 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from common import (
-    cpu_median_s,
-    cpu_peak_extra_mib,
+    cpu_loss_fwd_bwd,
     cuda_median_ms,
     cuda_peak_extra_mib,
     is_oom,
@@ -262,17 +261,7 @@ def run_cpu_case(case: str, B: int, N: int, D: int, repeats: int) -> dict:
     q.requires_grad_()
     c.requires_grad_()
     fn = ours_loss if case == "chunked" else naive_loss
-
-    def fwd_bwd() -> float:
-        q.grad = c.grad = None
-        loss = fn(q, c, targets)
-        loss.backward()
-        return loss.item()
-
-    loss, peak_mib = cpu_peak_extra_mib(fwd_bwd)
-    median, times = cpu_median_s(fwd_bwd, repeats) if repeats > 0 else (float("nan"), [])
-    return {"case": case, "B": B, "N": N, "D": D, "loss": loss, "peak_extra_mib": peak_mib, "median_s": median,
-            "times_s": times, "threads": torch.get_num_threads()}  # fmt: skip
+    return {"case": case, "B": B, "N": N, "D": D, **cpu_loss_fwd_bwd(fn, q, c, targets, repeats)}
 
 
 def cpu_case_env() -> dict[str, str]:

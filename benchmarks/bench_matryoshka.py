@@ -44,8 +44,7 @@ import torch
 import torch.nn.functional as F
 from bench_contrastive import cpu_case_env, make_inputs, time_cuda_case
 from common import (
-    cpu_median_s,
-    cpu_peak_extra_mib,
+    cpu_loss_fwd_bwd,
     kernel_benchmark_parser,
     rel_err,
     run_json_subprocess,
@@ -206,17 +205,7 @@ def run_cpu_case(case: str, B: int, N: int, D: int, repeats: int) -> dict:
     q.requires_grad_()
     c.requires_grad_()
     fn = loss_fns(op, D)[impl]
-
-    def fwd_bwd() -> float:
-        q.grad = c.grad = None
-        loss = fn(q, c, targets)
-        loss.backward()
-        return loss.item()
-
-    loss, peak_mib = cpu_peak_extra_mib(fwd_bwd)
-    median, times = cpu_median_s(fwd_bwd, repeats) if repeats > 0 else (float("nan"), [])
-    return {"op": op, "impl": impl, "B": B, "N": N, "D": D, "loss": loss, "peak_extra_mib": peak_mib,
-            "median_s": median, "times_s": times, "threads": torch.get_num_threads()}  # fmt: skip
+    return {"op": op, "impl": impl, "B": B, "N": N, "D": D, **cpu_loss_fwd_bwd(fn, q, c, targets, repeats)}
 
 
 def run_cpu(out: Path, quick: bool, repeats: int, rounds: int, threads: int) -> None:

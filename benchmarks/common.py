@@ -187,6 +187,28 @@ def cpu_median_s(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float
     return statistics.median(times), times
 
 
+def cpu_loss_fwd_bwd(
+    fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    q: torch.Tensor,
+    c: torch.Tensor,
+    targets: torch.Tensor,
+    repeats: int,
+) -> dict[str, Any]:
+    """A loss ``fn(q, c, targets)``'s forward+backward on CPU (q and c require grad): the loss and peak extra memory
+    of the first call, then the median and all of ``repeats`` more (0: no timing)."""
+
+    def fwd_bwd() -> float:
+        q.grad = c.grad = None
+        loss = fn(q, c, targets)
+        loss.backward()
+        return loss.item()
+
+    loss, peak_mib = cpu_peak_extra_mib(fwd_bwd)
+    median, times = cpu_median_s(fwd_bwd, repeats) if repeats > 0 else (float("nan"), [])
+    return {"loss": loss, "peak_extra_mib": peak_mib, "median_s": median, "times_s": times,
+            "threads": torch.get_num_threads()}  # fmt: skip
+
+
 def run_json_subprocess(argv: Sequence[str], timeout: float, env: dict[str, str] | None = None) -> dict:
     """Run ``python argv...`` in a fresh process and return the JSON object printed on its last stdout line."""
     proc = subprocess.run(
