@@ -14,7 +14,7 @@ setup: $(STAMP)
 # torch first and pinned: on a CPU machine `pip install torch==2.13.0` takes the local CPU build (a bare
 # `torch` requirement would pull a multi-GB CUDA build); on a GPU machine the same line gets the CUDA build.
 # DS_BUILD_OPS=0: DeepSpeed's C++/CUDA ops are compiled on first use, not at install time.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0

@@ -247,7 +247,6 @@ def add_encode_parser(subparsers: Any) -> None:
     p.add_argument("--instruction", default=None, help="instruction given to every text (decoder query side)")
     p.add_argument(
         "--config",
-        type=Path,
         default=None,
         metavar="TRAIN.yaml",
         help="instead of an input: the training config (data.paths, data.sources, model.max_length, the student "
@@ -367,10 +366,13 @@ def add_train_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "train",
         help="train an embedding model with the F2LLM recipe (under torchrun for several processes)",
-        description="Train with a YAML config (train/configs/) and key.path=value overrides. Several processes: "
-        "torchrun --nproc-per-node N -m f2llm.cli train --config ... (or train/train.py).",
+        description="Train with a YAML config and key.path=value overrides. --config takes a path or the name of a "
+        "shipped config (f2llm-0.6b, f2llm-v2-4b, ...: train/configs/, installed with the package). Several "
+        "processes: torchrun --nproc-per-node N -m f2llm.cli train --config ... (or train/train.py).",
     )
-    parser.add_argument("--config", type=Path, required=True, help="YAML config, e.g. train/configs/f2llm-0.6b.yaml")
+    parser.add_argument(
+        "--config", required=True, help="a YAML file, or a shipped config's name, e.g. f2llm-0.6b (see the README)"
+    )
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. optim.lr=1e-5 data.batch_size=8")
     parser.set_defaults(func=run_train)
 

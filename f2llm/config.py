@@ -36,6 +36,40 @@ class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names where and why."""
 
 
+# The recipe configs and DeepSpeed JSONs of train/configs/, installed inside the package (pyproject.toml), so that a
+# wheel trains with `f2llm train --config f2llm-0.6b` and no checkout.
+SHIPPED_CONFIGS = "f2llm.configs"
+
+
+def shipped_configs(suffix: str = ".yaml") -> dict[str, Path]:
+    """The shipped files ending in ``suffix``, by file name."""
+    from importlib import resources
+
+    root = resources.files(SHIPPED_CONFIGS)
+    return {item.name: Path(str(item)) for item in root.iterdir() if item.name.endswith(suffix)}
+
+
+def find_config_file(value: str | Path, suffix: str, key: str, base: Path | None = None) -> Path:
+    """The file ``value`` names: a path (as given, else relative to ``base``, the folder of the YAML that names it)
+    or, for a bare name, a shipped file (``f2llm-0.6b`` or ``f2llm-0.6b.yaml``; ``zero2.json``). ``key`` names the
+    setting in the error, which lists the shipped names."""
+    path = Path(value).expanduser()
+    candidates = [path]
+    if base is not None and not path.is_absolute():
+        candidates.append(base / path)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    shipped = shipped_configs(suffix)
+    if path.parent == Path("."):
+        for name in (path.name, path.name + suffix):
+            if name in shipped:
+                return shipped[name]
+    where = f" (nor in {base})" if base is not None and not path.is_absolute() else ""
+    names = ", ".join(sorted(Path(n).stem if suffix == ".yaml" else n for n in shipped))
+    raise ConfigError(f"{key}: {value} does not exist{where} and is not a shipped config; shipped: {names}")
+
+
 @dataclass
 class LoraConfig:
     """LoRA adapters trained instead of the backbone's weights (peft; see f2llm.lora). final/ is the merged model."""
@@ -90,9 +124,19 @@ class DataConfig:
     packing: bool = False  # pack texts into rows of max_tokens (no padding FLOPs)
     max_tokens: int = 8192  # tokens per packed row
     # A source's last incomplete global batch: wrap (filled from the start of its shuffled rows, as the recipe's
-    # accelerate `even_batches` does: no row is left out, a source smaller than one global batch still trains)
-    # or drop (every row of a batch distinct; a source smaller than one global batch never trains).
-    last_batch: Literal["wrap", "drop"] = "wrap"
+    # accelerate `even_batches` does: no row is left out, a source smaller than one global batch still trains),
+    # drop (every row of a batch distinct; a source smaller than one global batch never trains) or keep (the
+    # official loop: on one process the short batch trains as it is; on several, accelerate's even_batches wraps
+    # it, so keep is wrap there).
+    last_batch: Literal["wrap", "drop", "keep"] = "wrap"
+    # How each step picks its source. remaining: in proportion to the source's batches not yet used this epoch (a
+    # seeded shuffle of all batches). fixed: the official F2LLM loop's rule, fixed weights (each source's batches
+    # per epoch) among the sources not yet exhausted, so a large source's last batches run together at the end.
+    source_draw: Literal["remaining", "fixed"] = "remaining"
+    # At most this many rows of each source, a sample seeded by data.seed and the source name (the same rows on
+    # every rank and at every resume), taken before the validation split; null: every row. F2LLM v2's
+    # preprocessing samples 80,000 (its tokenize_data_qwen.py).
+    max_rows_per_source: int | None = None
     seed: int = 42
 
     def __post_init__(self) -> None:
@@ -270,12 +314,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """
     tree: dict = {}
     where = "<defaults>"
+    base = None
     if path is not None:
-        where = str(path)
+        path = find_config_file(path, ".yaml", "--config")
+        where, base = str(path), path.parent
         try:
-            tree = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
+            tree = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(tree, dict):
@@ -292,14 +336,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         where = f"{where} + overrides"
     try:
         config = _build(TrainConfig, tree, "")
-        validate(config)
+        validate(config, base)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     return config
 
 
-def validate(config: TrainConfig) -> None:
-    """Cross-field checks that types alone cannot express."""
+def validate(config: TrainConfig, base: Path | None = None) -> None:
+    """Cross-field checks that types alone cannot express. ``base``: the folder of the YAML the config was read
+    from, where a relative ``deepspeed_config`` is also looked for (after the working directory)."""
     _validate_lora_and_extra_saves(config)
     if not config.model.name_or_path:
         raise ConfigError("model.name_or_path is required")
@@ -338,6 +383,12 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"optim.warmup_steps must be >= 0, got {config.optim.warmup_steps}")
     if config.optim.max_steps is not None and config.optim.max_steps <= 0:
         raise ConfigError(f"optim.max_steps must be > 0 or null, got {config.optim.max_steps}")
+    cap = config.data.max_rows_per_source
+    if cap is not None and cap <= 0:
+        raise ConfigError(
+            f"data.max_rows_per_source must be a positive number of rows (F2LLM v2: 80000) or null for all rows, "
+            f"got {cap}"
+        )
     if not 0 <= config.data.validation_fraction < 1:
         raise ConfigError(f"data.validation_fraction must be in [0, 1), got {config.data.validation_fraction}")
     if config.data.packing and config.data.max_tokens < config.model.max_length:
@@ -348,7 +399,7 @@ def validate(config: TrainConfig) -> None:
     if config.optim.min_lr > config.optim.lr:
         raise ConfigError(f"optim.min_lr ({config.optim.min_lr}) must be <= optim.lr ({config.optim.lr})")
     if config.engine == "deepspeed" and not config.deepspeed_config:
-        raise ConfigError("engine: deepspeed needs deepspeed_config (a DeepSpeed JSON, e.g. train/configs/zero2.json)")
+        raise ConfigError("engine: deepspeed needs deepspeed_config (a DeepSpeed JSON: a path, or zero0..zero3.json)")
     if config.engine == "deepspeed" and config.model.final_dtype == "float32" and config.model.dtype != "float32":
         raise ConfigError(
             "model.final_dtype: float32 with engine: deepspeed needs model.dtype: float32: with bf16 DeepSpeed "
@@ -356,9 +407,9 @@ def validate(config: TrainConfig) -> None:
             "would only be bf16 weights widened; use engine: ddp (fp32 master weights) or final_dtype: auto"
         )
     if config.engine == "deepspeed":
-        path = Path(config.deepspeed_config)
-        if not path.is_file():
-            raise ConfigError(f"deepspeed_config: {path} does not exist")
+        # Resolved once, here: the engine, the saved config and every rank then read the same file.
+        path = find_config_file(config.deepspeed_config, ".json", "deepspeed_config", base).resolve()
+        config.deepspeed_config = str(path)
         import json
 
         try:

@@ -5,8 +5,8 @@
    entailment with the contradiction as hard negative (``data/f2llm/snli.parquet``).
 2. Evaluate the base model (all-MiniLM-L6-v2, packaged) on SciFact (nDCG@10) and STSBenchmark (Spearman) with
    MTEB's evaluators; the SciFact corpus embeddings computed for mining are reused.
-3. Train with ``train/configs/demo-cpu.yaml``: 2 processes under torchrun (gloo), gradient cache on, the F2LLM loss
-   (hard negatives + in-batch positives gathered across both processes).
+3. Train with the shipped ``demo-cpu`` config (``train/configs/demo-cpu.yaml``): 2 processes under torchrun
+   (gloo), gradient cache on, the F2LLM loss (hard negatives + in-batch positives gathered across both processes).
 4. Evaluate the trained model the same way; print the before/after table; the model is saved with
    ``save_pretrained`` (loadable by transformers and sentence-transformers).
 """
@@ -67,7 +67,7 @@ def evaluate(encoder, model_name: str, cache_dir: Path | None, model_key: str | 
     return {s.task: {"metric": s.metric, "score": s.score, "published": s.published} for s in scores}
 
 
-def train(config: Path, base: str, paths: list[Path], out: Path, overrides: list[str]) -> Path:
+def train(config: str, base: str, paths: list[Path], out: Path, overrides: list[str]) -> Path:
     """Train under torchrun with 2 processes; returns the final model folder."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
@@ -83,7 +83,7 @@ def train(config: Path, base: str, paths: list[Path], out: Path, overrides: list
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m f2llm.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "demo", help="work folder")
-    parser.add_argument("--config", type=Path, default=ROOT / "train" / "configs" / "demo-cpu.yaml")
+    parser.add_argument("--config", default="demo-cpu", help="a YAML file or a shipped config's name")
     parser.add_argument("--snli-rows", type=int, default=1000, help="SNLI rows trained on")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("overrides", nargs="*", help="training config overrides, key.path=value")

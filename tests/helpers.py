@@ -208,10 +208,26 @@ def train_command(workdir: Path, out: Path, *overrides: str, nproc: int = 1) -> 
     return [sys.executable, *launch, script, *args]
 
 
-def run(cmd: list[str], timeout: int = 600) -> str:
-    """Run a command to success (one OpenMP thread per process); returns its stdout."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+# The thread settings of every process a test launches. Runs compared bit for bit (a killed run and its resume
+# against an uninterrupted one, 1 rank against 2) add up floats in the same order only with the same number of
+# threads, and torch otherwise takes one per core: 1 on one machine, 2 or more on the next. One thread per process
+# also keeps `pytest -n 2` beside 2-rank jobs from oversubscribing 2 cores.
+THREAD_SETTINGS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def training_env(**extra: str) -> dict[str, str]:
+    """The environment of a process a test launches: this one's, with :data:`THREAD_SETTINGS` and ``extra``."""
+    return {**os.environ, **THREAD_SETTINGS, **extra}
+
+
+def launch(cmd: list[str], *, env: dict[str, str] | None = None, **popen: Any) -> subprocess.Popen:
+    """Start ``cmd`` in the background with :func:`training_env` (``env``: extra variables); the caller waits."""
+    return subprocess.Popen(cmd, env=training_env(**(env or {})), **popen)
+
+
+def run(cmd: list[str], timeout: int = 600, *, env: dict[str, str] | None = None) -> str:
+    """Run ``cmd`` to success with :func:`training_env` (``env``: extra variables); returns its stdout."""
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=training_env(**(env or {})))
     assert result.returncode == 0, f"{cmd}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result.stdout
 

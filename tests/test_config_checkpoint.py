@@ -21,7 +21,8 @@ from f2llm.checkpoint import (
 from f2llm.config import ConfigError, load_config
 
 MINIMAL = "model:\n  name_or_path: some/model\ndata:\n  paths: [a.parquet]\n"
-ZERO2 = Path(__file__).resolve().parents[1] / "train" / "configs" / "zero2.json"
+CONFIGS = Path(__file__).resolve().parents[1] / "train" / "configs"
+ZERO2 = CONFIGS / "zero2.json"
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -81,6 +82,12 @@ def test_overrides_are_typed(tmp_path: Path) -> None:
         (MINIMAL, ["engine=deepspeed", f"deepspeed_config={ZERO2}", "model.final_dtype=float32"], r"needs model"),
         (MINIMAL, ["engine=deepspeed", "deepspeed_config=/nonexistent.json"], r"/nonexistent\.json does not exist"),
         (MINIMAL, ["data.last_batch=pad"], r"data\.last_batch: 'pad' is not one of"),
+        (MINIMAL, ["data.source_draw=uniform"], r"data\.source_draw: 'uniform' is not one of"),
+        (MINIMAL, ["data.max_rows_per_source=0"], r"data\.max_rows_per_source must be a positive number of rows"),
+        (MINIMAL, ["data.max_rows_per_source=-80000"], r"data\.max_rows_per_source must be a positive number"),
+        (MINIMAL, ["data.max_rows_per_source=1.5"], r"data\.max_rows_per_source: expected int, got 1\.5"),
+        (MINIMAL, ["data.max_rows_per_source=true"], r"data\.max_rows_per_source: expected int, got True"),
+        (MINIMAL, ["data.max_rows_per_source=80k"], r"data\.max_rows_per_source: expected int, got '80k'"),
         (MINIMAL, ["optim.warmup=per_gpu"], r"optim\.warmup: 'per_gpu' is not one of"),
         (MINIMAL, ["loss.in_batch_gradient=none"], r"loss\.in_batch_gradient: 'none' is not one of"),
         (MINIMAL, ["loss.temperature=0"], r"loss\.temperature must be > 0"),
@@ -129,12 +136,16 @@ def test_lora_schedule_and_extra_saves_defaults(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("size", ["0.6b", "1.7b", "4b"])
 def test_v2_configs_load(size: str) -> None:
-    config = load_config(Path(__file__).resolve().parents[1] / "train" / "configs" / f"f2llm-v2-{size}.yaml")
+    config = load_config(CONFIGS / f"f2llm-v2-{size}.yaml")
     hidden = {"0.6b": 1024, "1.7b": 2048, "4b": 2560}[size]
     assert config.loss.matryoshka_dims == [2**i for i in range(3, 15) if 2**i < hidden]
     assert config.data.num_negatives == {"retrieval": 7, "classification": 1, "clustering": 9}
     assert (config.save_extra.every, config.save_extra.last) == (500, 2500)
-    assert config.optim.schedule == "cosine" and config.optim.warmup == "steps" and config.model.max_length == 2048
+    assert config.optim.schedule == "cosine" and config.optim.warmup == "steps"
+    # What the official v2 loop trains with: its preprocessing keeps 2047 tokens + EOS, its collate cuts to the
+    # released config's max_seq_length, 1024; at most 80,000 rows per source; its source draw and short last batch.
+    assert config.model.max_length == 1024 and config.data.max_rows_per_source == 80000
+    assert (config.data.source_draw, config.data.last_batch) == ("fixed", "keep")
 
 
 def test_deepspeed_json_may_not_set_what_f2llm_owns(tmp_path: Path) -> None:
@@ -150,6 +161,53 @@ def test_deepspeed_json_may_not_set_what_f2llm_owns(tmp_path: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+    # A bare name that is neither a file nor shipped: the error lists what is shipped.
+    with pytest.raises(ConfigError, match=r"f2llm-0\.6b-typo does not exist and is not a shipped config; shipped: "
+                       r"demo-cpu, f2llm-0\.6b, f2llm-1\.7b, f2llm-4b, f2llm-v1-exact-4b, f2llm-v2-0\.6b"):  # fmt: skip
+        load_config("f2llm-0.6b-typo")
+
+
+SHIPPED = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
+SET = ["model.name_or_path=m", "data.paths=[d]"]  # what the demo config leaves for f2llm.demo to fill
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_configs_load_by_name(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--config f2llm-0.6b` from any folder gives the file of train/configs/, DeepSpeed JSON included."""
+    monkeypatch.chdir(tmp_path)  # no checkout around: only the installed package can answer
+    by_name, by_path = (
+        load_config(name, SET),
+        load_config(CONFIGS / f"{name}.yaml", SET),
+    )
+    assert by_name == by_path and load_config(f"{name}.yaml", SET) == by_name
+    if by_name.engine == "deepspeed":
+        assert Path(by_name.deepspeed_config).read_bytes() == (CONFIGS / "zero2.json").read_bytes()
+
+
+@pytest.mark.parametrize("name", [n for n in SHIPPED if n.startswith("f2llm-")])
+def test_recipe_configs_launch_the_fast_path(name: str) -> None:
+    """What a user copies trains packed (no padding FLOPs; varlen attention on CUDA), checkpointing by budget."""
+    config = load_config(name)
+    assert config.data.packing and config.data.max_tokens >= config.model.max_length
+    assert config.model.gradient_checkpointing == "auto"
+
+
+def test_deepspeed_config_is_a_path_or_a_shipped_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mine = tmp_path / "conf" / "zero2.json"  # a user's own JSON beside their YAML wins over the shipped one
+    mine.parent.mkdir()
+    mine.write_text('{"zero_optimization": {"stage": 1}}')
+    yaml_file = mine.parent / "c.yaml"
+    yaml_file.write_text(MINIMAL + "engine: deepspeed\ndeepspeed_config: zero2.json\n")
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert Path(load_config(yaml_file).deepspeed_config) == mine.resolve()
+    mine.unlink()  # then the shipped one, by name
+    assert Path(load_config(yaml_file).deepspeed_config).read_bytes() == (CONFIGS / "zero2.json").read_bytes()
+    assert Path(load_config(yaml_file, ["deepspeed_config=zero3"]).deepspeed_config).name == "zero3.json"
+    with pytest.raises(ConfigError, match=r"deepspeed_config: zero9\.json does not exist \(nor in .*conf\) and is not "
+                       r"a shipped config; shipped: zero0\.json, zero1\.json, zero2\.json, zero3\.json"):  # fmt: skip
+        load_config(yaml_file, ["deepspeed_config=zero9.json"])
 
 
 def test_checkpoints_are_atomic_and_pruned(tmp_path: Path) -> None:

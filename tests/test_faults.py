@@ -31,7 +31,7 @@ from f2llm.config import load_config
 from f2llm.distributed import free_port
 from f2llm.model import F2LLM_CONFIG, Encoder
 from f2llm.trainer import Runtime, Trainer
-from tests.helpers import trainer_workdir
+from tests.helpers import trainer_workdir, training_env
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "fault_worker.py"
@@ -75,15 +75,10 @@ class Job:
         else:
             launch = ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}"]
             cmd = [sys.executable, *launch, str(WORKER), *args]
-        env = dict(
-            os.environ,
-            OMP_NUM_THREADS="1",
-            F2LLM_FAULTS=json.dumps(faults or []),
-            F2LLM_FAULT_DIR=str(self.fault_dir),
-        )
+        env = {"F2LLM_FAULTS": json.dumps(faults or []), "F2LLM_FAULT_DIR": str(self.fault_dir)}
         self.log = (self.fault_dir / "output.log").open("w")
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.proc = launch(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
     @property
     def output(self) -> str:
@@ -226,7 +221,11 @@ def test_kill_9_inside_checkpoint_writer_keeps_previous_checkpoint(tmp_path: Pat
     next save removes the half-written folder."""
     root = tmp_path / "checkpoints"
     proc = subprocess.run(
-        [sys.executable, str(WORKER), "checkpoint-writer", str(root)], capture_output=True, text=True, timeout=120
+        [sys.executable, str(WORKER), "checkpoint-writer", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=training_env(),
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert [p.name for p in list_checkpoints(root)] == ["step-00000001"]

@@ -7,7 +7,6 @@ ranks, the gradient every rank's loss sends to each gathered positive. DDP then 
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 
 from f2llm.distributed import free_port
 from f2llm.loss import F2LLMLoss
+from tests.helpers import training_env
 
 WORKER = Path(__file__).with_name("dist_loss_worker.py")
 WORLD = 2
@@ -27,7 +27,7 @@ def rank_results(tmp_path_factory) -> tuple[dict, list[dict]]:
     out = tmp_path_factory.mktemp("dist_loss")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(WORLD),
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(WORKER), str(out)]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = training_env()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, check=False)
     assert proc.returncode == 0, f"torchrun failed:\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
     return torch.load(out / "inputs.pt"), [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]

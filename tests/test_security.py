@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import builtins
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from f2llm.distributed import free_port
 from f2llm.evaluation.encoding import cache_path, encode_cached
 from f2llm.model import Encoder
 from f2llm.trainer import Runtime, Trainer
-from tests.helpers import make_rows, tiny_qwen3, write_source
+from tests.helpers import make_rows, tiny_qwen3, training_env, write_source
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "fault_worker.py"
@@ -210,15 +209,7 @@ def test_deepspeed_resume_refuses_a_planted_pickle(workdir: Path, tmp_path: Path
     (tmp_path / "deepspeed.yaml").write_text(yaml.safe_dump(config))
     canary = tmp_path / "canary"
     plant(tmp_path / "payload.pt", canary, "zip")
-    env = dict(
-        os.environ,
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port()),
-        RANK="0",
-        LOCAL_RANK="0",
-        WORLD_SIZE="1",
-        OMP_NUM_THREADS="1",
-    )
+    env = training_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     cmd = [
         sys.executable,
         str(WORKER),

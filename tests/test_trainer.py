@@ -20,6 +20,7 @@ from f2llm.model import Encoder
 from f2llm.trainer import NonFiniteError, Runtime, Trainer, WarmupCosine
 from tests.helpers import (
     assert_same_weights,
+    launch,
     make_rows,
     metrics,
     run,
@@ -171,7 +172,9 @@ def test_kill_9_and_resume_is_bitwise_identical(workdir: Path, tmp_path: Path) -
     run(train_command(workdir, tmp_path / "straight", *settings))
 
     cmd = train_command(workdir, tmp_path / "killed", *settings)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # The same thread settings as the straight run and the resume (helpers.launch / run): bitwise equality of
+    # the weights needs every run to add up floats in the same order.
+    proc = launch(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = tmp_path / "killed" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
