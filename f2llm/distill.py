@@ -160,11 +160,18 @@ def load_teacher_encoder(
 
 
 def teacher_sources(
-    sources: Sequence[TokenizedSource], tokenizer: TextTokenizer, student: TextTokenizer, cache_dir: str | Path
+    sources: Sequence[TokenizedSource],
+    tokenizer: TextTokenizer,
+    student: TextTokenizer,
+    cache_dir: str | Path,
+    seed: int = 0,
+    max_rows: int | None = None,
 ) -> dict[str, TokenizedSource] | None:
     """The student's sources tokenized with the teacher's ``tokenizer`` (cached like the student's), every query
-    with exactly the student's instruction; None when the two tokenizers are the same (the student's ids serve:
-    the teacher reads the student's max length, so they are whenever vocabulary and rule agree)."""
+    with exactly the student's instruction, the same rows sampled (``seed``, ``max_rows``: data.seed and
+    data.max_rows_per_source, so that a batch's rows index both alike); None when the two tokenizers are the same
+    (the student's ids serve: the teacher reads the student's max length, so they are whenever vocabulary and rule
+    agree)."""
     from f2llm.data import SourceOverride, load_source
 
     if tokenizer.identity() == student.identity():
@@ -179,7 +186,13 @@ def teacher_sources(
             add_instruction=s.instruction is not None,
             num_negatives=s.num_negatives,
         )
-        out[s.name] = load_source(s.source, tokenizer, cache_dir, name=s.name, override=pinned, validation_fraction=0)
+        out[s.name] = load_source(
+            s.source, tokenizer, cache_dir, name=s.name, override=pinned, validation_fraction=0, seed=seed,
+            max_rows=max_rows,
+        )  # fmt: skip
+        mine, theirs = out[s.name].file_rows, s.file_rows
+        if (mine is None) != (theirs is None) or (mine is not None and not np.array_equal(mine, theirs)):
+            raise RuntimeError(f"teacher_sources: {s.source}: the teacher's row sample differs from the student's")
     return out
 
 
@@ -275,7 +288,8 @@ def index_sources(
                 )
             field = 0 if column == "query" else 1 if column == "passage" else 1 + int(column.split("_")[1])
             rows[start : start + len(texts), field] = order[at]
-        index[s.name] = rows
+        # A source sampled by data.max_rows_per_source: batches index its sampled rows, not the file's.
+        index[s.name] = rows if s.file_rows is None else rows[s.file_rows]
     return index
 
 
@@ -372,7 +386,10 @@ def build_teacher(
             mode=collator.mode,
             max_tokens=max(collator.max_tokens, encoder.max_length),
         )
-        tokenized = teacher_sources(sources, encoder.text_tokenizer, student.text_tokenizer, config.data.cache_dir)
+        tokenized = teacher_sources(
+            sources, encoder.text_tokenizer, student.text_tokenizer, config.data.cache_dir,
+            seed=config.data.seed, max_rows=config.data.max_rows_per_source,
+        )  # fmt: skip
         teacher = LiveTeacher(encoder, teacher_collator, tokenized)
         what = f"distill.teacher {distill.teacher}"
     student_dim = student.embedding_dim

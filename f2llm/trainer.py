@@ -389,7 +389,11 @@ class Trainer:
 
         sources = training_sources(config, encoder.text_tokenizer)
         sampling = dict(
-            world_size=runtime.world_size, rank=runtime.rank, seed=config.data.seed, last_batch=config.data.last_batch
+            world_size=runtime.world_size,
+            rank=runtime.rank,
+            seed=config.data.seed,
+            last_batch=config.data.last_batch,
+            source_draw=config.data.source_draw,
         )
         sampler = F2LLMBatchSampler(sources, config.data.batch_size, epochs=config.optim.epochs, **sampling)
         validation = validation_sampler(config, sources, runtime, sampling)
@@ -722,8 +726,8 @@ class Trainer:
 
 
 def training_sources(config: TrainConfig, tokenizer: TextTokenizer) -> list[TokenizedSource]:
-    """The sources of ``config.data``, tokenized with ``tokenizer`` (cached under data.cache_dir), split into
-    training and held-out rows."""
+    """The sources of ``config.data``, tokenized with ``tokenizer`` (cached under data.cache_dir), at most
+    data.max_rows_per_source rows of each (a sample seeded by data.seed), split into training and held-out rows."""
     return load_sources(
         config.data.paths,
         tokenizer,
@@ -732,6 +736,7 @@ def training_sources(config: TrainConfig, tokenizer: TextTokenizer) -> list[Toke
         seed=config.data.seed,
         validation_fraction=config.data.validation_fraction,
         num_negatives=config.data.num_negatives,
+        max_rows=config.data.max_rows_per_source,
     )
 
 
@@ -741,7 +746,8 @@ def validation_sampler(
     """Batches of the held-out rows, or None when there are none.
 
     Held-out sources are small (1%): validation batches shrink to what the largest one can fill per rank, so that
-    small held-out sets are validated too (the in-batch term then sees fewer negatives than in training).
+    small held-out sets are validated too (the in-batch term then sees fewer negatives than in training). Their
+    negatives are sampled as training's, under the validation split's own seed key, the same at every pass.
     """
     held_out = max(len(s.validation_rows) for s in sources)
     if held_out == 0 or (config.data.last_batch == "drop" and held_out < runtime.world_size):

@@ -459,13 +459,38 @@ def test_validation_split_and_errors(sources) -> None:
         set(b.rows.tolist()) <= set(next(s for s in sources if s.name == b.source).validation_rows.tolist())
         for b in val
     )
-    assert all(b.negative_columns == list(range(b.num_negatives)) for b in val)
     with pytest.raises(ValueError, match="no source has a full global batch of 400 rows"):
         F2LLMBatchSampler(sources, 100, world_size=4, last_batch="drop")
-    with pytest.raises(ValueError, match="last_batch must be 'wrap' or 'drop'"):
+    with pytest.raises(ValueError, match=r"last_batch must be one of 'wrap', 'drop', 'keep' \(data\.last_batch\)"):
         F2LLMBatchSampler(sources, 4, last_batch="pad")
+    with pytest.raises(ValueError, match=r"source_draw must be one of 'remaining', 'fixed' \(data\.source_draw\)"):
+        F2LLMBatchSampler(sources, 4, source_draw="proportional")
     with pytest.raises(ValueError, match="rank 2 is outside"):
         F2LLMBatchSampler(sources, 4, world_size=2, rank=2)
+
+
+def test_validation_negatives_are_sampled_like_training(sources) -> None:
+    """Validation batches draw k of the K negative columns as training does (not the first k), under a key of their
+    own (the split), identical on every rank and at every validation pass."""
+
+    def validation_batches(rank: int) -> list:
+        sampler = F2LLMBatchSampler(sources, 2, world_size=2, rank=rank, seed=3, split="validation")
+        return [sampler.batch_at(0, step) for step in range(sampler.steps_per_epoch)]
+
+    rank0, rank1, again = validation_batches(0), validation_batches(1), validation_batches(0)
+    columns = [b.negative_columns for b in rank0]
+    assert [b.negative_columns for b in rank1] == columns  # every rank
+    assert [b.negative_columns for b in again] == columns  # every pass
+    for b in rank0:
+        available = next(s for s in sources if s.name == b.source).available_negatives
+        assert b.negative_columns == negative_columns_for_step(3, 0, b.step, available, b.num_negatives, "validation")
+        assert b.negative_columns == random.Random(f"f2llm-negatives:validation:3:0:{b.step}").sample(
+            range(available), b.num_negatives
+        )
+    sampled = [tuple(b.negative_columns) for b in rank0 if b.num_negatives == 7]
+    assert len(set(sampled)) > 1 and any(c != tuple(range(7)) for c in sampled)  # not the first k
+    training = [negative_columns_for_step(3, 0, b.step, 9, 7) for b in rank0 if b.num_negatives == 7]
+    assert [list(c) for c in sampled] != training  # keyed apart from training's draw
 
 
 @pytest.mark.parametrize("rule", ["decoder", "encoder"])

@@ -103,6 +103,20 @@ def test_distill_loss_against_a_hand_computation() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ trainer step
+def teacher_targets(batch, teacher_path: Path, file_rows: np.ndarray | None = None) -> torch.Tensor:
+    """The teacher's raw embeddings of an msmarco batch's texts, read from the rows written to the workdir's file
+    (``file_rows``: the file row of each of the source's rows, when data.max_rows_per_source sampled them), cut
+    at the student's max length and dimension."""
+    rows = make_rows(70, 3)  # the workdir's msmarco.parquet
+    at = batch.rows if file_rows is None else file_rows[batch.rows]
+    instruction = INSTRUCTIONS["msmarco"]  # a decoder gets the source's instruction on its queries
+    texts = [format_query(rows[r]["query"], instruction) for r in at]
+    texts += [rows[r]["passage"] for r in at]
+    texts += [rows[r][f"negative_{j + 1}"] for r in at for j in batch.negative_columns]
+    teacher = Encoder.from_pretrained(teacher_path, max_length=STUDENT_MAX_LENGTH, normalize=False)
+    return torch.from_numpy(teacher.encode(texts, show_progress=False))[:, :STUDENT_DIM]
+
+
 def reference_step(
     workdir: Path, batch, weight: float, teacher_path: Path | None = None
 ) -> tuple[float, float, dict[str, torch.Tensor]]:
@@ -110,14 +124,7 @@ def reference_step(
     (default tiny-qwen3-2) reads the batch's texts cut at the student's max length, as v2's reads its ids."""
     from f2llm.data import Collator
 
-    rows = make_rows(70, 3)  # the workdir's msmarco.parquet
-    instruction = INSTRUCTIONS["msmarco"]  # a decoder gets the source's instruction on its queries
-    texts = [format_query(rows[r]["query"], instruction) for r in batch.rows]
-    texts += [rows[r]["passage"] for r in batch.rows]
-    texts += [rows[r][f"negative_{j + 1}"] for r in batch.rows for j in batch.negative_columns]
-    teacher_path = teacher_path or workdir / "tiny-qwen3-2"
-    teacher = Encoder.from_pretrained(teacher_path, max_length=STUDENT_MAX_LENGTH, normalize=False)
-    target = torch.from_numpy(teacher.encode(texts, show_progress=False))[:, :STUDENT_DIM]
+    target = teacher_targets(batch, teacher_path or workdir / "tiny-qwen3-2")
 
     student = Encoder.from_pretrained(workdir / "tiny-qwen3-0", max_length=STUDENT_MAX_LENGTH, normalize=False)
     raw = student(Collator(student.text_tokenizer.pad_token_id, mode="padded")(batch.sequences()))
@@ -158,6 +165,25 @@ def test_step_with_a_live_teacher_matches_the_formula(workdir: Path, tmp_path: P
         torch.testing.assert_close(grads[name], ref, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
     # The teacher stays frozen and out of the optimizer.
     assert not any(p.requires_grad for p in trainer.teacher.encoder.parameters())
+
+
+@pytest.mark.parametrize("teacher", ["tiny-qwen3-2", "tiny-qwen3-other-vocab", "precomputed"])
+def test_teachers_read_the_rows_a_row_cap_samples(workdir: Path, tmp_path: Path, teacher: str) -> None:
+    """With data.max_rows_per_source, a batch's rows are positions in the source's sample: every kind of teacher
+    (the student's ids, its own tokenization, a precomputed file indexed by file rows) reads the sampled rows."""
+    cap = "data.max_rows_per_source=50"  # of msmarco's 70 rows (banking77's 40 all kept)
+    if teacher == "precomputed":
+        embeddings = tmp_path / "teacher.parquet"
+        encode_for_config(workdir, embeddings, cap)
+        trainer, path = make_trainer(workdir, tmp_path / "run", cap, f"distill.embeddings={embeddings}"), "tiny-qwen3-2"
+    else:
+        trainer, path = make_trainer(workdir, tmp_path / "run", cap, f"distill.teacher={workdir / teacher}"), teacher
+    (source,) = (s for s in trainer.sampler.sources if s.name == "msmarco")
+    assert source.file_rows is not None and len(source.file_rows) == 50
+    batch = retrieval_batch(trainer)
+    assert not np.array_equal(source.file_rows[batch.rows], batch.rows)  # the two numberings differ here
+    got = trainer.teacher.embed(batch, [batch.batch_size * (2 + batch.num_negatives)])[:, :STUDENT_DIM]
+    torch.testing.assert_close(got, teacher_targets(batch, workdir / path, source.file_rows), rtol=1e-4, atol=1e-5)
 
 
 def test_gradient_cache_equals_one_forward_with_distillation(workdir: Path, tmp_path: Path) -> None:

@@ -1,8 +1,13 @@
 """The F2LLM data pipeline.
 
-rows (query, passage, negative_1..K) -> validated, tokenized once and cached (:func:`load_sources`)
--> homogeneous per-source batches, same source on every rank, resumable (:class:`F2LLMBatchSampler`)
+rows (query, passage, negative_1..K) -> at most ``max_rows`` of each source (a seeded sample), validated, tokenized
+once and cached, split into training and held-out rows (:func:`load_sources`)
+-> homogeneous per-source batches, same source on every rank, resumable (:class:`F2LLMBatchSampler`: how a step
+picks its source and what a source's short last batch does are settings, the official loop's rules among them)
 -> padded or packed model input (:class:`Collator`) -> :class:`f2llm.model.Encoder`.
+
+Source kinds (retrieval / classification / clustering) come from the tables of F2LLM v1's and v2's sources
+(:data:`SOURCE_KINDS`; f2llm.data.sources and f2llm.data.v2_sources), or from ``SourceOverride(kind=...)``.
 
 A training step, on each rank::
 

@@ -21,6 +21,12 @@ maps the cached file and tokenizes nothing. The first process to arrive builds t
 the others wait on it, so ranks (and nodes sharing the cache directory) never tokenize the same source twice.
 Every row is validated while the cache is built, i.e. before training starts.
 
+``max_rows`` (``data.max_rows_per_source``) caps a source at that many rows, as F2LLM v2's preprocessing does
+(``df.sample(n=80000)``): a sample without replacement seeded by the seed and the source name, the same rows on every
+rank, in every run and at every resume (:func:`sample_rows`). Only the sampled rows are validated and tokenized, and
+the cache key holds the cap and the seed, so another cap or seed never reads a cache built for other rows. The
+sample is taken before the validation split (v2: sample, then split): held-out rows are sampled rows.
+
 1% of each source (``validation_fraction``) is held out for validation, like ``datasets.train_test_split(
 train_size=0.99)``: ``ceil(fraction * n)`` rows, so every source with at least 2 rows (and fraction > 0) keeps at
 least one validation row. The split is a seeded permutation of the rows, identical on every rank and every run.
@@ -48,12 +54,15 @@ from datasets.exceptions import DatasetGenerationError
 
 from f2llm.data.sources import (
     INSTRUCT_PREFIX,
+    KINDS,
+    SOURCE_KINDS,
     DataError,
     SourceKind,
     SourceOverride,
     SourceSpec,
     format_query,
     resolve_source,
+    unknown_source_message,
 )
 from f2llm.data.tokenize import TextTokenizer
 
@@ -370,7 +379,10 @@ def read_raw(source: str | Path | datasets.Dataset, cache_dir: str | Path | None
 
 def _queries_carry_instruction(ds: datasets.Dataset, where: str) -> bool:
     """True when every query starts with ``Instruct:``, False when none does; a mix is an error."""
-    column = ds.data.column("query")
+    if getattr(ds, "_indices", None) is None:
+        column = ds.data.column("query")
+    else:  # a selection of rows (max_rows): ds.data is every row of the file, read the selected queries only
+        column = ds.with_format("arrow", columns=["query"])[:].column("query")
     if column.type == pa.null():  # no query at all: row validation reports it
         return False
     starts = pc.starts_with(column, INSTRUCT_PREFIX)
@@ -392,7 +404,10 @@ def _validate_and_tokenize(
     columns: list[str],
     instruction: str | None,
     where: str,
+    file_rows: np.ndarray | None = None,
 ) -> dict[str, list[list[int]]]:
+    if file_rows is not None:  # a sample of the file's rows: errors name the row of the file
+        indices = file_rows[indices].tolist()
     for column in columns:
         for value, row in zip(batch[column], indices, strict=True):
             if value is None:
@@ -413,6 +428,17 @@ def _validate_and_tokenize(
     ids = tokenizer(texts)
     n = len(indices)
     return {f"{column}_ids": ids[i * n : (i + 1) * n] for i, column in enumerate(columns)}
+
+
+def sample_rows(n: int, max_rows: int | None, seed: int, name: str) -> np.ndarray | None:
+    """The rows of a source of ``n`` rows that ``max_rows`` keeps, sorted: ``max_rows`` of them without
+    replacement, seeded by (seed, source name) and nothing else (the same on every rank and at every resume); None
+    when every row is kept (no cap, or a source of at most ``max_rows`` rows)."""
+    if max_rows is None or n <= max_rows:
+        return None
+    # The third seed word keys the sample apart from the holdout's stream, which uses (seed, name) alone.
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode()), 0x5A4D])
+    return np.sort(rng.choice(n, size=max_rows, replace=False))
 
 
 def _holdout(n: int, fraction: float, seed: int, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -445,6 +471,10 @@ class TokenizedSource:
         cache_hit: True when this load found the cache and tokenized nothing.
         source: what was read (a file or directory path, or the ``datasets.Dataset``): its texts, for
             :func:`model_texts`.
+        total_rows: rows of the source before ``max_rows`` sampled it (``len(self)`` when it kept every row).
+        file_rows: the source's row of each dataset row when ``max_rows`` sampled it (sorted), else None (dataset
+            row i is the source's row i). Whatever re-reads the source's texts by row (e.g. a teacher) maps rows
+            through it.
     """
 
     name: str
@@ -458,6 +488,8 @@ class TokenizedSource:
     cache_file: Path
     cache_hit: bool
     source: str | Path | datasets.Dataset | None = None
+    total_rows: int | None = None
+    file_rows: np.ndarray | None = None
     _views: dict[tuple[str, ...], datasets.Dataset] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
@@ -491,8 +523,9 @@ def load_source(
     seed: int = 0,
     validation_fraction: float = 0.01,
     num_negatives: Mapping[str, int] | None = None,
+    max_rows: int | None = None,
 ) -> TokenizedSource:
-    """Validate, tokenize (once: cached) and split one source.
+    """Validate, tokenize (once: cached), sample (``max_rows``) and split one source.
 
     Args:
         source: a .parquet / .jsonl file, a ``save_to_disk`` directory, or a ``datasets.Dataset``.
@@ -500,10 +533,12 @@ def load_source(
         cache_dir: where tokenized Arrow files are kept (shared by runs and ranks).
         name: source name; default the file stem (required for a Dataset).
         override: settings replacing the source tables (kind, instruction, num_negatives).
-        seed: seed of the validation split.
-        validation_fraction: share of rows held out (ceil; 0 disables).
+        seed: seed of the row sample (``max_rows``) and of the validation split.
+        validation_fraction: share of rows held out (ceil; 0 disables), of the sampled rows.
         num_negatives: negatives per query by source kind (f2llm.data.sources.check_num_negatives); the
             override's num_negatives wins.
+        max_rows: keep at most this many rows, a seeded sample (:func:`sample_rows`; data.max_rows_per_source),
+            taken before the validation split; only they are validated and tokenized. None: every row.
 
     Raises:
         DataError: unknown source, bad columns, a bad row (missing / empty / non-string field), or fewer negative
@@ -519,6 +554,8 @@ def load_source(
         where = str(path)
         if not path.exists():
             raise DataError(f"{path}: no such file or directory")
+    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows <= 0):
+        raise DataError(f"{where}: max_rows (data.max_rows_per_source) must be an int > 0 or None, got {max_rows!r}")
     spec = resolve_source(name, override, where, num_negatives)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -532,6 +569,8 @@ def load_source(
     }
     if corpus is not None:  # the texts live in the corpus: a changed corpus is changed data
         key_parts["corpus"] = load_corpus(corpus).digest
+    if max_rows is not None:  # the cache holds the sampled rows: another cap or seed samples other rows
+        key_parts["sample"] = {"max_rows": max_rows, "seed": seed}
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()
     cache_file = cache_dir / f"{name}-{key[:20]}.arrow"
     meta_file = cache_file.with_suffix(".json")
@@ -541,8 +580,14 @@ def load_source(
         if cache_hit:
             meta = json.loads(meta_file.read_text())
             dataset = datasets.Dataset.from_file(str(cache_file))
+            total_rows = int(meta.get("total_rows", len(dataset)))  # caches written before max_rows: every row
+            file_rows = sample_rows(total_rows, max_rows, seed, name)
         else:
             raw = read_raw(source, cache_dir)
+            total_rows = len(raw)
+            file_rows = sample_rows(total_rows, max_rows, seed, name)
+            if file_rows is not None:  # only the sampled rows are validated and tokenized
+                raw = raw.select(file_rows)
             k = negative_count(raw.column_names, where)
             instruction = query_instruction(spec, raw, tokenizer.append_eos, where)
             columns = text_columns(k)
@@ -552,14 +597,27 @@ def load_source(
                 with_indices=True,
                 batched=True,
                 remove_columns=raw.column_names,
-                fn_kwargs={"tokenizer": tokenizer, "columns": columns, "instruction": instruction, "where": where},
+                fn_kwargs={
+                    "tokenizer": tokenizer,
+                    "columns": columns,
+                    "instruction": instruction,
+                    "where": where,
+                    "file_rows": file_rows,
+                },
                 features=features,
                 cache_file_name=str(cache_file),
                 load_from_cache_file=False,
                 new_fingerprint=key,
                 desc=f"tokenizing {name}",
             )
-            meta = {"name": name, "source": where, "rows": len(dataset), "negatives": k, "instruction": instruction}
+            meta = {
+                "name": name,
+                "source": where,
+                "rows": len(dataset),
+                "total_rows": total_rows,
+                "negatives": k,
+                "instruction": instruction,
+            }
             tmp = meta_file.with_suffix(f".tmp{os.getpid()}")
             tmp.write_text(json.dumps(meta, indent=1))
             os.replace(tmp, meta_file)
@@ -585,6 +643,8 @@ def load_source(
         cache_file=cache_file,
         cache_hit=cache_hit,
         source=source,
+        total_rows=total_rows,
+        file_rows=file_rows,
     )
 
 
@@ -653,14 +713,37 @@ def load_sources(
     seed: int = 0,
     validation_fraction: float = 0.01,
     num_negatives: Mapping[str, int] | None = None,
+    max_rows: int | None = None,
 ) -> list[TokenizedSource]:
-    """:func:`load_source` for every source file of a directory (or list of paths), in name order."""
+    """:func:`load_source` for every source file of a directory (or list of paths), in name order.
+
+    Every source's settings are resolved before any is read or tokenized: an unknown source (its kind neither in
+    the tables nor in ``overrides``) is refused at once, all of them named with their files.
+    """
     overrides = overrides or {}
     files = find_source_files(data)
     names = [source_name(p) for p in files]
     unused = sorted(set(overrides) - set(names))
     if unused:
         raise DataError(f"source settings given for {unused}, which are not among the sources {names}")
+    unknown = [
+        (path, name)
+        for path, name in zip(files, names, strict=True)
+        if name not in SOURCE_KINDS and (overrides.get(name) is None or overrides[name].kind is None)
+    ]
+    if len(unknown) == 1:
+        path, name = unknown[0]
+        raise DataError(f"{path}: {unknown_source_message(name)}")
+    if unknown:
+        listed = "; ".join(f"{name!r} ({path})" for path, name in unknown)
+        example = ", ".join(f"{name}: {{kind: retrieval}}" for _, name in unknown[:2])
+        raise DataError(
+            f"{len(unknown)} unknown sources, whose kind f2llm's tables of F2LLM v1 / v2 sources do not give: "
+            f"{listed}. Give each its kind with the setting data.sources.<name>.kind, e.g. "
+            f"`data.sources={{{example}}}`; kinds: {', '.join(KINDS)} (only retrieval sources get the in-batch term)"
+        )
+    for path, name in zip(files, names, strict=True):  # the other settings' errors, before any tokenizing too
+        resolve_source(name, overrides.get(name), str(path), num_negatives)
     return [
         load_source(
             path,
@@ -670,6 +753,7 @@ def load_sources(
             seed=seed,
             validation_fraction=validation_fraction,
             num_negatives=num_negatives,
+            max_rows=max_rows,
         )
         for path in files
     ]

@@ -2,23 +2,42 @@
 
 Per epoch:
 
-* every source's training rows are shuffled (seeded by seed, epoch and source name) and cut into global batches of
-  ``batch_size * world_size`` rows, so every rank always gets a full batch and cross-rank gathers see equal
-  shapes. A source's last, incomplete global batch is, by ``last_batch``:
+* every source's rows of the split are shuffled (seeded by seed, epoch and source name) and cut into global batches
+  of ``batch_size * world_size`` rows; rank r takes rows ``[r * batch_size, (r + 1) * batch_size)`` of each. A
+  source's last, incomplete global batch is, by ``last_batch``:
 
-  - ``"wrap"`` (default, the recipe's: accelerate's ``even_batches``): filled up with rows from the start of the
-    source's shuffled order, so every row trains every epoch. A source smaller than one global batch gives one
+  - ``"wrap"`` (default, what accelerate's ``even_batches`` does to the recipe's loaders on several processes):
+    filled up with rows from the start of the source's shuffled order, so every row trains every epoch and every
+    rank gets a full batch (cross-rank gathers see equal shapes). A source smaller than one global batch gives one
     batch in which its rows repeat; a repeated positive is then an in-batch negative of its own query (that
     query's in-batch loss cannot fall below log 2, its gradient keeps its direction);
   - ``"drop"``: left out this epoch (every batch holds distinct rows; a source smaller than one global batch
-    never trains). :meth:`F2LLMBatchSampler.summary` says, per source, how many rows each epoch uses;
-* the order of sources is a seeded random interleaving of all sources' batches: each step draws a source with
-  probability proportional to its number of batches not yet used in this epoch. Over an epoch every source gives
-  exactly its number of batches, and at the start of an epoch a source is drawn with probability proportional to
-  its number of batches (the recipe's rule). The seed is shared by all ranks, so all ranks draw the same source;
-* rank r takes rows ``[r * batch_size, (r + 1) * batch_size)`` of the global batch;
+    never trains);
+  - ``"keep"`` (the official loop): on one process the short batch trains as it is, fewer queries that step
+    (every row once per epoch, none repeated); on several processes it is wrapped, as accelerate's
+    ``even_batches`` does in the official code, so ``keep`` is ``wrap`` there.
+
+  :meth:`F2LLMBatchSampler.summary` says, per source, how many rows each epoch uses and what its last batch does;
+* the order of sources is a seeded random interleaving of all sources' batches, by ``source_draw``:
+
+  - ``"remaining"`` (default): each step draws a source with probability proportional to its batches not yet used
+    in this epoch (a uniform shuffle of all batches). At the start of an epoch a source is drawn in proportion to
+    its batches per epoch, and every position of the epoch sees each source in that proportion;
+  - ``"fixed"`` (the official F2LLM loop's ``MultiLoader``): each step draws a source with fixed weights, each
+    source's batches per epoch, among the sources not yet exhausted in this epoch. A source that happens to run
+    ahead is exhausted early and the others share its weight, so the last steps of an epoch tend to be a run of
+    one large source (with sources of 100 and 10 batches the epoch ends on ~14.6 batches of one source on average,
+    against ~9.1 with ``remaining``). It is drawn as a race of Poisson processes: source s's j-th batch comes at
+    the j-th point of a Poisson process of rate (its batches per epoch), and the steps follow these times. At
+    every step the next point among the sources with batches left belongs to s with probability proportional to
+    its rate (memorylessness), which is exactly the official rule; it costs one sort per epoch.
+
+  Either way every source gives exactly its number of batches per epoch. The seed is shared by all ranks, so all
+  ranks draw the same source;
 * the negatives of a step are ``k`` of the source's K negative columns, ``random.Random`` seeded by (seed, epoch,
   step): the same columns for every row and on every rank (the recipe's ``random.sample(range(24), 7)``).
+  Validation batches sample theirs the same way under a key of their own (the split), so they see negatives drawn
+  like training's, the same ones at every validation pass: validation losses stay comparable across a run.
 
 Everything is a function of (seed, epoch, step), so :meth:`F2LLMBatchSampler.state_dict` is just the position and a
 resumed run yields exactly the batches an uninterrupted run would have.
@@ -47,7 +66,8 @@ class TrainingBatch:
         epoch / step: position in the schedule (step counts from 0 within the epoch).
         rows: dataset rows of this rank's queries.
         negative_columns: 0-based indices of the negative_i columns used for this step.
-        queries / passages: ``batch_size`` sequences each.
+        queries / passages: ``batch_size`` sequences each (a source's last batch under ``last_batch: keep`` on one
+            process holds fewer: :attr:`batch_size` is what this batch holds).
         negatives: ``batch_size * num_negatives`` sequences, row-major (query i's at ``[i*k, (i+1)*k)``).
     """
 
@@ -74,13 +94,50 @@ class TrainingBatch:
         return [*self.queries, *self.passages, *self.negatives]
 
 
+LAST_BATCH_RULES = ("wrap", "drop", "keep")
+SOURCE_DRAW_RULES = ("remaining", "fixed")
+
+
 def _source_seed(seed: int, epoch: int, name: str) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, zlib.crc32(name.encode())])
 
 
-def negative_columns_for_step(seed: int, epoch: int, step: int, available: int, k: int) -> list[int]:
-    """The k negative columns (of ``available``) used at a step; identical on every rank."""
-    return random.Random(f"f2llm-negatives:{seed}:{epoch}:{step}").sample(range(available), k)
+def negative_columns_for_step(
+    seed: int, epoch: int, step: int, available: int, k: int, split: str = "train"
+) -> list[int]:
+    """The k negative columns (of ``available``) used at a step; identical on every rank. ``split`` keys the draw
+    (validation's are drawn apart from training's; training's key is the one checkpoints were written with)."""
+    key = f"{seed}:{epoch}:{step}" if split == "train" else f"{split}:{seed}:{epoch}:{step}"
+    return random.Random(f"f2llm-negatives:{key}").sample(range(available), k)
+
+
+def fixed_weight_schedule(batches: Sequence[int], rng: np.random.Generator) -> np.ndarray:
+    """Source of every step of an epoch under the official rule (``source_draw: fixed``): each step draws a source
+    with probability proportional to its batches per epoch among the sources with batches left.
+
+    Drawn as a race: source s's j-th batch comes at the j-th point of a Poisson process of rate ``batches[s]``
+    (exponential gaps), and the steps follow these times. Given the past, the next point among the sources with
+    batches left belongs to s with probability ``batches[s] / sum(their batches)`` (memorylessness), which is the
+    rule; a source that has given all its batches simply stops. One sort of all batches, however many sources.
+    """
+    counts = np.asarray(batches, dtype=np.int64)
+    labels = np.repeat(np.arange(counts.size), counts)
+    times = np.empty(labels.size, dtype=np.float64)
+    start = 0
+    for count in counts.tolist():
+        # Arrival times of one source, increasing: its batches keep their order in the schedule.
+        times[start : start + count] = np.cumsum(rng.standard_exponential(count)) / max(count, 1)
+        start += count
+    return labels[np.argsort(times, kind="stable")]
+
+
+def occurrence_index(schedule: np.ndarray, num_sources: int) -> np.ndarray:
+    """For every step, how many earlier steps drew the same source: the source's batch that step reads."""
+    order = np.argsort(schedule, kind="stable")
+    first = np.concatenate([[0], np.cumsum(np.bincount(schedule, minlength=num_sources))[:-1]])
+    index = np.empty_like(schedule)
+    index[order] = np.arange(schedule.size) - first[schedule[order]]
+    return index
 
 
 class F2LLMBatchSampler:
@@ -93,7 +150,9 @@ class F2LLMBatchSampler:
         seed: shared by all ranks.
         epochs: number of epochs to run.
         split: ``"train"`` (training rows) or ``"validation"`` (held-out rows).
-        last_batch: ``"wrap"`` or ``"drop"`` each source's last incomplete global batch (see the module docstring).
+        last_batch: ``"wrap"``, ``"drop"`` or ``"keep"`` each source's last incomplete global batch (keep: as it is
+            on one process, wrapped on several; see the module docstring).
+        source_draw: ``"remaining"`` or ``"fixed"``: how each step picks its source (see the module docstring).
     """
 
     def __init__(
@@ -107,6 +166,7 @@ class F2LLMBatchSampler:
         epochs: int = 1,
         split: str = "train",
         last_batch: str = "wrap",
+        source_draw: str = "remaining",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"F2LLMBatchSampler: batch_size must be >= 1, got {batch_size}")
@@ -114,8 +174,16 @@ class F2LLMBatchSampler:
             raise ValueError(f"F2LLMBatchSampler: rank {rank} is outside [0, world_size={world_size})")
         if split not in ("train", "validation"):
             raise ValueError(f"F2LLMBatchSampler: split must be 'train' or 'validation', got {split!r}")
-        if last_batch not in ("wrap", "drop"):
-            raise ValueError(f"F2LLMBatchSampler: last_batch must be 'wrap' or 'drop', got {last_batch!r}")
+        if last_batch not in LAST_BATCH_RULES:
+            raise ValueError(
+                f"F2LLMBatchSampler: last_batch must be one of {', '.join(map(repr, LAST_BATCH_RULES))} "
+                f"(data.last_batch), got {last_batch!r}"
+            )
+        if source_draw not in SOURCE_DRAW_RULES:
+            raise ValueError(
+                f"F2LLMBatchSampler: source_draw must be one of {', '.join(map(repr, SOURCE_DRAW_RULES))} "
+                f"(data.source_draw), got {source_draw!r}"
+            )
         names = [s.name for s in sources]
         if len(set(names)) != len(names):
             raise ValueError(f"F2LLMBatchSampler: duplicate source names in {names}")
@@ -127,10 +195,14 @@ class F2LLMBatchSampler:
         self.epochs = epochs
         self.split = split
         self.last_batch = last_batch
+        self.source_draw = source_draw
+        # keep on several ranks: accelerate's even_batches wraps the short batch (every rank needs a full batch
+        # for the cross-rank gathers), so the rule applied is wrap's.
+        self.applied_last_batch = "wrap" if last_batch == "keep" and world_size > 1 else last_batch
         self.global_batch_size = batch_size * world_size
         self._rows = [s.train_rows if split == "train" else s.validation_rows for s in self.sources]
         G = self.global_batch_size
-        rounding = (lambda n: -(-n // G)) if last_batch == "wrap" else (lambda n: n // G)
+        rounding = (lambda n: n // G) if last_batch == "drop" else (lambda n: -(-n // G))
         self.batches_per_source = [rounding(len(rows)) for rows in self._rows]
         if sum(self.batches_per_source) == 0:
             sizes = {s.name: len(r) for s, r in zip(self.sources, self._rows, strict=True)}
@@ -147,19 +219,39 @@ class F2LLMBatchSampler:
         self._orders: dict[int, np.ndarray] = {}
 
     def summary(self) -> list[str]:
-        """One line per source: rows, batches per epoch, rows each epoch uses (and how many it drops or repeats)."""
-        lines = []
+        """A line on the rules, then one line per source: rows (of how many, when data.max_rows_per_source sampled
+        them), batches per epoch, rows each epoch uses (and how many it drops or repeats, or the short last batch)."""
+        G = self.global_batch_size
+        if self.source_draw == "fixed":
+            draw = "fixed weights (batches per epoch) among the sources not yet exhausted, the official loop's"
+        else:
+            draw = "in proportion to each source's batches left in the epoch"
+        last = self.last_batch
+        if last != self.applied_last_batch:
+            last = f"keep, as wrap on {self.world_size} ranks (accelerate's even_batches fills the short batch)"
+        lines = [
+            f"{self.split}: {self.steps_per_epoch} steps per epoch over {len(self.sources)} source(s), global batch "
+            f"{G}; each step's source drawn {draw} (data.source_draw: {self.source_draw}); a source's last "
+            f"incomplete batch: {last} (data.last_batch)"
+        ]
         for source, rows, batches in zip(self.sources, self._rows, self.batches_per_source, strict=True):
-            used = batches * self.global_batch_size
-            if used > len(rows):
-                what = f"all, {used - len(rows)} repeated to fill the last batch (last_batch: wrap)"
+            used = batches * G
+            if self.applied_last_batch == "keep":
+                short = len(rows) % G
+                what = f"all, the last batch has {short} of {G} rows (last_batch: keep)" if short else "all"
+            elif used > len(rows):
+                what = f"all, {used - len(rows)} repeated to fill the last batch (last_batch: {self.last_batch})"
             elif used < len(rows):
                 what = f"{used}, {len(rows) - used} left out each epoch (last_batch: drop)"
             else:
                 what = "all"
+            total = getattr(source, "total_rows", None)
+            sampled = ""
+            if total is not None and total > len(source):
+                sampled = f" (of a sample of {len(source)} of {total} rows: data.max_rows_per_source)"
             lines.append(
-                f"{self.split} source {source.name!r} ({source.kind}): {len(rows)} rows, {batches} global batches "
-                f"of {self.global_batch_size} per epoch, rows used: {what}"
+                f"{self.split} source {source.name!r} ({source.kind}): {len(rows)} rows{sampled}, {batches} global "
+                f"batches of {G} per epoch, rows used: {what}"
             )
         return lines
 
@@ -179,25 +271,27 @@ class F2LLMBatchSampler:
     def _prepare_epoch(self, epoch: int) -> None:
         if self._schedule_epoch == epoch:
             return
-        labels = np.repeat(np.arange(len(self.sources)), self.batches_per_source)
-        self._schedule = np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(labels)
+        if self.source_draw == "fixed":
+            rng = np.random.default_rng([self.seed, epoch, 0x5EED, 1])  # keyed apart from remaining's stream
+            self._schedule = fixed_weight_schedule(self.batches_per_source, rng)
+        else:
+            labels = np.repeat(np.arange(len(self.sources)), self.batches_per_source)
+            self._schedule = np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(labels)
         # The j-th occurrence of a source in the schedule reads that source's j-th batch.
-        self._batch_number = np.empty_like(self._schedule)
-        for s in range(len(self.sources)):
-            where = np.flatnonzero(self._schedule == s)
-            self._batch_number[where] = np.arange(where.size)
+        self._batch_number = occurrence_index(self._schedule, len(self.sources))
         self._orders = {}
         self._schedule_epoch = epoch
 
     def _row_order(self, source_index: int) -> np.ndarray:
-        """The source's rows of this epoch, shuffled, cut or wrapped to its batches' length."""
+        """The source's rows of this epoch, shuffled, wrapped or cut to its batches' length (keep: as they are)."""
         order = self._orders.get(source_index)
         if order is None:
             rows = self._rows[source_index]
             name = self.sources[source_index].name
-            shuffled = _source_seed(self.seed, self._schedule_epoch, name).permutation(rows)
-            # np.resize repeats the order from its start as often as needed (wrap), or cuts it (drop).
-            order = np.resize(shuffled, self.batches_per_source[source_index] * self.global_batch_size)
+            order = _source_seed(self.seed, self._schedule_epoch, name).permutation(rows)
+            if self.applied_last_batch != "keep":
+                # np.resize repeats the order from its start as often as needed (wrap), or cuts it (drop).
+                order = np.resize(order, self.batches_per_source[source_index] * self.global_batch_size)
             self._orders[source_index] = order
         return order
 
@@ -209,12 +303,10 @@ class F2LLMBatchSampler:
         s = int(self._schedule[step])
         source = self.sources[s]
         first = int(self._batch_number[step]) * self.global_batch_size + self.rank * self.batch_size
-        rows = self._row_order(s)[first : first + self.batch_size]
-        k = source.num_negatives
-        if self.split == "train":
-            columns = negative_columns_for_step(self.seed, epoch, step, source.available_negatives, k)
-        else:
-            columns = list(range(k))
+        rows = self._row_order(s)[first : first + self.batch_size]  # keep: the last batch may be short
+        columns = negative_columns_for_step(
+            self.seed, epoch, step, source.available_negatives, source.num_negatives, self.split
+        )
         queries, passages, negatives = source.take(rows, columns)
         return TrainingBatch(
             source=source.name,
@@ -247,18 +339,22 @@ class F2LLMBatchSampler:
             "world_size": self.world_size,
             "batch_size": self.batch_size,
             "last_batch": self.last_batch,
+            "source_draw": self.source_draw,
             "sources": {s.name: len(r) for s, r in zip(self.sources, self._rows, strict=True)},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume at a saved position. The data, seed and global batch must be those of the saved run."""
+        """Resume at a saved position. The data, seed, global batch and rules must be those of the saved run."""
         mine = self.state_dict()
-        for key in ("seed", "world_size", "batch_size", "last_batch", "sources"):
-            # Checkpoints written before last_batch existed come from samplers that dropped incomplete batches.
-            saved = state.get(key, "drop") if key == "last_batch" else state.get(key)
+        # Checkpoints written before a rule existed come from samplers that applied its old behaviour.
+        older = {"last_batch": "drop", "source_draw": "remaining"}
+        for key in ("seed", "world_size", "batch_size", "last_batch", "source_draw", "sources"):
+            saved = state.get(key, older.get(key))
             if saved != mine[key]:
+                setting = f" (data.{key})" if key in older else ""
                 raise ValueError(
-                    f"F2LLMBatchSampler.load_state_dict: saved {key}={saved!r} differs from this run's "
-                    f"{mine[key]!r}; a resumed run needs the same data, seed, batch size, last_batch and world size"
+                    f"F2LLMBatchSampler.load_state_dict: saved {key}={saved!r}{setting} differs from this run's "
+                    f"{mine[key]!r}; a resumed run needs the same data, seed, batch size, last_batch, source_draw and "
+                    "world size: set them as the checkpoint's run had them, or start a new output_dir"
                 )
         self.epoch, self.step = int(state["epoch"]), int(state["step"])

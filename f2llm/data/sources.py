@@ -1,16 +1,22 @@
 """What a source is: its kind (retrieval / classification / clustering), its query instruction, its negatives.
 
 The source name is the file stem (``msmarco.parquet`` -> ``msmarco``; in the v2 layout, next to a ``corpus.parquet``,
-``msmarco_query.parquet`` -> ``msmarco`` too: see f2llm.data.readers). The tables below mirror the F2LLM recipe's
-lists (38 retrieval, 5 classification, 19 clustering sources) plus the sources f2llm converts from its shipped data
-(``mrpc``). A source missing from the table must be declared with a :class:`SourceOverride` giving its kind.
+``msmarco_query.parquet`` -> ``msmarco`` too: see f2llm.data.readers). :data:`SOURCE_KINDS` gives the kind of every
+source the F2LLM recipes name: v1's lists below (38 retrieval, 5 classification, 19 clustering sources), F2LLM v2's
+(459 / 10 / 33, a superset of v1's: f2llm.data.v2_sources) and the sources f2llm converts from its shipped data
+(``mrpc``). No name has two kinds (checked at import). A source missing from the table must be declared with a
+:class:`SourceOverride` giving its kind (``data.sources.<name>.kind`` in a training config); loading refuses it
+otherwise, before anything is tokenized.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import difflib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
+
+from f2llm.data.v2_sources import V2_CLASSIFICATION_SOURCES, V2_CLUSTERING_SOURCES, V2_RETRIEVAL_SOURCES
 
 SourceKind = Literal["retrieval", "classification", "clustering"]
 KINDS: tuple[str, ...] = ("retrieval", "classification", "clustering")
@@ -94,12 +100,32 @@ CLUSTERING_SOURCES: tuple[str, ...] = (
 # Sources f2llm builds from the data it ships (f2llm.data.convert) that are not in the recipe's lists.
 EXTRA_SOURCES: dict[str, SourceKind] = {"mrpc": "retrieval"}
 
-SOURCE_KINDS: dict[str, SourceKind] = {
-    **dict.fromkeys(RETRIEVAL_SOURCES, "retrieval"),
-    **dict.fromkeys(CLASSIFICATION_SOURCES, "classification"),
-    **dict.fromkeys(CLUSTERING_SOURCES, "clustering"),
-    **EXTRA_SOURCES,
-}
+
+def _kind_table(lists: Iterable[tuple[Iterable[str], SourceKind]]) -> dict[str, SourceKind]:
+    """name -> kind over (names, kind) lists; a name listed with two kinds is a bug in the tables (refused)."""
+    table: dict[str, SourceKind] = {}
+    clashes: dict[str, set[str]] = {}
+    for names, kind in lists:
+        for name in names:
+            if table.setdefault(name, kind) != kind:
+                clashes.setdefault(name, {table[name]}).add(kind)
+    if clashes:
+        shown = {name: sorted(kinds) for name, kinds in sorted(clashes.items())}
+        raise ValueError(f"f2llm.data.sources: source(s) listed with two kinds: {shown}; fix the tables")
+    return table
+
+
+SOURCE_KINDS: dict[str, SourceKind] = _kind_table(
+    [
+        (RETRIEVAL_SOURCES, "retrieval"),
+        (CLASSIFICATION_SOURCES, "classification"),
+        (CLUSTERING_SOURCES, "clustering"),
+        (V2_RETRIEVAL_SOURCES, "retrieval"),
+        (V2_CLASSIFICATION_SOURCES, "classification"),
+        (V2_CLUSTERING_SOURCES, "clustering"),
+        *(([name], kind) for name, kind in EXTRA_SOURCES.items()),
+    ]
+)
 
 _SIMILAR = "Retrieve semantically similar text"
 _WIKI_QA = "Given a question, retrieve Wikipedia passages that answer the question"
@@ -175,6 +201,20 @@ def format_query(text: str, instruction: str) -> str:
     return f"{INSTRUCT_PREFIX} {instruction}\nQuery: {text}"
 
 
+def unknown_source_message(name: str) -> str:
+    """Why source ``name`` (missing from :data:`SOURCE_KINDS`) is refused and how to give its kind."""
+    close = difflib.get_close_matches(name, SOURCE_KINDS, n=3, cutoff=0.8)
+    hint = f" Did you mean {' or '.join(map(repr, close))} (rename the file)?" if close else ""
+    return (
+        f"unknown source {name!r}: it is not among the {len(SOURCE_KINDS)} sources whose kind f2llm knows (F2LLM v1's "
+        f"and v2's lists; the source name is the file stem, without the v2 layout's '_query'). Give its kind with the "
+        f"setting data.sources.{name}.kind, e.g. in the training config `data: {{sources: {{{name}: {{kind: "
+        f"retrieval}}}}}}` or the override `data.sources.{name}.kind=retrieval` (in Python "
+        f"`SourceOverride(kind='retrieval')`); kinds: {', '.join(KINDS)} (only retrieval sources get the in-batch "
+        f"term).{hint}"
+    )
+
+
 @dataclass(frozen=True)
 class SourceOverride:
     """Per-source settings that replace the tables above.
@@ -235,12 +275,7 @@ def resolve_source(
     kind = override.kind or SOURCE_KINDS.get(name)
     at = f"{where}: " if where else ""
     if kind is None:
-        raise DataError(
-            f"{at}unknown source {name!r} (the source name is the file stem). Declare its kind, e.g. in Python "
-            f"`sources={{{name!r}: SourceOverride(kind='retrieval')}}` or in the data config "
-            f"`sources: {{{name}: {{kind: retrieval}}}}`; kinds: {', '.join(KINDS)}. Known sources: "
-            f"{', '.join(sorted(SOURCE_KINDS))}"
-        )
+        raise DataError(f"{at}{unknown_source_message(name)}")
     if kind not in KINDS:
         raise DataError(f"{at}source {name!r} has kind {kind!r}; expected one of {', '.join(KINDS)}")
     instruction = INSTRUCTIONS.get(name) if override.instruction is None else (override.instruction or None)
