@@ -7,9 +7,12 @@ Commands (from the repository root):
     python benchmarks/bench_train_step.py --cpu                    # tiny Qwen3 on CPU (committed CPU results)
     python benchmarks/bench_train_step.py --cpu --quick            # seconds: every row type (CI smoke test)
     python benchmarks/bench_train_step.py --flops --model all      # executed vs ideal FLOPs of one step (no GPU)
+    python benchmarks/bench_train_step.py --flops --config f2llm-4b [key=value ...] [--world-size N]
+    python benchmarks/bench_train_step.py --flops --config all     # every shipped recipe config + README launches
     python benchmarks/bench_train_step.py --comm                   # what each engine communicates per step
 The timed modes write train_step_<device>.json and .md under --out (default benchmarks/results/local), after every
-row, so that a run stopped by a timeout keeps the rows it finished; --flops writes train_step_flops.json / .md.
+row, so that a run stopped by a timeout keeps the rows it finished; --flops writes train_step_flops.json / .md,
+--flops --config train_step_flops_configs.json / .md.
 
 Every row runs the trainer's own step, ``f2llm.trainer.Trainer.train_step``: collation, the gradient cache
 (``f2llm.gradcache.GradientCache``), the encoder's forward and backward and the engine's step (``DDPEngine``: fp32
@@ -44,9 +47,11 @@ Memory budget (rows d, d2, e): they run ``model.gradient_checkpointing: auto``, 
 a forward with grad (the batch, or a gradient-cache chunk in its second pass) checkpoints only when its estimated
 saved activations (the library's ``Encoder.activation_bytes``, for bf16 compute) exceed the budget, and then only
 as many of its first layers as it takes to fit (``Encoder.layer_checkpoint_saving``). The budget is
-what an 80 GB H100 (``--memory-gb``, 80e9 bytes) leaves after the DDP engine's training state, 16 bytes per
-parameter (fp32 weights, fp32 gradients, AdamW's two fp32 moments): 65.6 GiB for Qwen3-0.6B, 48.9 GiB for 1.7B,
-14.6 GiB for 4B; the same on any GPU, so that the timed rows are the --flops rows. Rows a-c checkpoint every
+what an 80 GB H100 (``--memory-gb``, 80e9 bytes) leaves after the DDP engine's training state on one rank, 16 bytes
+per parameter (fp32 weights, fp32 gradients, AdamW's two fp32 moments; ``f2llm.engine.training_state_bytes``): 65.6
+GiB for Qwen3-0.6B, 48.9 GiB for 1.7B, 14.6 GiB for 4B; the same on any GPU, so that the timed rows are the --flops
+rows. The rows set it as ``model.activation_budget_gb``, which the trainer takes as it is: no activation share is
+applied (unlike the budget the trainer derives when none is set, which --config counts). Rows a-c checkpoint every
 forward (the recipe's). :class:`StepObserver` (a forward pre-hook on the Encoder) records what each forward did.
 
 Text lengths come from the shipped SciFact data (``data/retrieval/scifact``), without a tokenizer: a text's
@@ -99,6 +104,45 @@ backward and step (its finiteness check skips meta tensors). It writes train_ste
 ``baseline_ratio`` (row a), ``full_stack_ratio`` (row d), ``full_stack_no_checkpointing_ratio`` (row d0) and
 ``grad_cache_ratio`` (the first row e).
 
+--flops --config CONFIG [key=value ...] [--world-size N] counts one ``Trainer.train_step`` of one rank of a
+training config, ``f2llm.config.load_config(CONFIG, overrides)`` (a shipped name or a YAML path), counted as the
+rows above (linear layers by FlopCounterMode, attention by the ledger, the loss from its shapes; ideal the same):
+    model       the real dimensions of ``model.name_or_path``: Qwen/Qwen3-0.6B, 1.7B or 4B (QWEN3_DIMS), or a
+                local folder's config.json (AutoConfig); random weights on meta. model.lora and distill are refused
+                (not counted);
+    batch       ``data.batch_size`` queries x (1 positive + ``data.num_negatives.retrieval``) documents, plus the
+                queries, SciFact lengths as above capped at ``model.max_length``, seed 0 (at 16 queries: row d's);
+    step        the config's ``data.packing`` / ``data.max_tokens``, gradient cache (``grad_cache.enabled``,
+                ``chunk_texts`` or ``chunk_tokens``) and ``model.gradient_checkpointing`` with the trainer's
+                CheckpointPolicy; attention: the varlen kernel the trainer picks on CUDA when
+                ``model.attn_implementation`` is null, flash_attention_2 or f2llm_varlen (a padded batch's padding
+                runs are segments of their own), else sdpa's mask (packed: block-diagonal; padded: L_pad^2). The
+                step itself runs the DDP engine of one process in fp32 on meta: no matmul differs under DeepSpeed
+                (bf16 weights) or at another world size, except the in-batch loss, whose B x (N ranks x B) scores
+                CountedLoss counts (with chunk_tokens, ranks needing more chunks make the others split theirs
+                further: the same tokens, in more forwards; not modelled). Matryoshka (``loss.matryoshka_dims``)
+                adds no GEMM work (the fused op walks D once for every level, kernels/matryoshka.py: the same 8 BND
+                + 6 BGD), so it is counted as one level;
+    world size  ``--world-size N``, default max(1, 512 // data.batch_size): the configs' global batch is
+                data.batch_size x GPUs, the recipe's 512 queries (16 x 32 GPUs); on fewer GPUs the configs raise
+                data.batch_size with the gradient cache on, so the rule holds either way (the README's launches:
+                512 queries gives 1 GPU, 64 gives 8). The run prints which N it used and why;
+    budget      what ``f2llm.trainer.activation_budget`` derives on a GPU of ``--memory-gb`` (80e9 bytes) when
+                ``model.activation_budget_gb`` is not set (an explicit one is used as it is, as the trainer does):
+                ACTIVATION_MEMORY_SHARE (0.7) x (memory - weights - DeepSpeed's fp32 master partition - what the
+                first step allocates), all per rank of the config's engine at N ranks by
+                ``f2llm.engine.training_state_bytes``, the function the engines' ``step_state_bytes`` use: DDP 16
+                bytes per parameter (+4, DDP's gradient buckets, when N > 1); DeepSpeed bf16 ZeRO-2: bf16 weights,
+                and the fp32 master weights, fp32 master gradients, AdamW's moments and the bf16 gradients over N.
+                The ablation rows' budget (above) is the same function's DDP state on one rank, without the share,
+                set explicitly. The activation estimate is measured, as the trainer measures it, on the encoder as
+                its engine loads it (DeepSpeed: bf16 weights; DDP: fp32 under autocast).
+It writes train_step_flops_configs.json / .md (one row per config: engine, world size, per-rank state, budget,
+checkpointing, forwards with grad, executed / ideal; ``command``: the command that counts the row alone) and prints
+as its last line ``executed/ideal FLOPs: <ratio>`` (one config). ``--config all`` counts every shipped recipe config
+(``f2llm-*.yaml``) at its default world size and the README's gradient-cache launches (README_LAUNCHES: one GPU of
+512 queries, 8 GPUs of 64).
+
 --comm measures what one training step sends between ranks, per engine (DDP, DeepSpeed ZeRO-1/2/3) and gradient-
 cache chunk count, by running the trainer's own step (``f2llm.trainer.Trainer.train_step``) under torchrun with 2
 ranks (gloo, CPU, a tiny Qwen3, the shipped SNLI triplets) and counting every collective and the bytes of the
@@ -116,6 +160,7 @@ import gc
 import gzip
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -132,15 +177,30 @@ from common import DEFAULT_OUT, MIB, cpu_median_s, cuda_median_ms, is_oom, write
 from tokenizers import Tokenizer, models
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import AttentionInterface, AutoModel, PreTrainedModel, PreTrainedTokenizerFast, Qwen3Config
+from transformers import (
+    AttentionInterface,
+    AutoConfig,
+    AutoModel,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+)
 
 from f2llm.config import DataConfig, GradCacheConfig, LossConfig, ModelConfig, TrainConfig, load_config
 from f2llm.data import INSTRUCTIONS, Collator, EncoderBatch, format_query
-from f2llm.engine import build_engine
+from f2llm.engine import (
+    TrainingState,
+    build_engine,
+    deepspeed_config,
+    resolve_dtype,
+    training_state_bytes,
+    weights_dtype,
+)
 from f2llm.loss import F2LLMLoss, LossOutput
 from f2llm.model import VARLEN as VARLEN_ATTENTION
 from f2llm.model import Encoder, apply_liger_kernels, default_attn_implementation, varlen_available
-from f2llm.trainer import CheckpointPolicy, Runtime, Trainer
+from f2llm.trainer import ACTIVATION_MEMORY_SHARE, CheckpointPolicy, Runtime, Trainer, budget_from_free_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 SCIFACT = ROOT / "data" / "retrieval" / "scifact"
@@ -168,8 +228,9 @@ COLUMNS = ["row", "status", "attention", "checkpointing", "queries", "texts", "c
 FLOPS_COLUMNS = ["model", "row", "status", "attention", "checkpointing", "queries", "chunks", "real_share",
                  "executed_tflop", "ideal_tflop", "ratio", "linear_share", "attention_share", "loss_share",
                  "recompute_share"]  # fmt: skip
-# Training state of the DDP engine per parameter: fp32 weights, fp32 gradients, AdamW's exp_avg and exp_avg_sq.
-STATE_BYTES_PER_PARAM = 16
+# Training state of the DDP engine per parameter on one rank (f2llm.engine.training_state_bytes): fp32 weights, fp32
+# gradients, AdamW's exp_avg and exp_avg_sq: 16.
+STATE_BYTES_PER_PARAM = training_state_bytes("ddp", 1, 1, 1, torch.bfloat16).total
 GPU_MEMORY_GB = 80.0  # an 80 GB H100 (GB = 1e9 bytes)
 # Flash / memory-efficient attention backward: recompute QK^T, then dV, dP, dQ, dK: 5 GEMMs to the forward's 2.
 ATTENTION_BACKWARD = 2.5
@@ -287,12 +348,16 @@ def qwen3_config(dims: dict[str, int]) -> Qwen3Config:
     return Qwen3Config(**dims, max_position_embeddings=40960, use_cache=False)
 
 
-def build_backbone(dims: dict[str, int], device: str, attn_implementation: str) -> PreTrainedModel:
-    """Qwen3 backbone with random fp32 weights (the DDP engine's master weights) built on ``device``, train mode.
+def build_backbone(
+    dims: dict[str, int] | PretrainedConfig, device: str, attn_implementation: str, dtype: torch.dtype = torch.float32
+) -> PreTrainedModel:
+    """Qwen3 backbone (``dims``: QWEN3_DIMS entry, or a model config) with random weights built on ``device``, train
+    mode; fp32 by default (the DDP engine's master weights).
 
     On the meta device nothing is allocated; the weights have shapes and no values."""
+    config = qwen3_config(dims) if isinstance(dims, dict) else dims
     with torch.device(device):
-        model = AutoModel.from_config(qwen3_config(dims), dtype=torch.float32, attn_implementation=attn_implementation)
+        model = AutoModel.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     return model.train()
 
 
@@ -387,18 +452,23 @@ def loss_flops(B: int, N: int, G: int, D: int, fused: bool, in_batch: bool = Tru
 
 class CountedLoss(nn.Module):
     """F2LLMLoss's call signature for the meta device: the loss keeps every embedding's gradient path (sums, no
-    FLOPs to count) and the FLOPs of the loss the row runs are added from the shapes (:func:`loss_flops`)."""
+    FLOPs to count) and the FLOPs of the loss the row runs are added from the shapes (:func:`loss_flops`). With
+    ``world_size`` ranks the in-batch term scores this rank's queries against the positives of every rank (F2LLMLoss
+    gathers them). Matryoshka levels add no GEMM work (kernels/matryoshka.py walks D once for every level), so the
+    count is the same with ``loss.matryoshka_dims``."""
 
-    def __init__(self, fused: bool) -> None:
+    def __init__(self, fused: bool, world_size: int = 1) -> None:
         super().__init__()
         self.fused = fused
+        self.world_size = world_size
         self.flops = 0
 
     def forward(
         self, query_emb: torch.Tensor, pos_emb: torch.Tensor, neg_emb: torch.Tensor, in_batch: bool
     ) -> LossOutput:
         B, D = query_emb.shape
-        self.flops += loss_flops(B, pos_emb.shape[0], 1 + neg_emb.shape[1], D, self.fused, in_batch)
+        N = pos_emb.shape[0] * self.world_size
+        self.flops += loss_flops(B, N, 1 + neg_emb.shape[1], D, self.fused, in_batch)
         hard = (query_emb.sum() + pos_emb.sum() + neg_emb.sum()) * 0.0
         in_batch_loss = (query_emb.sum() + pos_emb.sum()) * 0.0 if in_batch else torch.zeros_like(hard)
         return LossOutput(hard + in_batch_loss, hard, in_batch_loss)
@@ -406,20 +476,36 @@ class CountedLoss(nn.Module):
 
 # ------------------------------------------------------------------------------------------------ memory
 def state_bytes(model: nn.Module) -> int:
-    """The DDP engine's training state: fp32 weights, gradients and AdamW moments (16 bytes per parameter)."""
-    return STATE_BYTES_PER_PARAM * sum(p.numel() for p in model.parameters())
+    """The DDP engine's training state on one rank (f2llm.engine.training_state_bytes): fp32 weights, gradients and
+    AdamW moments, 16 bytes per parameter."""
+    params = sum(p.numel() for p in model.parameters())
+    return training_state_bytes("ddp", params, params, 1, torch.bfloat16).total
 
 
 def activation_budget_bytes(model: nn.Module, memory_gb: float = GPU_MEMORY_GB) -> int:
-    """The rows' ``model.activation_budget_gb`` (in bytes): the GPU's memory less the training state."""
+    """The ablation rows' ``model.activation_budget_gb`` (in bytes): the GPU's memory less the DDP engine's state on
+    one rank. Set explicitly, the trainer takes it as it is (no ACTIVATION_MEMORY_SHARE)."""
     return int(memory_gb * 1e9) - state_bytes(model)
 
 
-def checkpoint_policy(encoder: Encoder, mode: bool | str, budget: int, compute_dtype: torch.dtype) -> CheckpointPolicy:
+def derived_budget_bytes(state: TrainingState, memory_gb: float = GPU_MEMORY_GB) -> int:
+    """What ``f2llm.trainer.activation_budget`` derives on a GPU of ``memory_gb`` when ``model.activation_budget_gb``
+    is not set: ACTIVATION_MEMORY_SHARE of the memory left after the weights (and DeepSpeed's master partition),
+    which are loaded when it measures, less what the first step will allocate (``state.step``)."""
+    return budget_from_free_memory(int(memory_gb * 1e9) - state.resident, state.step)
+
+
+def checkpoint_policy(
+    encoder: Encoder, mode: bool | str, budget: int | None, compute_dtype: torch.dtype, source: str | None = None
+) -> CheckpointPolicy:
     """The trainer's CheckpointPolicy of a row: ``mode`` True / False / "auto", the library's activation estimate
-    (``Encoder.activation_bytes``) for ``compute_dtype`` (bf16 on CUDA and for --flops) against ``budget`` bytes."""
-    source = f"{budget / 2**30:.1f} GiB: an {GPU_MEMORY_GB:g} GB GPU less {STATE_BYTES_PER_PARAM} B per parameter"
-    saving = encoder.layer_checkpoint_saving(compute_dtype)
+    (``Encoder.activation_bytes``; measured for ``encoder``'s weights dtype) for ``compute_dtype`` (bf16 on CUDA and
+    for --flops) against ``budget`` bytes; ``source`` says where the budget comes from."""
+    if source is None:
+        source = f"an {GPU_MEMORY_GB:g} GB GPU less {STATE_BYTES_PER_PARAM} B per parameter"
+    if budget is not None:
+        source = f"{budget / 2**30:.1f} GiB: {source}"
+    saving = encoder.layer_checkpoint_saving(compute_dtype) if budget is not None else None
     return CheckpointPolicy(mode, budget, lambda n: encoder.activation_bytes(n, compute_dtype), source, saving)
 
 
@@ -670,21 +756,39 @@ AttentionInterface.register(COUNT_ATTENTION, count_attention)
 def count_step(
     model: PreTrainedModel, variant: Variant, batch: Any, settings: Settings, budget: int, chunk_tokens: int | None
 ) -> dict[str, Any]:
-    """The FLOPs of one ``Trainer.train_step`` of ``variant`` on ``batch``, on the meta device, with its breakdown.
+    """The FLOPs of one ``Trainer.train_step`` of ``variant`` on ``batch``, on the meta device, with its breakdown
+    (:func:`count_train_step` of the row's config)."""
+    config = row_config(variant, settings, chunk_tokens, budget)
+    return count_train_step(
+        model, variant, batch, config, lambda encoder: checkpoint_policy(encoder, mode(variant), budget, torch.bfloat16)
+    )
+
+
+def count_train_step(
+    model: PreTrainedModel,
+    variant: Variant,
+    batch: Any,
+    config: TrainConfig,
+    policy_of: Callable[[Encoder], CheckpointPolicy],
+    world_size: int = 1,
+) -> dict[str, Any]:
+    """The FLOPs of one ``Trainer.train_step`` of ``config`` (the trainer reads its packing, row capacity and gradient
+    cache; the DDP engine of one process runs the step) on ``batch``, on the meta device, with its breakdown.
+    ``variant`` names the row and its attention layout; ``policy_of`` gives the trainer's CheckpointPolicy for the
+    encoder built here; ``world_size``: ranks the loss's in-batch term gathers positives from.
 
     Attention: torch's varlen kernel (``f2llm_varlen``, its fake kernel on meta) for varlen rows where this torch
     has it, else :func:`count_attention`."""
     global _LEDGER
     real_varlen = variant.attention == "varlen" and varlen_available()
     set_attention(model, VARLEN_ATTENTION if real_varlen else COUNT_ATTENTION)
-    encoder = make_encoder(model, variant.fused, settings.max_length)
-    policy = checkpoint_policy(encoder, mode(variant), budget, torch.bfloat16)
+    encoder = make_encoder(model, variant.fused, config.model.max_length)
+    policy = policy_of(encoder)
     observer = StepObserver(encoder)
     ledger = AttentionLedger(observer, "varlen" if variant.attention == "varlen" else "dense")
-    loss = CountedLoss(variant.fused)
-    config = row_config(variant, settings, chunk_tokens, budget)
+    loss = CountedLoss(variant.fused, world_size)
     trainer = make_trainer(config, encoder, loss, "meta", policy)
-    encoder.activation_profile(torch.bfloat16)  # the policy's estimate, measured (on meta) before counting starts
+    policy.activation_bytes(0)  # the policy's estimate, measured (on meta) before counting starts
     hook = encoder.register_forward_pre_hook(observer)
     t0 = time.perf_counter()
     _LEDGER = ledger
@@ -708,15 +812,19 @@ def count_step(
     attention = variant.attention_label() + (
         "; f2llm_varlen (torch varlen_attn, fake kernel)" if real_varlen else "; counted by call (stand-in)"
     )
+    cache = config.grad_cache
+    chunk_tokens = cache.chunk_tokens if cache.enabled else None
+    chunk_texts = cache.chunk_texts if cache.enabled and cache.chunk_tokens is None else None
     return {
         "row": variant.row, "key": variant.key, "status": "ok", "attention": attention,
         "layout": f"packed (rows of {variant.max_tokens})" if variant.packed else "padded",
         "pooling_loss": "f2llm fused" if variant.fused else "plain torch",
         "liger": "as on CUDA (not applied on meta: no matmul changes)" if variant.liger else False,
-        "checkpointing": observer.describe(policy), "queries": variant.gc_queries or settings.queries,
+        "checkpointing": observer.describe(policy), "queries": config.data.batch_size,
         "texts": len(lengths), "chunks": len(observer.positions), "chunk_tokens": chunk_tokens,
+        **({"chunk_texts": chunk_texts} if chunk_texts is not None else {}),
         "real_tokens": int(lengths.sum()), "positions": positions, "real_share": int(lengths.sum()) / positions,
-        "largest_forward_activations_gib": encoder.activation_bytes(largest, torch.bfloat16) / 2**30,
+        "largest_forward_activations_gib": policy.activation_bytes(largest) / 2**30,
         "executed_flops": executed, "ideal_flops": ideal, "ratio": executed / ideal,
         "executed_tflop": executed / 1e12, "ideal_tflop": ideal / 1e12,
         "linear_flops": linear, "linear_forward_flops": phases["forward"], "linear_backward_flops": phases["backward"],
@@ -795,6 +903,182 @@ def run_flops(settings: Settings, model_names: list[str], out: Path) -> list[dic
         gc.collect()
     write_results(out, "train_step_flops", rows, FLOPS_COLUMNS, title, meta=meta, extra={"summary": summary})
     print(json.dumps(summary, indent=1))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ --config
+RECIPE_GLOBAL_QUERIES = 512  # the recipe's global batch: 16 queries per GPU x 32 GPUs (the configs' header)
+HUB_QWEN3 = re.compile(r"Qwen/Qwen3-(0\.6B|1\.7B|4B)(-Base)?", re.IGNORECASE)
+# The README's gradient-cache launches (its "Launches" block): the recipe's 512 queries on one GPU, and on 8 GPUs of
+# 64 queries. Its third launch is f2llm-4b as shipped. Keep these in step with the README.
+README_LAUNCHES = (
+    ("f2llm-0.6b", ("engine=ddp", "data.batch_size=512", "grad_cache.enabled=true", "grad_cache.chunk_tokens=16384")),
+    ("f2llm-1.7b", ("engine=ddp", "data.batch_size=64", "grad_cache.enabled=true", "grad_cache.chunk_tokens=6144")),
+)
+CONFIG_COLUMNS = ["config", "engine", "world_size", "state_gib", "budget_gib", "checkpointing", "queries", "texts",
+                  "chunks", "real_share", "executed_tflop", "ideal_tflop", "ratio", "recompute_share",
+                  "command"]  # fmt: skip
+
+
+def shipped_recipe_configs() -> list[str]:
+    """The shipped recipe configs by name (f2llm-*.yaml; not the CPU demo)."""
+    from f2llm.config import shipped_configs
+
+    return sorted(Path(name).stem for name in shipped_configs(".yaml") if name.startswith("f2llm-"))
+
+
+def backbone_config(name_or_path: str) -> tuple[str, PretrainedConfig]:
+    """(label, model config) of ``model.name_or_path``: a local folder's config.json (AutoConfig), or the released
+    Qwen3 0.6B / 1.7B / 4B by hub name (their dimensions, QWEN3_DIMS: nothing is downloaded)."""
+    folder = Path(name_or_path).expanduser()
+    if (folder / "config.json").is_file():
+        config = AutoConfig.from_pretrained(folder)
+        config.use_cache = False
+        return folder.name, config
+    match = HUB_QWEN3.fullmatch(name_or_path)
+    if match is None:
+        raise SystemExit(
+            f"bench_train_step --config: model.name_or_path {name_or_path!r} is neither a local folder with a "
+            "config.json nor Qwen/Qwen3-0.6B, -1.7B or -4B (the models whose dimensions this script knows offline)"
+        )
+    size = match.group(1).upper()
+    return f"Qwen3-{size}", qwen3_config(QWEN3_DIMS[size.lower()])
+
+
+def default_world_size(config: TrainConfig) -> tuple[int, str]:
+    """(ranks, why) a config is written for: the recipe's global batch over its per-rank batch. The configs say
+    global batch = data.batch_size x GPUs, and on fewer GPUs raise data.batch_size (with the gradient cache) to keep
+    512 queries: so the rule holds with the gradient cache on or off (the one-GPU launch's 512 queries give 1)."""
+    size = config.data.batch_size
+    ranks = max(1, RECIPE_GLOBAL_QUERIES // size)
+    return ranks, f"the recipe's global batch of {RECIPE_GLOBAL_QUERIES} queries / data.batch_size {size}"
+
+
+def config_state(config: TrainConfig, params: int, world_size: int) -> tuple[TrainingState, str]:
+    """(per-rank training state, engine label) of the config's engine at ``world_size`` ranks, by
+    f2llm.engine.training_state_bytes: the formula the engines' ``step_state_bytes`` use."""
+    compute = resolve_dtype(config.model.dtype, torch.device("cuda"))
+    stage = 0
+    if config.engine == "deepspeed":
+        stage = int(deepspeed_config(config, compute).get("zero_optimization", {}).get("stage", 0))
+    label = f"deepspeed ZeRO-{stage}" if config.engine == "deepspeed" else "ddp"
+    return training_state_bytes(config.engine, params, params, world_size, compute, stage), label
+
+
+def config_budget(config: TrainConfig, state: TrainingState, memory_gb: float) -> tuple[int | None, str]:
+    """(activation budget in bytes, where it comes from), as the trainer sets it on a GPU of ``memory_gb``:
+    ``model.activation_budget_gb`` as it is when set, else (``auto``) :func:`derived_budget_bytes`; None when the
+    checkpointing is fixed (no budget is read)."""
+    model = config.model
+    if model.activation_budget_gb is not None:
+        return int(model.activation_budget_gb * 2**30), "model.activation_budget_gb"
+    if model.gradient_checkpointing != "auto":
+        return None, f"none: model.gradient_checkpointing {model.gradient_checkpointing}"
+    source = (
+        f"{ACTIVATION_MEMORY_SHARE:.0%} of an {memory_gb:g} GB GPU less {state.resident / 1e9:.2f} GB of weights and "
+        f"{state.step / 1e9:.2f} GB of step state"
+    )
+    return derived_budget_bytes(state, memory_gb), source
+
+
+def config_attention(config: TrainConfig) -> str:
+    """The ledger's layout for the config's attention on CUDA: "varlen" for the varlen kernels (the default, or
+    flash_attention_2 / f2llm_varlen; padded batches too, whose padding runs are segments of their own), else sdpa /
+    eager: "mask" when packed (block-diagonal causal mask), "padded" otherwise."""
+    name = config.model.attn_implementation
+    if name is None or name == VARLEN_ATTENTION or name.startswith("flash_attention"):
+        return "varlen"
+    return "mask" if config.data.packing else "padded"
+
+
+def count_config(
+    name: str, overrides: list[str], world_size: int | None, memory_gb: float, seed: int = 0
+) -> dict[str, Any]:
+    """One ``Trainer.train_step`` of ``load_config(name, overrides)`` counted on the meta device, one rank of
+    ``world_size`` (None: :func:`default_world_size`); see the module docstring (--config)."""
+    config = load_config(name, overrides)
+    if config.model.lora is not None or config.distill is not None:
+        raise SystemExit(
+            "bench_train_step --config: model.lora and distill are not counted (LoRA skips the frozen weights' "
+            "gradients, distillation adds a teacher): count with model.lora=null distill=null"
+        )
+    label, backbone = backbone_config(config.model.name_or_path)
+    if world_size is None:
+        world_size, why = default_world_size(config)
+    else:
+        why = "--world-size"
+    model = build_backbone(backbone, "meta", COUNT_ATTENTION)
+    params = sum(p.numel() for p in model.parameters())
+    state, engine = config_state(config, params, world_size)
+    budget, source = config_budget(config, state, memory_gb)
+    compute = resolve_dtype(config.model.dtype, torch.device("cuda"))
+    # The trainer estimates activations on the encoder as loaded: DeepSpeed's weights are in the compute dtype (no
+    # autocast copies of them are saved), DDP's fp32 (the counted backbone).
+    loaded = weights_dtype(config, torch.device("cuda"))
+    estimator = None
+    if loaded != torch.float32:
+        as_loaded = build_backbone(backbone, "meta", COUNT_ATTENTION, loaded)
+        estimator = make_encoder(as_loaded, True, config.model.max_length)
+    checkpointing = config.model.gradient_checkpointing
+
+    def policy_of(encoder: Encoder) -> CheckpointPolicy:
+        return checkpoint_policy(estimator or encoder, checkpointing, budget, compute, source)
+
+    pool = scifact_lengths(1.0)
+    cap = config.model.max_length
+    pool = LengthPool(np.minimum(pool.queries, cap), np.minimum(pool.documents, cap))
+    queries, negatives = config.data.batch_size, config.data.num_negatives["retrieval"]
+    batch = draw_batch(pool, queries, negatives, backbone.vocab_size, 0, seed)
+    shown = " ".join([name, *overrides])
+    variant = Variant(
+        "config", shown, fused=True, packed=config.data.packing, attention=config_attention(config),
+        max_tokens=config.data.max_tokens if config.data.packing else None,
+        gc_queries=queries if config.grad_cache.enabled else None,
+        checkpointing=None if checkpointing == "auto" else bool(checkpointing), liger=config.model.liger is not False,
+    )  # fmt: skip
+    # The step runs the DDP engine of one process on meta: the FLOPs are the same with DeepSpeed (its bf16 weights
+    # change no matmul) and at any world size (but the in-batch loss, which CountedLoss scales); fp32 compute, since
+    # autocast has no meta backend (the FLOPs do not depend on the dtype; the policy's estimate is for `compute`).
+    counted = replace(config, engine="ddp", model=replace(config.model, dtype="float32"), resume="never",
+                      tensorboard=False, plot=False)  # fmt: skip
+    row = count_train_step(model, variant, batch, counted, policy_of, world_size)
+    command = f"python benchmarks/bench_train_step.py --flops --config {shown} --world-size {world_size}"
+    if memory_gb != GPU_MEMORY_GB:
+        command += f" --memory-gb {memory_gb:g}"
+    dims = config.loss.matryoshka_dims
+    return {
+        "config": shown, "command": command, "model": label, "engine": engine, "world_size": world_size,
+        "world_size_rule": why, "params": params, "state": asdict(state), "state_gib": state.total / 2**30,
+        "memory_gb": memory_gb, "budget_gib": None if budget is None else budget / 2**30, "budget_source": source,
+        "matryoshka_dims": dims, "max_length": cap, "negatives": negatives, **row,
+    }  # fmt: skip
+
+
+def run_config_flops(
+    entries: list[tuple[str, list[str]]], world_size: int | None, memory_gb: float, out: Path
+) -> list[dict[str, Any]]:
+    """--flops --config: each (config name, overrides) counted (:func:`count_config`); writes
+    train_step_flops_configs.json / .md, and prints the last config's ratio as the last line."""
+    rows: list[dict[str, Any]] = []
+    meta = {"what": "FLOPs of one Trainer.train_step of each config, one rank, on the meta device (see "
+                    "bench_train_step.py, --config)",
+            "ideal": "6 N T + 3 x layers x 4 d_attn x sum len (len + 1) / 2 (forward + backward of the real tokens "
+                     "once)",
+            "attention_backward_factor": ATTENTION_BACKWARD, "gpu_memory_gb": memory_gb,
+            "activation_memory_share": ACTIVATION_MEMORY_SHARE, "recipe_global_queries": RECIPE_GLOBAL_QUERIES,
+            "lengths": scifact_lengths(1.0).describe()}  # fmt: skip
+    title = "FLOPs of one training step per shipped config, executed vs ideal (meta device)"
+    for i, (name, overrides) in enumerate(entries):
+        row = count_config(name, overrides, world_size, memory_gb)
+        rows.append(row)
+        print(f"bench_train_step: {row['config']}: {row['engine']} at world size {row['world_size']} "
+              f"({row['world_size_rule']}); per-rank state {row['state_gib']:.2f} GiB; activation budget "
+              f"{row['budget_source']}; checkpointing {row['checkpointing']}; {row['chunks']} forward(s) with grad; "
+              f"executed/ideal {row['ratio']:.3f}", flush=True)  # fmt: skip
+        write_results(out, "train_step_flops_configs", rows, CONFIG_COLUMNS, title, meta=meta,
+                      quiet=i < len(entries) - 1)  # fmt: skip
+    if len(rows) == 1:
+        print(f"executed/ideal FLOPs: {rows[0]['ratio']:.2f}")
     return rows
 
 
@@ -1210,12 +1494,41 @@ def main(argv: list[str] | None = None) -> int:
                         help="real tokens per gradient-cache chunk (default: what fits the budget)")  # fmt: skip
     parser.add_argument("--max-tokens", type=int, help="packed row capacity of row d")
     parser.add_argument("--memory-gb", type=float, help=f"GPU memory of the budget rule (default {GPU_MEMORY_GB:g})")
+    parser.add_argument(
+        "--config",
+        help="--flops of one Trainer.train_step of this training config (a shipped name "
+        "or a YAML path; 'all': every shipped recipe config and the README's gradient-cache launches)",
+    )
+    parser.add_argument("overrides", nargs="*", help="key.path=value overrides of --config (as f2llm train takes)")
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        help="ranks the --config run trains on (default: 512 // data.batch_size, the recipe's global batch)",
+    )
     parser.add_argument("--comm", action="store_true", help="what each engine communicates per step (2 CPU ranks)")
     parser.add_argument("--comm-worker", type=Path, help=argparse.SUPPRESS)  # one rank of --comm, under torchrun
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
-    args = parser.parse_args(argv)
+    # Overrides may come before or after the options (`--config f2llm-0.6b engine=ddp --world-size 1`).
+    args = parser.parse_intermixed_args(argv)
     if args.comm_worker is not None:
         return comm_worker(args.comm_worker, args.steps or 2)
+    if (args.overrides or args.world_size is not None) and args.config is None:
+        parser.error("key=value overrides and --world-size go with --config")
+    if args.config is not None:
+        if not args.flops:
+            parser.error("--config counts FLOPs: add --flops")
+        if args.world_size is not None and args.world_size < 1:
+            parser.error("--world-size must be >= 1")
+        if args.config == "all":
+            if args.overrides:
+                parser.error("--config all takes no overrides (it counts the shipped configs as shipped)")
+            entries = [(name, []) for name in shipped_recipe_configs()]
+            entries += [(name, list(overrides)) for name, overrides in README_LAUNCHES]
+        else:
+            entries = [(args.config, list(args.overrides))]
+        memory_gb = args.memory_gb if args.memory_gb is not None else GPU_MEMORY_GB
+        run_config_flops(entries, args.world_size, memory_gb, args.out)
+        return 0
     if args.comm:
         return run_comm(args.out, args.steps or 2)
     if args.flops:

@@ -8,7 +8,9 @@ Commands (from the repository root):
 
 Results live in ``benchmarks/results/<device>/<yyyy-mm-dd>/`` as the JSON files the benchmark scripts write
 (``benchmarks/common.py`` write_results); ``local/`` (uncommitted runs) is ignored. The README shows the latest run
-of each device (GPU devices first, then CPU, clearly labelled), with links to the source files and earlier runs.
+of each device (GPU devices first, then CPU, clearly labelled), with links to the source files and earlier runs; a
+benchmark the latest run did not repeat is shown from the newest earlier run of the device that has it (its heading
+and links name that run), so that a run of a few benchmarks does not hide the others.
 Only the region between the ``<!-- performance:start ... -->`` and ``<!-- performance:end -->`` lines is rewritten.
 
 Plots (one PNG per benchmark, saved next to its JSON): time and memory for each kernel implementation at each size
@@ -23,7 +25,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +38,12 @@ START = re.compile(r"^<!-- performance:start.*-->$", re.MULTILINE)
 END = "<!-- performance:end -->"
 DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 SCRIPTS = {"pooling": "bench_pooling.py", "contrastive": "bench_contrastive.py", "train_step": "bench_train_step.py",
-           "train_step_comm": "bench_train_step.py", "train_step_flops": "bench_train_step.py"}  # fmt: skip
+           "train_step_comm": "bench_train_step.py", "train_step_flops": "bench_train_step.py",
+           "train_step_flops_configs": "bench_train_step.py"}  # fmt: skip
 TITLES = {"pooling": "Pooling + L2 norm", "contrastive": "Contrastive loss (InfoNCE)",
           "train_step": "Training step ablation", "train_step_comm": "Communication per training step",
-          "train_step_flops": "FLOPs of one training step, executed vs ideal"}  # fmt: skip
+          "train_step_flops": "FLOPs of one training step, executed vs ideal",
+          "train_step_flops_configs": "FLOPs of one training step per shipped config, executed vs ideal"}  # fmt: skip
 COMM_TABLE = [("row", "engine, gradient-cache chunks"), ("collectives", "collectives per step"),
               ("comm_mib", "MiB sent per rank"), ("per_gradient", "x gradient size per step"),
               ("per_chunk_gradients", "x gradient size per chunk")]  # fmt: skip
@@ -54,6 +58,12 @@ class Run:
     device_dir: str
     date: str
     results: dict[str, dict[str, Any]]
+    # Results carried from an earlier run of the device (with_earlier_results), by benchmark name: their run.
+    origins: dict[str, Run] = field(default_factory=dict)
+
+    def source(self, name: str) -> Run:
+        """The run whose folder holds ``<name>.json``: this one, or the earlier one it was carried from."""
+        return self.origins.get(name, self)
 
     @property
     def device(self) -> str:
@@ -100,6 +110,17 @@ def find_runs(results_root: Path) -> list[Run]:
         if run.results:
             runs.append(run)
     return runs
+
+
+def with_earlier_results(run: Run, runs: Sequence[Run]) -> Run:
+    """``run`` with every benchmark it lacks taken from the newest earlier run of its device that has one."""
+    results, origins = dict(run.results), {}
+    earlier = sorted((r for r in runs if r.device_dir == run.device_dir and r.date < run.date), key=lambda r: r.date)
+    for older in reversed(earlier):
+        for name, payload in older.results.items():
+            if name not in results:
+                results[name], origins[name] = payload, older
+    return Run(run.folder, run.device_dir, run.date, results, origins)
 
 
 def latest_per_device(runs: Sequence[Run]) -> list[Run]:
@@ -178,7 +199,7 @@ def check_line(run: Run, kind: str, link: Callable[[Path], str]) -> str | None:
     return (
         f"- {TITLES[kind]} correctness vs float64 (`{shown_command(payload, kind)}`): **{passed}/{len(rows)} PASS**, "
         f"largest relative error {num_range([max((e for e in errs if is_num(e)), default=None)])} "
-        f"([{name}.json]({link(run.folder / f'{name}.json')}))"
+        f"([{name}.json]({link(run.source(name).folder / f'{name}.json')}))"
     )
 
 
@@ -246,6 +267,30 @@ def flops_note(payload: dict[str, Any]) -> str:
     )
 
 
+CONFIGS_TABLE = [("config", "config (+ overrides)"), ("engine", "engine"), ("world_size", "GPUs"),
+                 ("state_gib", "training state GiB / GPU"), ("budget_gib", "activation budget GiB"),
+                 ("checkpointing", "checkpointing"), ("chunks", "forwards with grad"),
+                 ("real_share", "real-token share"), ("executed_tflop", "executed TFLOP / GPU"),
+                 ("ideal_tflop", "ideal TFLOP / GPU"), ("ratio", "executed / ideal")]  # fmt: skip
+
+
+def configs_note(payload: dict[str, Any]) -> str:
+    meta = payload.get("meta", {})
+    share = meta.get("activation_memory_share")
+    share_text = f"{100 * share:.0f}%" if is_num(share) else "the trainer's share"
+    return (
+        "One GPU's `Trainer.train_step` of each shipped recipe config (and of the README's gradient-cache launches), "
+        "counted on the meta device as the table above is: the config's model dimensions, its batch (data.batch_size "
+        "queries x (1 + the retrieval negatives) documents, SciFact lengths), packing, gradient cache and "
+        "`gradient_checkpointing: auto`, decided by the trainer's CheckpointPolicy against the budget the trainer "
+        f"derives on an {num_range([meta.get('gpu_memory_gb')])} GB GPU: {share_text} of the memory left after the "
+        "training state one GPU holds under the config's engine at that many GPUs (`f2llm.engine."
+        "training_state_bytes`). GPUs: the recipe's global batch of "
+        f"{meta.get('recipe_global_queries', '?')} queries / data.batch_size. Each row's own command is its "
+        "`command` in the JSON."
+    )
+
+
 def render_run(run: Run, link: Callable[[Path], str]) -> str:
     """Markdown of one results folder: correctness lines, then one table (+ plot) per benchmark."""
     env = next(iter(run.results.values())).get("env", {})
@@ -266,7 +311,18 @@ def render_run(run: Run, link: Callable[[Path], str]) -> str:
         f"{intro} Versions: {versions}. Files: [{run.device_dir}/{run.date}]({link(run.folder)}).",
         "",
     ]
+    carried: set[str] = set()
+
+    def source(name: str) -> Run:
+        """The run ``name`` is shown from (noted when it is an earlier one)."""
+        if name in run.origins:
+            carried.add(run.origins[name].date)
+        return run.source(name)
+
     checks = [line for kind in ("pooling", "contrastive") if (line := check_line(run, kind, link))]
+    for kind in ("pooling", "contrastive"):
+        if found := run.first(f"{kind}_check", ["cuda", "cpu"]):
+            source(found[0])
     if checks:
         parts += [*checks, ""]
     for kind in ("pooling", "contrastive", "train_step"):
@@ -277,24 +333,26 @@ def render_run(run: Run, link: Callable[[Path], str]) -> str:
         variant = name.rsplit("_", 1)[1]
         script = SCRIPTS[kind]
         device = payload.get("env", {}).get("device", run.device)  # its own: thread counts may differ
+        origin = source(name)
         parts += [
-            f"#### {TITLES[kind]} ({device}, {run.date})",
+            f"#### {TITLES[kind]} ({device}, {origin.date})",
             "",
-            f"`{shown_command(payload, kind)}`; source: [{name}.json]({link(run.folder / f'{name}.json')}), "
+            f"`{shown_command(payload, kind)}`; source: [{name}.json]({link(origin.folder / f'{name}.json')}), "
             f"script: [{script}]({link(ROOT / 'benchmarks' / script)})",
             "",
         ]
         if kind == "train_step" and "meta" in payload:
             parts += [train_step_note(payload["meta"]), ""]
         parts += [table(payload["rows"], TABLES[(kind, variant)]), ""]
-        parts += [f"![{TITLES[kind]}, {device}]({link(run.folder / f'{kind}.png')})", ""]
+        parts += [f"![{TITLES[kind]}, {device}]({link(origin.folder / f'{kind}.png')})", ""]
     flops = run.results.get("train_step_flops")
     if flops is not None:
+        origin = source("train_step_flops")
         parts += [
-            f"#### {TITLES['train_step_flops']} (meta device, {run.date})",
+            f"#### {TITLES['train_step_flops']} (meta device, {origin.date})",
             "",
             f"`{shown_command(flops, 'train_step_flops')}`; source: "
-            f"[train_step_flops.json]({link(run.folder / 'train_step_flops.json')}), script: "
+            f"[train_step_flops.json]({link(origin.folder / 'train_step_flops.json')}), script: "
             f"[{SCRIPTS['train_step_flops']}]({link(ROOT / 'benchmarks' / SCRIPTS['train_step_flops'])})",
             "",
             flops_note(flops),
@@ -304,14 +362,31 @@ def render_run(run: Run, link: Callable[[Path], str]) -> str:
             table(flops_rows(flops), FLOPS_TABLE),
             "",
         ]
+    configs = run.results.get("train_step_flops_configs")
+    if configs is not None:
+        origin = source("train_step_flops_configs")
+        parts += [
+            f"#### {TITLES['train_step_flops_configs']} (meta device, {origin.date})",
+            "",
+            f"`{shown_command(configs, 'train_step_flops_configs')}`; source: "
+            f"[train_step_flops_configs.json]({link(origin.folder / 'train_step_flops_configs.json')}), script: "
+            f"[{SCRIPTS['train_step_flops_configs']}]"
+            f"({link(ROOT / 'benchmarks' / SCRIPTS['train_step_flops_configs'])})",
+            "",
+            configs_note(configs),
+            "",
+            table(configs["rows"], CONFIGS_TABLE),
+            "",
+        ]
     comm = run.results.get("train_step_comm")
     if comm is not None:
         meta = comm.get("meta", {})
+        origin = source("train_step_comm")
         parts += [
-            f"#### {TITLES['train_step_comm']} ({meta.get('ranks')} CPU ranks, {meta.get('backend')}, {run.date})",
+            f"#### {TITLES['train_step_comm']} ({meta.get('ranks')} CPU ranks, {meta.get('backend')}, {origin.date})",
             "",
             f"`{shown_command(comm, 'train_step_comm')}`; source: "
-            f"[train_step_comm.json]({link(run.folder / 'train_step_comm.json')}), script: "
+            f"[train_step_comm.json]({link(origin.folder / 'train_step_comm.json')}), script: "
             f"[{SCRIPTS['train_step_comm']}]({link(ROOT / 'benchmarks' / SCRIPTS['train_step_comm'])})",
             "",
             "The trainer's own step; bytes of the tensors handed to collectives on one rank, also as multiples of one "
@@ -322,6 +397,9 @@ def render_run(run: Run, link: Callable[[Path], str]) -> str:
             table(comm["rows"], COMM_TABLE),
             "",
         ]
+    if carried:
+        dates = ", ".join(sorted(carried))
+        parts[2] += f" Benchmarks this run did not repeat are shown from the device's earlier runs ({dates})."
     return "\n".join(parts)
 
 
@@ -342,7 +420,7 @@ def render_readme_region(results_root: Path, readme: Path) -> str:
     if not any(not r.is_cpu for r in latest):
         lines += ["No GPU run has been committed yet, so this section has no GPU figures.", ""]
     for run in latest:
-        lines.append(render_run(run, link))
+        lines.append(render_run(with_earlier_results(run, runs), link))
     earlier = [r for r in runs if r not in latest]
     if earlier:
         lines += ["Earlier runs: " + ", ".join(f"[{r.device_dir}/{r.date}]({link(r.folder)})" for r in earlier), ""]

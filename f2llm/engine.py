@@ -19,7 +19,8 @@ The trainer (f2llm.trainer) never asks which engine it has. An :class:`Engine` g
 * ``full_weights()``: a context in which the encoder holds its whole weights (ZeRO-3 partitions them);
 * ``communication()``: a line saying what each step sends between ranks;
 * ``step_state_bytes()``: what the first step will allocate on this rank (gradients, AdamW moments), for a memory
-  budget set before it.
+  budget set before it: the ``step`` part of :func:`training_state_bytes`, the per-rank state of either engine at any
+  rank count as a pure function (benchmarks/bench_train_step.py budgets a config's memory with it).
 
 Mixed precision. :class:`DDPEngine` keeps fp32 weights and AdamW state and runs the forward under
 ``torch.autocast(bfloat16)``: at the recipe's lr 8e-6 an AdamW update is mostly below bf16's resolution for weights
@@ -35,8 +36,9 @@ import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -133,6 +135,65 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 
 
+# ------------------------------------------------------------------------------------------------ memory
+@dataclass(frozen=True)
+class TrainingState:
+    """Bytes of training state on one rank (:func:`training_state_bytes`).
+
+    ``weights``: the encoder's weights as loaded (:func:`weights_dtype`; ZeRO-3: this rank's partition).
+    ``master``: DeepSpeed's fp32 master copy of the trainable weights for bf16 / fp16 compute (this rank's partition
+    from ZeRO-1 on), allocated by ``deepspeed.initialize``. ``step``: what the first step allocates
+    (:meth:`Engine.step_state_bytes`): gradients and their communication buffers, AdamW's two fp32 moments.
+    """
+
+    weights: int
+    master: int
+    step: int
+
+    @property
+    def resident(self) -> int:
+        """In device memory before the first step (what a budget measured then has already lost)."""
+        return self.weights + self.master
+
+    @property
+    def total(self) -> int:
+        return self.resident + self.step
+
+
+def training_state_bytes(
+    engine: Literal["ddp", "deepspeed"],
+    params: int,
+    trainable: int,
+    world_size: int,
+    compute_dtype: torch.dtype,
+    zero_stage: int = 0,
+) -> TrainingState:
+    """The training state one rank holds (:class:`TrainingState`), from sizes alone: ``params`` weights, of which
+    ``trainable`` get gradients and AdamW moments, ``world_size`` ranks, ``compute_dtype`` (DeepSpeed's weights and
+    gradients are in it), ``zero_stage`` for DeepSpeed. The engines' ``step_state_bytes`` is its ``step``; a memory
+    budget for a run not started (benchmarks/bench_train_step.py --config) uses the whole.
+
+    * ddp: fp32 weights; fp32 gradients, DDP's bucket copy of them (several ranks), two fp32 moments: 16 bytes per
+      parameter on one rank, 20 on several.
+    * deepspeed: weights in the compute dtype (ZeRO-3 partitions them); gradients in the compute dtype (partitioned
+      from ZeRO-2 on); for bf16 / fp16 compute the fp32 master weights and the fp32 gradient of this rank's master
+      partition (both partitioned from ZeRO-1 on; ZeRO-0 keeps its whole master copy and is counted without the
+      master gradient, as DeepSpeedEngine always counted it); two fp32 moments (partitioned from ZeRO-1 on).
+    """
+    if engine == "ddp":
+        grads = 4 * trainable
+        buckets = grads if world_size > 1 else 0
+        return TrainingState(weights=4 * params, master=0, step=grads + buckets + 8 * trainable)
+    itemsize = torch.empty((), dtype=compute_dtype).element_size()
+    half = compute_dtype != torch.float32
+    weights = itemsize * params // (world_size if zero_stage >= 3 else 1)
+    if zero_stage == 0:
+        return TrainingState(weights, 4 * trainable if half else 0, itemsize * trainable + 8 * trainable)
+    grads = itemsize * trainable // (world_size if zero_stage >= 2 else 1)
+    master = 4 * trainable // world_size if half else 0  # this rank's fp32 partition; its fp32 gradient as large
+    return TrainingState(weights, master, grads + master + 8 * trainable // world_size)
+
+
 # ------------------------------------------------------------------------------------------------ the interface
 class Engine(ABC):
     """One training run's model, optimizer and schedule, and how a step runs them (see the module docstring)."""
@@ -206,10 +267,14 @@ class Engine(ABC):
         # ZeRO-3 leaves each parameter an empty placeholder; ds_numel is its real size.
         return sum(getattr(p, "ds_numel", p.numel()) for p in self.encoder.parameters() if p.requires_grad)
 
-    @abstractmethod
     def step_state_bytes(self) -> int:
         """Bytes of training state this rank's first step allocates (not in memory when the engine is built):
         gradients and their communication buffers, AdamW's two fp32 moments. An estimate for a memory budget."""
+        return self.training_state().step
+
+    @abstractmethod
+    def training_state(self) -> TrainingState:
+        """This rank's training state, by :func:`training_state_bytes`."""
 
 
 def build_engine(config: TrainConfig, encoder: Encoder, total_steps: int, world_size: int) -> Engine:
@@ -307,10 +372,9 @@ class DDPEngine(Engine):
         self.optimizer.zero_grad(set_to_none=True)
         return norm.detach()
 
-    def step_state_bytes(self) -> int:
-        # fp32 gradients, DDP's bucket copy of them (several ranks), two fp32 moments.
-        buckets = self.gradient_bytes() if self.world_size > 1 else 0
-        return self.gradient_bytes() + buckets + 8 * self.trainable_numel()
+    def training_state(self) -> TrainingState:
+        params = sum(p.numel() for p in self.encoder.parameters())
+        return training_state_bytes("ddp", params, self.trainable_numel(), self.world_size, self.compute_dtype)
 
     def skip(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -433,16 +497,12 @@ class DeepSpeedEngine(Engine):
         finally:
             self.ds.set_gradient_accumulation_boundary(True)
 
-    def step_state_bytes(self) -> int:
-        # Gradients in the compute dtype (partitioned from ZeRO-2 on), the fp32 gradient of this rank's master
-        # partition (bf16, ZeRO >= 1), two fp32 moments (partitioned from ZeRO-1 on). The master partitions
-        # themselves are allocated by deepspeed.initialize.
-        numel, world = self.trainable_numel(), self.world_size
-        if self.stage == 0:
-            return self.gradient_bytes() + 8 * numel
-        grads = self.gradient_bytes() // (world if self.stage >= 2 else 1)
-        master_grads = 4 * numel // world if self.compute_dtype != torch.float32 else 0
-        return grads + master_grads + 8 * numel // world
+    def training_state(self) -> TrainingState:
+        # ZeRO-3 leaves each parameter an empty placeholder; ds_numel is its real size.
+        params = sum(getattr(p, "ds_numel", p.numel()) for p in self.encoder.parameters())
+        return training_state_bytes(
+            "deepspeed", params, self.trainable_numel(), self.world_size, self.compute_dtype, self.stage
+        )
 
     def step(self, check: NormCheck) -> torch.Tensor:
         if self.own_norm:

@@ -303,7 +303,14 @@ def activation_budget(engine: Engine, device: torch.device) -> int | None:
         return None
     free, _ = torch.cuda.mem_get_info(device)
     cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # free to torch's allocator
-    return max(0, int(ACTIVATION_MEMORY_SHARE * (free + cached - engine.step_state_bytes())))
+    return budget_from_free_memory(free + cached, engine.step_state_bytes())
+
+
+def budget_from_free_memory(free: int, step_state: int) -> int:
+    """The activation budget of a rank with ``free`` bytes of device memory once its weights are loaded, whose first
+    step will allocate ``step_state`` more (:meth:`Engine.step_state_bytes`): :data:`ACTIVATION_MEMORY_SHARE` of
+    what is left. Also what benchmarks/bench_train_step.py --config budgets a GPU of a given size with."""
+    return max(0, int(ACTIVATION_MEMORY_SHARE * (free - step_state)))
 
 
 # ------------------------------------------------------------------------------------------------ the trainer

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -212,3 +213,121 @@ def test_comm_mode_measures_what_each_engine_sends(tmp_path: Path) -> None:
     assert gradients["zero1", 4] == pytest.approx(gradients["zero1", 1])
     assert gradients["zero2", 4] - gradients["zero2", 1] == pytest.approx(3.0, abs=0.1)
     assert gradients["zero3", 4] >= gradients["zero2", 4]
+
+
+# ------------------------------------------------------------------------------------------------ --flops --config
+def test_training_state_bytes_by_hand() -> None:
+    """f2llm.engine.training_state_bytes (the engines' step_state_bytes and the --config budget) against hand counts:
+    P parameters, T trainable, N ranks."""
+    from f2llm.engine import TrainingState, training_state_bytes
+
+    P, T = 1200, 1200
+    # DDP: fp32 weights 4P; fp32 gradients 4T (+ 4T of DDP buckets on several ranks); two fp32 moments 8T.
+    assert training_state_bytes("ddp", P, T, 1, torch.bfloat16) == TrainingState(4 * P, 0, 4 * T + 8 * T)
+    assert training_state_bytes("ddp", P, T, 1, torch.bfloat16).total == 16 * P
+    assert training_state_bytes("ddp", P, T, 4, torch.bfloat16) == TrainingState(4 * P, 0, 4 * T + 4 * T + 8 * T)
+    assert training_state_bytes("ddp", 1000, 100, 2, torch.bfloat16) == TrainingState(4000, 0, 400 + 400 + 800)
+    # DeepSpeed bf16 at N = 4: bf16 weights 2P (ZeRO-3: 2P / 4); the fp32 master partition 4T / 4 from ZeRO-1 on
+    # (ZeRO-0: the whole 4T); step: bf16 gradients 2T (/ 4 from ZeRO-2 on), the master partition's fp32 gradient
+    # 4T / 4 (ZeRO >= 1), moments 8T (/ 4 from ZeRO-1 on).
+    ds = {stage: training_state_bytes("deepspeed", P, T, 4, torch.bfloat16, stage) for stage in range(4)}
+    assert ds[0] == TrainingState(2400, 4800, 2400 + 9600)
+    assert ds[1] == TrainingState(2400, 1200, 2400 + 1200 + 2400)
+    assert ds[2] == TrainingState(2400, 1200, 600 + 1200 + 2400)
+    assert ds[3] == TrainingState(600, 1200, 600 + 1200 + 2400)
+    assert ds[2].resident == 3600 and ds[2].total == 7800
+    # fp32 compute: fp32 weights, no master copy.
+    assert training_state_bytes("deepspeed", P, T, 4, torch.float32, 2) == TrainingState(4800, 0, 1200 + 2400)
+    # ZeRO-2 at 32 ranks, per parameter: 2 + (4 + 2 + 4 + 8) / 32.
+    assert training_state_bytes("deepspeed", 32, 32, 32, torch.bfloat16, 2).total == 2 * 32 + 4 + 2 + 4 + 8
+
+
+def test_engine_step_state_is_the_state_function(bench_module) -> None:
+    """DDPEngine.step_state_bytes is the ``step`` of training_state_bytes (one rank: fp32 gradients + moments)."""
+    from f2llm.config import TrainConfig
+    from f2llm.engine import build_engine
+
+    model = bench_module.build_backbone(ONE_LAYER, "meta", bench_module.COUNT_ATTENTION)
+    engine = build_engine(TrainConfig(), bench_module.make_encoder(model, True, 64), 10, world_size=1)
+    P = sum(p.numel() for p in model.parameters())
+    assert engine.step_state_bytes() == engine.training_state().step == 12 * P
+    assert engine.training_state().total == 16 * P == bench_module.STATE_BYTES_PER_PARAM * P
+
+
+def test_default_world_size_is_the_recipe_global_batch(bench_module) -> None:
+    from f2llm.config import load_config
+
+    assert bench_module.default_world_size(load_config("f2llm-0.6b"))[0] == 32
+    # The README's gradient-cache launches: 512 queries on one GPU, 64 on each of 8.
+    launches = [load_config(name, list(overrides)) for name, overrides in bench_module.README_LAUNCHES]
+    assert all(c.grad_cache.enabled for c in launches)
+    assert [bench_module.default_world_size(c)[0] for c in launches] == [1, 8]
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory) -> list[str]:
+    """Overrides that make the shipped f2llm-0.6b config train a tiny local Qwen3 on short texts."""
+    from tests.helpers import tiny_qwen3
+
+    folder = tiny_qwen3(tmp_path_factory.mktemp("bench-config"))
+    return [f"model.name_or_path={folder}", "data.batch_size=4", "model.max_length=128", "data.max_tokens=512"]
+
+
+def count_config(bench_module, capsys, out: Path, *args: str) -> tuple[str, dict]:
+    """--flops --config f2llm-0.6b ARGS: (the last line printed, the row written)."""
+    capsys.readouterr()
+    assert bench_module.main(["--flops", "--config", "f2llm-0.6b", *args, "--out", str(out)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    (row,) = json.loads((out / "train_step_flops_configs.json").read_text())["rows"]
+    return last, row
+
+
+def test_flops_of_a_config_follow_its_layout(bench_module, tiny_config, capsys, tmp_path: Path) -> None:
+    """--flops --config on a tiny local Qwen3: the last line is the ratio; packing, padding and the gradient cache
+    are the config's (the same texts; padding computes more positions, the cache a no-grad pass and its chunks)."""
+    fixed = [*tiny_config, "model.gradient_checkpointing=false"]
+    last, packed = count_config(bench_module, capsys, tmp_path, *fixed)
+    assert re.fullmatch(r"executed/ideal FLOPs: \d+\.\d\d", last) and last.endswith(f"{packed['ratio']:.2f}")
+    assert packed["model"].startswith("tiny-qwen3") and packed["engine"] == "deepspeed ZeRO-2"
+    assert packed["world_size"] == 128 and "512" in packed["world_size_rule"]  # 512 queries / 4 per rank
+    assert packed["texts"] == 4 * (1 + 1 + 7) and packed["layout"] == "packed (rows of 512)"
+    assert packed["checkpointing"] == "off (fixed)" and packed["chunks"] == 1 and packed["recompute_flops"] == 0
+    assert packed["command"].endswith(" ".join(fixed) + " --world-size 128")
+
+    _, padded = count_config(bench_module, capsys, tmp_path, *fixed, "data.packing=false")
+    assert padded["layout"] == "padded" and padded["real_tokens"] == packed["real_tokens"]
+    assert padded["positions"] > packed["positions"] and padded["ratio"] > packed["ratio"]
+    assert padded["ideal_flops"] == packed["ideal_flops"]
+
+    _, cached = count_config(
+        bench_module, capsys, tmp_path, *fixed, "grad_cache.enabled=true", "grad_cache.chunk_texts=9"
+    )
+    assert cached["chunks"] == 4 and cached["chunk_texts"] == 9 and cached["linear_no_grad_flops"] > 0
+    assert cached["ratio"] > packed["ratio"] and cached["ideal_flops"] == packed["ideal_flops"]
+
+
+def test_world_size_sets_the_budget_by_the_engine_state(bench_module, tiny_config, capsys, tmp_path: Path) -> None:
+    """The budget is 0.7 x (memory - the DeepSpeed ZeRO-2 state of one rank at N ranks): on a GPU sized so that the
+    step's activations just miss the budget at 1 rank, it checkpoints there and fits (no recompute) at 8."""
+    from dataclasses import asdict
+
+    from f2llm.engine import training_state_bytes
+    from f2llm.trainer import ACTIVATION_MEMORY_SHARE as SHARE
+
+    _, roomy = count_config(bench_module, capsys, tmp_path, *tiny_config, "--world-size", "1", "--memory-gb", "1000")
+    P, activations = roomy["params"], roomy["largest_forward_activations_gib"] * 2**30
+    one, eight = (training_state_bytes("deepspeed", P, P, n, torch.bfloat16, 2) for n in (1, 8))
+    assert roomy["state"] == asdict(one) and roomy["checkpointing"] == "off (by the memory budget)"
+    margin = SHARE * (one.total - eight.total) / 2
+    memory_gb = ((activations - margin) / SHARE + one.total) / 1e9
+    rows = {}
+    for n in (1, 8):
+        _, rows[n] = count_config(
+            bench_module, capsys, tmp_path, *tiny_config, "--world-size", str(n), "--memory-gb", repr(memory_gb)
+        )
+    for n, state in ((1, one), (8, eight)):
+        assert rows[n]["state"] == asdict(state)
+        assert rows[n]["budget_gib"] * 2**30 == pytest.approx(SHARE * (memory_gb * 1e9 - state.total), abs=2)
+    assert rows[1]["checkpointing"] != "off (by the memory budget)" and rows[1]["recompute_flops"] > 0
+    assert rows[8]["checkpointing"] == "off (by the memory budget)" and rows[8]["recompute_flops"] == 0
+    assert rows[1]["ratio"] > rows[8]["ratio"]

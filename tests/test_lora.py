@@ -224,7 +224,11 @@ def test_two_ranks_train_the_adapters_like_one(workdir: Path, one_rank_lora: Pat
     """2 ranks x 2 queries (gloo) with the gradient cache by tokens end at the merged weights of 1 rank x 4."""
     ds = ("engine=deepspeed", f"deepspeed_config={ROOT / 'train' / 'configs' / 'zero2.json'}")
     overrides = (
-        LORA, "optim.max_steps=2", "data.batch_size=2", "grad_cache.enabled=true", "grad_cache.chunk_tokens=40"
+        LORA,
+        "optim.max_steps=2",
+        "data.batch_size=2",
+        "grad_cache.enabled=true",
+        "grad_cache.chunk_tokens=40",
     )
     out = tmp_path / "run"
     stdout = run(train_command(workdir, out, *overrides, *(ds if engine == "zero2" else ()), nproc=2))

@@ -269,3 +269,43 @@ def test_flops_table_and_executed_mfu(report, tmp_path: Path) -> None:
     # No --flops row of the same configuration (b was not counted): no executed MFU, the model MFU stays.
     cells = [c.strip() for c in lines["b. + Liger RMSNorm/RoPE/SwiGLU"].strip("|").split("|")]
     assert cells[3] == cell(by_row["b. + Liger RMSNorm/RoPE/SwiGLU"]["mfu_pct"]) and cells[4] == ""
+
+
+def test_config_flops_table_and_earlier_results(report, tmp_path: Path) -> None:
+    """A later CPU run holding only train_step_flops_configs.json (bench_train_step.py --flops --config all): its table
+    in the README, and the device's other benchmarks still shown, from the earlier run that has them."""
+    shutil.copytree(FIXTURES, tmp_path / "results")
+    later = tmp_path / "results" / "cpu" / "2000-01-02"
+    later.mkdir()
+    rows = [{"config": "f2llm-0.6b", "engine": "deepspeed ZeRO-2", "world_size": 32, "state_gib": 1.42,
+             "budget_gib": 51.2, "checkpointing": "8 of 28 layers (by the memory budget)", "chunks": 1,
+             "real_share": 0.985, "executed_tflop": 109.4, "ideal_tflop": 99.4, "ratio": 1.101},
+            {"config": "f2llm-0.6b engine=ddp data.batch_size=512 grad_cache.enabled=true", "engine": "ddp",
+             "world_size": 1, "state_gib": 8.88, "budget_gib": 45.9, "checkpointing": "off (by the memory budget)",
+             "chunks": 72, "real_share": 0.989, "executed_tflop": 4325.0, "ideal_tflop": 3195.0,
+             "ratio": 1.354}]  # fmt: skip
+    command = "python benchmarks/bench_train_step.py --flops --config all --out x"
+    meta = {"gpu_memory_gb": 80.0, "activation_memory_share": 0.7, "recipe_global_queries": 512}
+    env = {"command": command, "device": "cpu (2 cores, 2 torch threads)"}
+    payload = {"benchmark": "train_step_flops_configs", "rows": rows, "env": env, "meta": meta}
+    (later / "train_step_flops_configs.json").write_text(json.dumps(payload))
+    readme = tmp_path / "README.md"
+    readme.write_text(BEFORE + START + AFTER)
+    assert report.main(["--results", str(tmp_path / "results"), "--readme", str(readme)]) == 0
+    region = region_of(readme)
+    assert "### CPU: cpu (2 cores, 2 torch threads), 2000-01-02" in region
+    assert "`python benchmarks/bench_train_step.py --flops --config all`" in region
+    assert "70% of the memory left after the training state" in region and "an 80 GB GPU" in region
+    found = tables(region)
+    configs = found["FLOPs of one training step per shipped config, executed vs ideal (meta device, 2000-01-02)"]
+    assert [(r["config (+ overrides)"], r["GPUs"], r["executed / ideal"]) for r in configs] == [
+        (w["config"], str(w["world_size"]), cell(w["ratio"])) for w in rows
+    ]
+    assert configs[0]["checkpointing"] == rows[0]["checkpointing"] and configs[1]["forwards with grad"] == "72"
+    # The earlier run's benchmarks, under their own date and links.
+    cpu = found["Training step ablation (cpu (2 cores, 2 torch threads), 2000-01-01)"]
+    assert [r["row"] for r in cpu] == [w["row"] for w in load(CPU_RUN, "train_step_cpu")["rows"]]
+    assert "shown from the device's earlier runs (2000-01-01)" in region
+    assert "cpu/2000-01-01/train_step_cpu.json" in region and "cpu/2000-01-02/train_step_flops_configs.json" in region
+    links = [readme.parent / t for t in re.findall(r"\]\(([^)]+)\)", region)]
+    assert all(p.exists() for p in links), [p for p in links if not p.exists()]
