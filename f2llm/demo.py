@@ -6,7 +6,8 @@
 2. Evaluate the base model (all-MiniLM-L6-v2, packaged) on SciFact (nDCG@10) and STSBenchmark (Spearman) with
    MTEB's evaluators; the SciFact corpus embeddings computed for mining are reused.
 3. Train with the shipped ``demo-cpu`` config (``train/configs/demo-cpu.yaml``): 2 processes under torchrun
-   (gloo), gradient cache on, the F2LLM loss (hard negatives + in-batch positives gathered across both processes).
+   (gloo), gradient cache on, texts packed in rows of 256 tokens, the F2LLM loss (hard negatives + in-batch
+   positives gathered across both processes).
 4. Evaluate the trained model the same way; print the before/after table; the model is saved with
    ``save_pretrained`` (loadable by transformers and sentence-transformers).
 """
