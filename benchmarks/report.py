@@ -345,16 +345,22 @@ def render_run(run: Run, link: Callable[[Path], str]) -> str:
             parts += [train_step_note(payload["meta"]), ""]
         parts += [table(payload["rows"], TABLES[(kind, variant)]), ""]
         parts += [f"![{TITLES[kind]}, {device}]({link(origin.folder / f'{kind}.png')})", ""]
+
+    def section_head(name: str, payload: dict, where: str) -> list[str]:
+        """A results section's heading (``where`` it ran, and when) and its command, source and script links."""
+        origin = source(name)
+        return [
+            f"#### {TITLES[name]} ({where}, {origin.date})",
+            "",
+            f"`{shown_command(payload, name)}`; source: [{name}.json]({link(origin.folder / f'{name}.json')}), "
+            f"script: [{SCRIPTS[name]}]({link(ROOT / 'benchmarks' / SCRIPTS[name])})",
+            "",
+        ]
+
     flops = run.results.get("train_step_flops")
     if flops is not None:
-        origin = source("train_step_flops")
         parts += [
-            f"#### {TITLES['train_step_flops']} (meta device, {origin.date})",
-            "",
-            f"`{shown_command(flops, 'train_step_flops')}`; source: "
-            f"[train_step_flops.json]({link(origin.folder / 'train_step_flops.json')}), script: "
-            f"[{SCRIPTS['train_step_flops']}]({link(ROOT / 'benchmarks' / SCRIPTS['train_step_flops'])})",
-            "",
+            *section_head("train_step_flops", flops, "meta device"),
             flops_note(flops),
             "",
             *flops_summary_lines(flops),
@@ -364,15 +370,8 @@ def render_run(run: Run, link: Callable[[Path], str]) -> str:
         ]
     configs = run.results.get("train_step_flops_configs")
     if configs is not None:
-        origin = source("train_step_flops_configs")
         parts += [
-            f"#### {TITLES['train_step_flops_configs']} (meta device, {origin.date})",
-            "",
-            f"`{shown_command(configs, 'train_step_flops_configs')}`; source: "
-            f"[train_step_flops_configs.json]({link(origin.folder / 'train_step_flops_configs.json')}), script: "
-            f"[{SCRIPTS['train_step_flops_configs']}]"
-            f"({link(ROOT / 'benchmarks' / SCRIPTS['train_step_flops_configs'])})",
-            "",
+            *section_head("train_step_flops_configs", configs, "meta device"),
             configs_note(configs),
             "",
             table(configs["rows"], CONFIGS_TABLE),
@@ -381,14 +380,8 @@ def render_run(run: Run, link: Callable[[Path], str]) -> str:
     comm = run.results.get("train_step_comm")
     if comm is not None:
         meta = comm.get("meta", {})
-        origin = source("train_step_comm")
         parts += [
-            f"#### {TITLES['train_step_comm']} ({meta.get('ranks')} CPU ranks, {meta.get('backend')}, {origin.date})",
-            "",
-            f"`{shown_command(comm, 'train_step_comm')}`; source: "
-            f"[train_step_comm.json]({link(origin.folder / 'train_step_comm.json')}), script: "
-            f"[{SCRIPTS['train_step_comm']}]({link(ROOT / 'benchmarks' / SCRIPTS['train_step_comm'])})",
-            "",
+            *section_head("train_step_comm", comm, f"{meta.get('ranks')} CPU ranks, {meta.get('backend')}"),
             "The trainer's own step; bytes of the tensors handed to collectives on one rank, also as multiples of one "
             f"full set of gradients ({num_range([comm['rows'][0].get('gradient_mib')])} MiB here), which holds for "
             f"any model size. {meta.get('queries_per_rank')} queries x {meta.get('texts_per_query')} texts per rank; "

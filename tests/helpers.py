@@ -204,8 +204,8 @@ def train_command(workdir: Path, out: Path, *overrides: str, nproc: int = 1) -> 
     args = ["--config", str(workdir / "base.yaml"), f"output_dir={out}", *overrides]
     if nproc == 1:
         return [sys.executable, script, *args]
-    launch = ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}"]
-    return [sys.executable, *launch, script, *args]
+    torchrun = ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}"]
+    return [sys.executable, *torchrun, script, *args]
 
 
 # The thread settings of every process a test launches. Runs compared bit for bit (a killed run and its resume
