@@ -736,11 +736,12 @@ def load_sources(
         raise DataError(f"{path}: {unknown_source_message(name)}")
     if unknown:
         listed = "; ".join(f"{name!r} ({path})" for path, name in unknown)
-        example = ", ".join(f"{name}: {{kind: retrieval}}" for _, name in unknown[:2])
+        # Per-key overrides: a whole `data.sources={...}` would replace the config's other source settings.
+        example = " ".join(f"data.sources.{name}.kind=retrieval" for _, name in unknown[:2])
         raise DataError(
             f"{len(unknown)} unknown sources, whose kind f2llm's tables of F2LLM v1 / v2 sources do not give: "
-            f"{listed}. Give each its kind with the setting data.sources.<name>.kind, e.g. "
-            f"`data.sources={{{example}}}`; kinds: {', '.join(KINDS)} (only retrieval sources get the in-batch term)"
+            f"{listed}. Give each its kind with the setting data.sources.<name>.kind, e.g. the overrides "
+            f"`{example}`; kinds: {', '.join(KINDS)} (only retrieval sources get the in-batch term)"
         )
     for path, name in zip(files, names, strict=True):  # the other settings' errors, before any tokenizing too
         resolve_source(name, overrides.get(name), str(path), num_negatives)
