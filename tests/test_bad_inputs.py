@@ -22,7 +22,7 @@ from f2llm.config import load_config
 from f2llm.data import DataError, SourceOverride, TextTokenizer, load_source, load_sources
 from f2llm.model import Encoder
 from f2llm.trainer import Runtime, Trainer
-from tests.helpers import make_rows, tiny_qwen3, training_env, write_source
+from tests.helpers import HANG_BOUND, make_rows, tiny_qwen3, training_env, write_source
 
 CORPUS = Path(__file__).resolve().parent / "data" / "bad"
 WORKER = Path(__file__).resolve().parent / "fault_worker.py"
@@ -210,7 +210,7 @@ def test_ten_megabyte_row_is_truncated_in_bounded_memory(model_dir: Path, tmp_pa
     path.write_text("".join(json.dumps(r) + "\n" for r in (rows[0], huge, rows[1])))
     cmd = [sys.executable, str(WORKER), "tokenize", str(path), str(tmp_path / "cache"), str(model_dir)]
     cmd += ["--max-length", str(MAX_LENGTH), "--max-extra-rss-mib", "256"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=training_env(), check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_BOUND, env=training_env(), check=False)
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["passage_lengths"][1] == MAX_LENGTH and report["passage_last"][1] == report["eos"]
@@ -226,7 +226,7 @@ def test_kill_9_during_tokenization_leaves_no_entry_a_later_run_misreads(
     source = write_source(tmp_path / "msmarco.jsonl", make_rows(2500, 0))
     cache = tmp_path / "cache"
     cmd = [sys.executable, str(WORKER), "tokenize", str(source), str(cache), str(model_dir), "--die-at-call", "2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=training_env(), check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_BOUND, env=training_env(), check=False)
     assert proc.returncode == -9, f"the worker was not killed mid-tokenization: {proc.returncode} {proc.stderr[-2000:]}"
     assert not list(cache.glob("*.json")), "an entry was published although tokenization never finished"
 

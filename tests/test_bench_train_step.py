@@ -4,7 +4,6 @@ count (--flops) matches torch's counter and a count by hand."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -16,16 +15,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModel, Qwen3Config
 
-from tests.helpers import benchmark_module
+from tests.helpers import HANG_BOUND, benchmark_module, training_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_train_step.py"
 
 
 def run_bench(out: Path, *args: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     cmd = [sys.executable, str(SCRIPT), "--cpu", "--quick", *args, "--out", str(out)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, env=training_env(), capture_output=True, text=True, timeout=HANG_BOUND)
     assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return json.loads((out / "train_step_cpu.json").read_text())
 
@@ -201,9 +199,8 @@ def test_flops_mode_writes_rows_and_summary(bench_module, tmp_path: Path) -> Non
 def test_comm_mode_measures_what_each_engine_sends(tmp_path: Path) -> None:
     """The trainer's own step under 2 ranks: DDP and ZeRO-1 send one set of gradients per step whatever the chunk
     count (no_sync defers it); ZeRO-2 one more reduce-scatter of the gradients for every further chunk."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     cmd = [sys.executable, str(SCRIPT), "--comm", "--steps", "2", "--out", str(tmp_path)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, env=training_env(), capture_output=True, text=True, timeout=HANG_BOUND)
     assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     rows = {(r["engine"], r["chunks"]): r for r in json.loads((tmp_path / "train_step_comm.json").read_text())["rows"]}
     assert set(rows) == {(e, c) for e in ("ddp", "zero1", "zero2", "zero3") for c in (1, 4)}

@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import HANG_BOUND, training_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_bench(script: str, *args: str, out: Path) -> None:
-    # A benchmark run is a fresh process, not part of this pytest-xdist worker.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    env["TRITON_INTERPRET"] = "1"
     cmd = [sys.executable, str(ROOT / "benchmarks" / script), *args, "--out", str(out)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    env = training_env(TRITON_INTERPRET="1")
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=HANG_BOUND)
     assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
 
 

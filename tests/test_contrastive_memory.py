@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import HANG_BOUND
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_contrastive.py"
 B, N, D = 4096, 32768, 64
 
@@ -25,7 +27,7 @@ def run_case(case: str) -> dict:
            "--repeats", "0"]  # fmt: skip
     # As bench_contrastive.cpu_case_env: a fixed mmap threshold so that freed blocks leave the resident set.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"MALLOC_MMAP_THRESHOLD_": "65536"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_BOUND, env=env, check=False)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -28,7 +28,7 @@ from f2llm.data import (
     negative_columns_for_step,
 )
 from f2llm.data.sources import CLASSIFICATION_SOURCES, CLUSTERING_SOURCES, INSTRUCTIONS, RETRIEVAL_SOURCES
-from tests.helpers import make_rows, tiny_tokenizer, write_source
+from tests.helpers import HANG_BOUND, make_rows, tiny_tokenizer, write_source
 
 datasets.disable_progress_bars()
 NO_NEGATIVES = SourceOverride(num_negatives=0)
@@ -228,7 +228,7 @@ def test_concurrent_ranks_tokenize_once(tmp_path: Path, hf_tokenizer) -> None:
         subprocess.Popen([sys.executable, "-c", _RANK_SCRIPT, *args], stdout=subprocess.PIPE, text=True)
         for _ in range(2)
     ]
-    hits = [p.communicate(timeout=120)[0].strip().splitlines()[-1] for p in ranks]
+    hits = [p.communicate(timeout=HANG_BOUND)[0].strip().splitlines()[-1] for p in ranks]
     assert all(p.returncode == 0 for p in ranks)
     assert sorted(hits) == ["False", "True"]  # one process built the cache, the other waited and reused it
 

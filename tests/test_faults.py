@@ -31,7 +31,7 @@ from f2llm.config import load_config
 from f2llm.distributed import free_port
 from f2llm.model import F2LLM_CONFIG, Encoder
 from f2llm.trainer import Runtime, Trainer
-from tests.helpers import launch, trainer_workdir, training_env
+from tests.helpers import HANG_BOUND, launch, trainer_workdir, training_env
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "fault_worker.py"
@@ -39,7 +39,7 @@ MAX_STEPS = 10
 SAVE_EVERY = 2
 # A failed or torn-down job must be gone well within this (startup of 2 ranks included).
 EXIT_DEADLINE = 60.0
-RUN_DEADLINE = 900.0  # a job that should finish: waited for this long before it counts as hung
+RUN_DEADLINE = float(HANG_BOUND)  # a job that should finish: waited for this long before it counts as hung
 # Kill points of the kill -9 chain, one per seed (see draw_kill_points).
 KILL_SEEDS = (11, 12, 13)
 PHASES = ("before", "after_backward", "after_update")
@@ -225,7 +225,7 @@ def test_kill_9_inside_checkpoint_writer_keeps_previous_checkpoint(tmp_path: Pat
         [sys.executable, str(WORKER), "checkpoint-writer", str(root)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG_BOUND,
         env=training_env(),
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]

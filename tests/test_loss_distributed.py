@@ -16,7 +16,7 @@ import torch
 
 from f2llm.distributed import free_port
 from f2llm.loss import F2LLMLoss
-from tests.helpers import training_env
+from tests.helpers import HANG_BOUND, training_env
 
 WORKER = Path(__file__).with_name("dist_loss_worker.py")
 WORLD = 2
@@ -28,7 +28,7 @@ def rank_results(tmp_path_factory) -> tuple[dict, list[dict]]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(WORLD),
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(WORKER), str(out)]  # fmt: skip
     env = training_env()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_BOUND, env=env, check=False)
     assert proc.returncode == 0, f"torchrun failed:\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
     return torch.load(out / "inputs.pt"), [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import benchmark_module
+from tests.helpers import HANG_BOUND, benchmark_module, training_env
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "benchmarks" / "report.py"
@@ -177,9 +177,8 @@ def test_summary(report, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 def test_committed_readme_matches_committed_results() -> None:
     """README's performance section is exactly what report.py renders from benchmarks/results/ (no drift)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     result = subprocess.run(
-        [sys.executable, str(REPORT), "--check"], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, str(REPORT), "--check"], env=training_env(), capture_output=True, text=True, timeout=HANG_BOUND
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -190,14 +189,13 @@ def test_gpu_suite_dry_run(tmp_path: Path) -> None:
 
     Two steps only (--only), to keep the test short: every step goes through the same plumbing.
     """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    env.update(PYTHON=sys.executable, RESULTS_ROOT=str(tmp_path / "results"), OUT=str(tmp_path / "out"))
+    env = training_env(PYTHON=sys.executable, RESULTS_ROOT=str(tmp_path / "results"), OUT=str(tmp_path / "out"))
     result = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--dry-run", "--only", "contrastive_check,train_step"],
         env=env,
         capture_output=True,
         text=True,
-        timeout=480,
+        timeout=HANG_BOUND,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     runs = list((tmp_path / "results" / "cpu-dry-run").iterdir())

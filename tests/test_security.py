@@ -24,7 +24,7 @@ from f2llm.distributed import free_port
 from f2llm.evaluation.encoding import cache_path, encode_cached
 from f2llm.model import Encoder
 from f2llm.trainer import Runtime, Trainer
-from tests.helpers import make_rows, tiny_qwen3, training_env, write_source
+from tests.helpers import HANG_BOUND, make_rows, tiny_qwen3, training_env, write_source
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "fault_worker.py"
@@ -217,7 +217,7 @@ def test_deepspeed_resume_refuses_a_planted_pickle(workdir: Path, tmp_path: Path
         str(tmp_path / "deepspeed.yaml"),
         str(tmp_path / "payload.pt"),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_BOUND, env=env, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     outcome = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not canary.exists(), f"DeepSpeed's resume unpickled the planted file and ran its code: {outcome}"

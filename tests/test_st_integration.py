@@ -375,10 +375,10 @@ def _worker(out: Path) -> None:
 def test_gather_across_devices_two_ranks(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(WORLD),
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), __file__, str(tmp_path)]  # fmt: skip
-    from tests.helpers import training_env  # here: this file is also the torchrun worker, run as a script
+    from tests.helpers import HANG_BOUND, training_env  # here: this file is also the torchrun worker, run as a script
 
     env = training_env()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_BOUND, env=env, check=False)
     assert proc.returncode == 0, f"torchrun failed:\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for r in ranks:  # each rank's loss and gradients (gathered candidates' included) are sentence-transformers'

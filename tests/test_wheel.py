@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, make_rows, metrics, tiny_qwen3, training_env, write_source
+from tests.helpers import HANG_BOUND, ROOT, make_rows, metrics, tiny_qwen3, training_env, write_source
 
 pytestmark = pytest.mark.slow
 
@@ -54,13 +54,13 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pip = [sys.executable, "-m", "pip"]
     # No build isolation: the test venv's setuptools (a dev dependency) builds it, with no download.
     build = [*pip, "wheel", str(src), "--no-deps", "--no-build-isolation", "--quiet", "--wheel-dir", str(tmp / "dist")]
-    subprocess.run(build, check=True, capture_output=True, text=True, timeout=300)
+    subprocess.run(build, check=True, capture_output=True, text=True, timeout=HANG_BOUND)
     (wheel,) = (tmp / "dist").glob("f2llm-*.whl")
     venv = tmp / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=HANG_BOUND)
     python = venv / "bin" / "python"
     install = [*pip, "--python", str(python), "install", "--no-deps", "--no-index", "--quiet", str(wheel)]
-    subprocess.run(install, check=True, capture_output=True, text=True, timeout=300)
+    subprocess.run(install, check=True, capture_output=True, text=True, timeout=HANG_BOUND)
     (purelib,) = json.loads(
         run_in(venv, [str(python), "-c", "import site, json; print(json.dumps(site.getsitepackages()))"])
     )
@@ -68,7 +68,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return venv
 
 
-def run_in(venv: Path, cmd: list[str], timeout: int = 300) -> str:
+def run_in(venv: Path, cmd: list[str], timeout: float = HANG_BOUND) -> str:
     """Run in the fresh venv, from a folder outside the checkout, with the tests' thread settings."""
     env = training_env(VIRTUAL_ENV=str(venv), PATH=f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
     env.pop("PYTHONPATH", None)

@@ -19,6 +19,7 @@ import pytest
 import triton
 
 from f2llm.kernels import contrastive, matryoshka, pooling
+from tests.helpers import HANG_BOUND
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_compile.py"
 SMEM_PER_BLOCK = {"sm_90": 232448, "sm_80": 166912}
@@ -51,7 +52,7 @@ def compile_rows(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     }
     rows = []
     for arch, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=900)
+        stdout, stderr = proc.communicate(timeout=HANG_BOUND)
         report = out / arch / "compile.json"
         assert report.exists(), f"bench_compile.py --arch {arch} wrote nothing:\n{stdout[-2000:]}\n{stderr[-3000:]}"
         rows += json.loads(report.read_text())["rows"]
