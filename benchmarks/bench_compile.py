@@ -11,7 +11,7 @@ Triton's wheel ships ptxas, so a kernel compiles for sm_90 without a GPU exactly
 would: the launch arguments go through the kernel's own binder (the same integer specialization: 1 and
 multiples of 16) with mock tensors in place of real ones, then ``triton.compile``. The configurations are the
 ones the ops' own dispatch functions return (``infonce_config``, ``matmul_config``, ``bwd_chunk_n``,
-``resolve_splits`` with 132 SMs, ``_grouped_blocks``, pooling's ``_block_sizes``) for the recipe's sizes:
+``resolve_splits`` with 132 SMs, ``grouped_blocks``, pooling's ``_block_sizes``) for the recipe's sizes:
 D in {1024, 2048, 2560} (Qwen3 0.6B / 1.7B / 4B) plus 64, 128 and 384 (the single-chunk paths and MiniLM),
 B in {16, 512, 16384} queries, N in {512, 4096, 131072} candidates, bfloat16 / float16 / float32 (ieee and tf32),
 mask margin on and off, and pooling (D in {384, 1024, 2048, 2560}) in every mode over padded and packed bf16 and
@@ -52,7 +52,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import MockTensor, create_function_from_signature
 
-from f2llm.kernels import contrastive, matryoshka, pooling
+from f2llm.kernels import contrastive, matryoshka, pooling, utils
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "compile"
@@ -118,17 +118,17 @@ def tensor(dtype: torch.dtype) -> MockTensor:
 # ------------------------------------------------------------------------------------------------ launches
 def infonce_launches(capability: int) -> Iterator[Launch]:
     """The kernels of one infonce forward + backward, for every size / dtype / option of the grid."""
-    C = contrastive
+    C, U = contrastive, utils
     cuda = torch.device("cuda")
     for D in DIMS:
         for B in QUERIES:
             for N in CANDIDATES:
                 for dname, precision in (("bf16", "ieee"), ("fp16", "ieee"), ("fp32", "ieee"), ("fp32", "tf32")):
                     dtype = DTYPES[dname]
-                    config = C.infonce_config(B, N, D, dtype, cuda, capability=capability)
-                    cfg = C.resolve_splits(config, B, N, H100_SMS)
-                    per_split, _ = C._split_ranges(N, cfg.block_n, cfg.splits_n)
-                    chunk = C.bwd_chunk_n(cfg, B, N)
+                    config = U.infonce_config(B, N, D, dtype, cuda, capability=capability)
+                    cfg = U.resolve_splits(config, B, N, H100_SMS)
+                    per_split, _ = U.split_ranges(N, cfg.block_n, cfg.splits_n)
+                    chunk = U.bwd_chunk_n(cfg, B, N)
                     mma = dtype != torch.float32 or precision == "tf32"
                     size = f"D={D} B={B} N={N}"
                     tiles = f"{cfg.block_b}x{cfg.block_n}x{cfg.block_d} w{cfg.num_warps} s{cfg.num_stages}"
@@ -162,11 +162,11 @@ def infonce_launches(capability: int) -> Iterator[Launch]:
                         ("matmul_dq", (B, chunk), False, tensor(torch.float32), True),
                         ("matmul_dc", (chunk, B), True, tensor(dtype), False),
                     ):
-                        mc = C.matmul_config(M, D, K, dtype, cuda)
+                        mc = U.matmul_config(M, D, K, dtype, cuda)
                         strides = (1, chunk) if transposed else (chunk, 1)
                         yield Launch(
                             name,
-                            C._scaled_matmul_kernel,
+                            U._scaled_matmul_kernel,
                             (tensor(dtype), tensor(dtype), out, tensor(torch.float32), M, D, K, *strides, D, D),
                             dict(
                                 ACCUMULATE=accumulate,
@@ -187,10 +187,10 @@ def infonce_launches(capability: int) -> Iterator[Launch]:
 
 def grouped_launches() -> Iterator[Launch]:
     """grouped_infonce (each query against its own positive + hard negatives): elementwise, no tl.dot."""
-    C = contrastive
+    C, U = contrastive, utils
     for D in DIMS:
         for B in QUERIES:
-            block_b, block_g, block_d, num_warps = C._grouped_blocks(B, GROUP, D)
+            block_b, block_g, block_d, num_warps = U.grouped_blocks(B, GROUP, D)
             blocks = dict(BLOCK_B=block_b, BLOCK_G=block_g, BLOCK_D=block_d, num_warps=num_warps)
             for dname, dtype in DTYPES.items():
                 x, f32 = tensor(dtype), tensor(torch.float32)
@@ -214,7 +214,7 @@ def grouped_launches() -> Iterator[Launch]:
 def matryoshka_launches(capability: int) -> Iterator[Launch]:
     """Matryoshka infonce (forward, backward probs and its per-segment GEMMs) and grouped_infonce at the Qwen3
     sizes with v2's default levels (8 to 10 of them), bf16 and fp32."""
-    C, M = contrastive, matryoshka
+    M, U = matryoshka, utils
     cuda = torch.device("cuda")
     for D in MRL_DIMS:
         dims, _ = M.matryoshka_levels(D)
@@ -225,8 +225,8 @@ def matryoshka_launches(capability: int) -> Iterator[Launch]:
                 for dname in ("bf16", "fp32"):
                     dtype, precision = DTYPES[dname], "ieee"
                     config = M.matryoshka_config(B, N, D, dtype, cuda, capability=capability)
-                    cfg = C.resolve_splits(config, B, N, H100_SMS)
-                    per_split, _ = C._split_ranges(N, cfg.block_n, cfg.splits_n)
+                    cfg = U.resolve_splits(config, B, N, H100_SMS)
+                    per_split, _ = U.split_ranges(N, cfg.block_n, cfg.splits_n)
                     chunk = M.mrl_bwd_chunk_n(cfg, B, N, L)
                     mma = dtype != torch.float32
                     size = f"D={D} B={B} N={N}"
@@ -264,10 +264,10 @@ def matryoshka_launches(capability: int) -> Iterator[Launch]:
                             ("matmul_dq", (B, chunk), (chunk, 1), tensor(torch.float32), True),
                             ("matmul_dc", (chunk, B), (1, chunk), tensor(dtype), False),
                         ):
-                            mc = C.matmul_config(rows, width, K, dtype, cuda)
+                            mc = U.matmul_config(rows, width, K, dtype, cuda)
                             yield Launch(
                                 name,
-                                C._scaled_matmul_kernel,
+                                U._scaled_matmul_kernel,
                                 (h, tensor(dtype), out, f32, rows, width, K, *strides, D, D),
                                 dict(ACCUMULATE=accumulate, CAST_FP32=False, PRECISION=precision,
                                      BLOCK_M=mc.block_m, BLOCK_N=mc.block_n, BLOCK_K=mc.block_k,
@@ -278,7 +278,7 @@ def matryoshka_launches(capability: int) -> Iterator[Launch]:
                                 f"{size} matryoshka segment {lo}:{hi}",
                             )  # fmt: skip
         for B in QUERIES:
-            block_b, block_g, block_d, num_warps = C._grouped_blocks(B, GROUP, D)
+            block_b, block_g, block_d, num_warps = U.grouped_blocks(B, GROUP, D)
             consts = dict(ALIGN=align, BLOCK_B=block_b, BLOCK_G=block_g, BLOCK_D=block_d, num_warps=num_warps)
             for dname in ("bf16", "fp32"):
                 x, f32, i32 = tensor(DTYPES[dname]), tensor(torch.float32), tensor(torch.int32)

@@ -1,4 +1,4 @@
-"""Benchmark and check the fused contrastive loss (f2llm.ops.infonce, f2llm.ops.grouped_infonce).
+"""Benchmark and check the fused contrastive loss (f2llm.kernels.infonce, f2llm.kernels.grouped_infonce).
 
 Commands (from the repository root):
     python benchmarks/bench_contrastive.py --check          # CUDA: correctness vs float64 at real sizes, bf16/fp16/fp32
@@ -48,8 +48,8 @@ from common import (
     write_results,
 )
 
-from f2llm.kernels.dispatch import triton_interpreting
-from f2llm.ops import grouped_infonce, grouped_infonce_reference, infonce, infonce_reference
+from f2llm.kernels import grouped_infonce, grouped_infonce_reference, infonce, infonce_reference
+from f2llm.kernels.utils import triton_interpreting
 
 TEMPERATURE = 0.05
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -36,7 +36,7 @@ from common import DEFAULT_OUT, cpu_median_s, write_results
 from f2llm.data import Collator, TextTokenizer, format_query
 from f2llm.data.convert import DEFAULT_DATA_DIR
 from f2llm.data.sources import INSTRUCTIONS
-from f2llm.model import Encoder
+from f2llm.encoder import Encoder
 
 SOURCES = ("scifact", "snli", "mrpc", "banking77", "emotion")
 QUERIES_PER_RANK, NEGATIVES = 16, 7

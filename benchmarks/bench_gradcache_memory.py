@@ -33,8 +33,8 @@ def one_step(queries: int) -> dict:
     from transformers import Qwen3Config, Qwen3Model
 
     from f2llm.gradcache import GradientCache
+    from f2llm.kernels import pool
     from f2llm.loss import F2LLMLoss
-    from f2llm.ops import pool
 
     torch.manual_seed(0)
     torch.set_num_threads(1)

@@ -51,8 +51,8 @@ from common import (
     write_results,
 )
 
-from f2llm.kernels.dispatch import triton_interpreting
-from f2llm.ops import grouped_infonce, infonce, matryoshka_levels
+from f2llm.kernels import grouped_infonce, infonce, matryoshka_levels
+from f2llm.kernels.utils import triton_interpreting
 
 TEMPERATURE = 0.05
 D_FULL = 1024

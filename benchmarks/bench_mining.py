@@ -50,7 +50,7 @@ def model_path() -> str:
 
 def f2llm_case(data: MiningInput, cache: Path) -> Callable[[int], list[list[str] | None]]:
     """The model loaded; returns mine(skip) -> negatives per row of ``data`` (None: row dropped)."""
-    from f2llm.model import Encoder
+    from f2llm.encoder import Encoder
 
     encoder = Encoder.from_pretrained(model_path(), max_length=MAX_LENGTH)
 

@@ -1,4 +1,4 @@
-"""Benchmark and check the fused pooling + L2-normalization op (f2llm.ops.pool).
+"""Benchmark and check the fused pooling + L2-normalization op (f2llm.kernels.pool).
 
 Commands:
     python benchmarks/bench_pooling.py --check            # correctness vs float64 at real sizes (CUDA) or small (CPU)
@@ -32,9 +32,9 @@ from common import (
     write_results,
 )
 
-from f2llm.kernels.dispatch import triton_interpreting
+from f2llm.kernels import pool
 from f2llm.kernels.pooling import MODES, pool_reference
-from f2llm.ops import pool
+from f2llm.kernels.utils import triton_interpreting
 
 
 # ------------------------------------------------------------------------------------------------ helpers

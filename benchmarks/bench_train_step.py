@@ -24,15 +24,15 @@ queries x (1 positive + 7 hard negatives), the recipe's batch on one GPU. Rows, 
 
     a. baseline, as the recipe's code runs it: all texts padded into one batch, sdpa attention with the padding
        mask, gradient checkpointing, plain PyTorch pooling and loss: :class:`PlainPoolingEncoder` (a bench subclass
-       of ``f2llm.model.Encoder`` that replaces only the pooling, by the last token's hidden state and
+       of ``f2llm.encoder.Encoder`` that replaces only the pooling, by the last token's hidden state and
        ``F.normalize``; the Encoder has no pooling switch, so the subclass overrides ``forward`` for padded batches
        with the same backbone call) and :class:`PlainF2LLMLoss` (F2LLMLoss's call signature on ``cross_entropy(q @
        p.T / t)`` in-batch + ``cross_entropy(bmm(q, docs) / t)`` hard);
-    b. + Liger RMSNorm / RoPE / SwiGLU (``f2llm.model.apply_liger_kernels``; skipped, with the reason, where Liger
+    b. + Liger RMSNorm / RoPE / SwiGLU (``f2llm.liger.apply_liger_kernels``; skipped, with the reason, where Liger
        cannot run: on CPU, or when liger_kernel is not importable). Liger changes no matmul: same FLOPs as a;
-    c. + fused pooling and loss (``Encoder.forward``: ``f2llm.ops.pool``; ``F2LLMLoss``);
+    c. + fused pooling and loss (``Encoder.forward``: ``f2llm.kernels.pool``; ``F2LLMLoss``);
     d. + packing (``data.packing``, rows of ``data.max_tokens``) with varlen attention where it runs (the
-       ``f2llm_varlen`` attention of f2llm.model, or flash-attention 2, on CUDA), else sdpa with the block-diagonal
+       ``f2llm_varlen`` attention of f2llm.attention, or flash-attention 2, on CUDA), else sdpa with the block-diagonal
        causal mask transformers builds from the restarting position ids; gradient checkpointing decided by the
        memory budget (below). The --flops row d is always the varlen layout: the full stack. Row d2 packs into rows
        of 2 x max text length under sdpa's block-diagonal mask (that mask's attention work grows with the square of
@@ -43,10 +43,10 @@ queries x (1 positive + 7 hard negatives), the recipe's batch on one GPU. Rows, 
        gradient-cache row whose predicted time exceeds what is left is skipped (the row says so), and so are the
        larger ones after it.
 
-Memory budget (rows d, d2, e): they run ``model.gradient_checkpointing: auto``, the trainer's CheckpointPolicy:
+Memory budget (rows d, d2, e): they run ``model.gradient_checkpointing: auto``, the trainer's RecomputePolicy:
 a forward with grad (the batch, or a gradient-cache chunk in its second pass) checkpoints only when its estimated
-saved activations (the library's ``Encoder.activation_bytes``, for bf16 compute) exceed the budget, and then only
-as many of its first layers as it takes to fit (``Encoder.layer_checkpoint_saving``). The budget is
+saved activations (the library's ``ActivationMemory``, for bf16 compute) exceed the budget, and then only
+as many of its first layers as it takes to fit (``ActivationMemory.layer_saving``). The budget is
 what an 80 GB H100 (``--memory-gb``, 80e9 bytes) leaves after the DDP engine's training state on one rank, 16 bytes
 per parameter (fp32 weights, fp32 gradients, AdamW's two fp32 moments; ``f2llm.engine.training_state_bytes``): 65.6
 GiB for Qwen3-0.6B, 48.9 GiB for 1.7B, 14.6 GiB for 4B; the same on any GPU, so that the timed rows are the --flops
@@ -114,7 +114,7 @@ rows above (linear layers by FlopCounterMode, attention by the ledger, the loss 
                 queries, SciFact lengths as above capped at ``model.max_length``, seed 0 (at 16 queries: row d's);
     step        the config's ``data.packing`` / ``data.max_tokens``, gradient cache (``grad_cache.enabled``,
                 ``chunk_texts`` or ``chunk_tokens``) and ``model.gradient_checkpointing`` with the trainer's
-                CheckpointPolicy; attention: the varlen kernel the trainer picks on CUDA when
+                RecomputePolicy; attention: the varlen kernel the trainer picks on CUDA when
                 ``model.attn_implementation`` is null, flash_attention_2 or f2llm_varlen (a padded batch's padding
                 runs are segments of their own), else sdpa's mask (packed: block-diagonal; padded: L_pad^2). The
                 step itself runs the DDP engine of one process in fp32 on meta: no matmul differs under DeepSpeed
@@ -187,8 +187,12 @@ from transformers import (
     Qwen3Config,
 )
 
+from f2llm.attention import VARLEN as VARLEN_ATTENTION
+from f2llm.attention import default_attn_implementation, varlen_available
 from f2llm.config import DataConfig, GradCacheConfig, LossConfig, ModelConfig, TrainConfig, load_config
 from f2llm.data import INSTRUCTIONS, Collator, EncoderBatch, format_query
+from f2llm.distributed import Runtime
+from f2llm.encoder import Encoder
 from f2llm.engine import (
     TrainingState,
     build_engine,
@@ -197,10 +201,10 @@ from f2llm.engine import (
     training_state_bytes,
     weights_dtype,
 )
+from f2llm.liger import apply_liger_kernels
 from f2llm.loss import F2LLMLoss, LossOutput
-from f2llm.model import VARLEN as VARLEN_ATTENTION
-from f2llm.model import Encoder, apply_liger_kernels, default_attn_implementation, varlen_available
-from f2llm.trainer import ACTIVATION_MEMORY_SHARE, CheckpointPolicy, Runtime, Trainer, budget_from_free_memory
+from f2llm.recompute import ACTIVATION_MEMORY_SHARE, ActivationMemory, RecomputePolicy, budget_from_free_memory
+from f2llm.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 SCIFACT = ROOT / "data" / "retrieval" / "scifact"
@@ -404,14 +408,14 @@ def matmul_tflops(device: str) -> tuple[float, str]:
 class PlainPoolingEncoder(Encoder):
     """The baseline's pooling: the backbone's last hidden state at each text's last token, then ``F.normalize``.
 
-    ``f2llm.model.Encoder`` has no pooling switch (its forward calls the fused ``f2llm.ops.pool``), so this
+    ``f2llm.encoder.Encoder`` has no pooling switch (its forward calls the fused ``f2llm.kernels.pool``), so this
     subclass overrides ``forward`` for padded batches: the same backbone call as Encoder.forward's padded branch,
     then the plain pooling. Everything else (construction, device handling, the trainer's use) is the Encoder's.
     """
 
-    def forward(self, batch: EncoderBatch) -> torch.Tensor:
-        if batch.packed:
-            raise ValueError("PlainPoolingEncoder: the baseline pools padded batches only")
+    def forward(self, batch: EncoderBatch, normalize: bool | None = None) -> torch.Tensor:
+        if batch.packed or normalize is False:
+            raise ValueError("PlainPoolingEncoder: the baseline pools padded batches into normalized embeddings only")
         batch = batch.to(self.device, non_blocking=True)
         hidden = self.model(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
@@ -495,24 +499,25 @@ def derived_budget_bytes(state: TrainingState, memory_gb: float = GPU_MEMORY_GB)
     return budget_from_free_memory(int(memory_gb * 1e9) - state.resident, state.step)
 
 
-def checkpoint_policy(
+def recompute_policy_of(
     encoder: Encoder, mode: bool | str, budget: int | None, compute_dtype: torch.dtype, source: str | None = None
-) -> CheckpointPolicy:
-    """The trainer's CheckpointPolicy of a row: ``mode`` True / False / "auto", the library's activation estimate
-    (``Encoder.activation_bytes``; measured for ``encoder``'s weights dtype) for ``compute_dtype`` (bf16 on CUDA and
-    for --flops) against ``budget`` bytes; ``source`` says where the budget comes from."""
+) -> RecomputePolicy:
+    """The trainer's RecomputePolicy of a row: ``mode`` True / False / "auto", the library's activation estimate
+    (``ActivationMemory``; measured for ``encoder``'s weights dtype) for ``compute_dtype`` (bf16 on CUDA and for
+    --flops) against ``budget`` bytes; ``source`` says where the budget comes from."""
     if source is None:
         source = f"an {GPU_MEMORY_GB:g} GB GPU less {STATE_BYTES_PER_PARAM} B per parameter"
     if budget is not None:
         source = f"{budget / 2**30:.1f} GiB: {source}"
-    saving = encoder.layer_checkpoint_saving(compute_dtype) if budget is not None else None
-    return CheckpointPolicy(mode, budget, lambda n: encoder.activation_bytes(n, compute_dtype), source, saving)
+    memory = ActivationMemory(encoder)
+    saving = memory.layer_saving(compute_dtype) if budget is not None else None
+    return RecomputePolicy(mode, budget, lambda n: memory.bytes(n, compute_dtype), source, saving)
 
 
 def chunk_tokens_fitting(encoder: Encoder, budget: int, compute_dtype: torch.dtype) -> int:
     """The gradient cache's chunk size (real tokens, a multiple of 1024, 2% left for packed rows' padding tails)
     whose forward fits ``budget`` without checkpointing (by the library's estimate)."""
-    fixed, per_token = encoder.activation_profile(compute_dtype)
+    fixed, per_token = ActivationMemory(encoder).profile(compute_dtype)
     return max(MAX_LENGTH, int(0.98 * (budget - fixed) / per_token) // 1024 * 1024)
 
 
@@ -531,14 +536,14 @@ class StepObserver:
         self.batch = args[0]
         self.grad = torch.is_grad_enabled()
         if self.grad:
-            self.decisions.append(self.encoder.checkpointed_layers)
+            self.decisions.append(self.encoder.recomputed_layers)
             self.positions.append(self.batch.input_ids.numel())
 
-    def describe(self, policy: CheckpointPolicy) -> str:
+    def describe(self, policy: RecomputePolicy) -> str:
         rule = "by the memory budget" if policy.mode == "auto" else "fixed"
         if not self.decisions:
             return f"none ({rule})"
-        layers, n = self.encoder.num_checkpoint_layers, len(self.decisions)
+        layers, n = self.encoder.num_recompute_layers, len(self.decisions)
         if all(d == layers for d in self.decisions):
             state = "on"
         elif not any(self.decisions):
@@ -621,9 +626,9 @@ def row_config(variant: Variant, settings: Settings, chunk_tokens: int | None, b
 
 
 def make_trainer(config: TrainConfig, encoder: Encoder, loss_fn: nn.Module, device: str,
-                 checkpointing: CheckpointPolicy) -> Trainer:  # fmt: skip
+                 recompute: RecomputePolicy) -> Trainer:  # fmt: skip
     """A Trainer built from its fields as Trainer.from_config builds them (engine, collator), with no data
-    source (the rows hand ``train_step`` their own TrainingBatch) and the row's checkpointing policy."""
+    source (the rows hand ``train_step`` their own TrainingBatch) and the row's recompute policy."""
     engine = build_engine(config, encoder, TOTAL_STEPS, world_size=1)
     collator = Collator(
         pad_token_id=encoder.text_tokenizer.pad_token_id,
@@ -632,7 +637,7 @@ def make_trainer(config: TrainConfig, encoder: Encoder, loss_fn: nn.Module, devi
     )
     return Trainer(config=config, runtime=Runtime(0, 1, torch.device(device)), engine=engine, sampler=None,
                    validation=None, collator=collator, loss_fn=loss_fn, total_steps=TOTAL_STEPS,
-                   checkpointing=checkpointing)  # fmt: skip
+                   recompute=recompute)  # fmt: skip
 
 
 def make_encoder(model: PreTrainedModel, fused: bool, max_length: int) -> Encoder:
@@ -759,9 +764,11 @@ def count_step(
     """The FLOPs of one ``Trainer.train_step`` of ``variant`` on ``batch``, on the meta device, with its breakdown
     (:func:`count_train_step` of the row's config)."""
     config = row_config(variant, settings, chunk_tokens, budget)
-    return count_train_step(
-        model, variant, batch, config, lambda encoder: checkpoint_policy(encoder, mode(variant), budget, torch.bfloat16)
-    )
+
+    def policy_of(encoder: Encoder) -> RecomputePolicy:
+        return recompute_policy_of(encoder, mode(variant), budget, torch.bfloat16)
+
+    return count_train_step(model, variant, batch, config, policy_of)
 
 
 def count_train_step(
@@ -769,12 +776,12 @@ def count_train_step(
     variant: Variant,
     batch: Any,
     config: TrainConfig,
-    policy_of: Callable[[Encoder], CheckpointPolicy],
+    policy_of: Callable[[Encoder], RecomputePolicy],
     world_size: int = 1,
 ) -> dict[str, Any]:
     """The FLOPs of one ``Trainer.train_step`` of ``config`` (the trainer reads its packing, row capacity and gradient
     cache; the DDP engine of one process runs the step) on ``batch``, on the meta device, with its breakdown.
-    ``variant`` names the row and its attention layout; ``policy_of`` gives the trainer's CheckpointPolicy for the
+    ``variant`` names the row and its attention layout; ``policy_of`` gives the trainer's RecomputePolicy for the
     encoder built here; ``world_size``: ranks the loss's in-batch term gathers positives from.
 
     Attention: torch's varlen kernel (``f2llm_varlen``, its fake kernel on meta) for varlen rows where this torch
@@ -865,7 +872,7 @@ def run_flops(settings: Settings, model_names: list[str], out: Path) -> list[dic
         model = build_backbone(dims, "meta", COUNT_ATTENTION)
         budget = activation_budget_bytes(model, settings.memory_gb)
         probe = make_encoder(model, True, settings.max_length)
-        fixed, per_token = probe.activation_profile(torch.bfloat16)
+        fixed, per_token = ActivationMemory(probe).profile(torch.bfloat16)
         chunk = settings.gc_chunk_tokens or chunk_tokens_fitting(probe, budget, torch.bfloat16)
         models_meta[label] = {
             "params": sum(p.numel() for p in model.parameters()), "matmul_params": matmul_params(model),
@@ -1021,8 +1028,8 @@ def count_config(
         estimator = make_encoder(as_loaded, True, config.model.max_length)
     checkpointing = config.model.gradient_checkpointing
 
-    def policy_of(encoder: Encoder) -> CheckpointPolicy:
-        return checkpoint_policy(estimator or encoder, checkpointing, budget, compute, source)
+    def policy_of(encoder: Encoder) -> RecomputePolicy:
+        return recompute_policy_of(estimator or encoder, checkpointing, budget, compute, source)
 
     pool = scifact_lengths(1.0)
     cap = config.model.max_length
@@ -1171,11 +1178,11 @@ class Bench:
         set_attention(self.model, attention)
         encoder = make_encoder(self.model, variant.fused, settings.max_length)
         compute = torch.bfloat16 if settings.device == "cuda" else torch.float32
-        policy = checkpoint_policy(encoder, mode(variant), self.budget, compute)
+        policy = recompute_policy_of(encoder, mode(variant), self.budget, compute)
         chunk_tokens = None
         if variant.gc_queries is not None:
             chunk_tokens = settings.gc_chunk_tokens or chunk_tokens_fitting(encoder, self.budget, compute)
-        encoder.activation_profile(compute)  # the policy's estimate, measured (on meta) before the timed steps
+        policy.activation_bytes(0)  # the policy's estimate, measured (on meta) before the timed steps
         observer = StepObserver(encoder)
         hook = encoder.register_forward_pre_hook(observer)
         loss = F2LLMLoss(TEMPERATURE, equal_batches=True) if variant.fused else PlainF2LLMLoss(TEMPERATURE)
@@ -1400,7 +1407,8 @@ def comm_worker(work: Path, steps: int) -> int:
     counter.install()
     import torch.distributed as dist
 
-    from f2llm.trainer import Trainer, init_runtime
+    from f2llm.distributed import init_runtime
+    from f2llm.trainer import Trainer
 
     runtime = init_runtime()
     rows: list[dict[str, Any]] = []

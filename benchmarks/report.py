@@ -282,7 +282,7 @@ def configs_note(payload: dict[str, Any]) -> str:
         "One GPU's `Trainer.train_step` of each shipped recipe config (and of the README's gradient-cache launches), "
         "counted on the meta device as the table above is: the config's model dimensions, its batch (data.batch_size "
         "queries x (1 + the retrieval negatives) documents, SciFact lengths), packing, gradient cache and "
-        "`gradient_checkpointing: auto`, decided by the trainer's CheckpointPolicy against the budget the trainer "
+        "`gradient_checkpointing: auto`, decided by the trainer's RecomputePolicy against the budget the trainer "
         f"derives on an {num_range([meta.get('gpu_memory_gb')])} GB GPU: {share_text} of the memory left after the "
         "training state one GPU holds under the config's engine at that many GPUs (`f2llm.engine."
         "training_state_bytes`). GPUs: the recipe's global batch of "

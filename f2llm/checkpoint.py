@@ -93,14 +93,26 @@ class CheckpointWriter:
         self.any_failed = any_failed or (lambda failed: failed)
 
     def save(self, step: int, write: Callable[[Path], None]) -> Path:
-        final = self.root / f"step-{step:08d}"
-        tmp = self.root / f".tmp-step-{step:08d}"
+        """Checkpoint ``step`` as ``root/step-N`` (see :meth:`publish`), keeping the newest ``keep_last``."""
+
+        def rotate() -> None:
+            for old in list_checkpoints(self.root)[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+
+        return self.publish(self.root / f"step-{step:08d}", write, after=rotate)
+
+    def publish(self, final: Path, write: Callable[[Path], None], after: Callable[[], None] | None = None) -> Path:
+        """Write the folder ``final`` from every rank, all or nothing: each rank's ``write(folder)`` fills a
+        temporary sibling (``.tmp-NAME``), which rank 0 fsyncs and renames to ``final`` (replacing an older one)
+        once every rank has written; then ``after()`` on rank 0. A job killed or failing halfway never leaves a
+        partial folder where a complete one is expected. Used for checkpoints and for the final model."""
+        tmp = final.with_name(f".tmp-{final.name}")
         error = None
         if self.rank == 0:
             try:
-                self.root.mkdir(parents=True, exist_ok=True)
-                for stale in self.root.glob(".tmp-step-*"):  # left by a job killed mid-save
-                    shutil.rmtree(stale, ignore_errors=True)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                for stale in final.parent.glob(f".tmp-{'step-*' if final.parent == self.root else final.name}"):
+                    shutil.rmtree(stale, ignore_errors=True)  # left by a job killed mid-save
                 tmp.mkdir()
             except Exception as e:
                 error = e
@@ -120,9 +132,9 @@ class CheckpointWriter:
                 if final.exists():  # the same step saved again (e.g. end of a resumed run): replace it
                     shutil.rmtree(final)
                 os.rename(tmp, final)
-                fsync_dir(self.root)
-                for old in list_checkpoints(self.root)[: -self.keep_last]:
-                    shutil.rmtree(old, ignore_errors=True)
+                fsync_dir(final.parent)
+                if after is not None:
+                    after()
             except Exception as e:
                 error = e
         self._agree(error, final, "publishing", cleanup=tmp)

@@ -30,7 +30,7 @@ class UsageError(Exception):
 # ----------------------------------------------------------------------------------------------------------
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", required=True, help="model directory or hub name (loaded with f2llm.model.Encoder)")
+    group.add_argument("--model", required=True, help="model directory or hub name (loaded with f2llm.encoder.Encoder)")
     group.add_argument(
         "--pooling", choices=("last", "mean", "first"), default=None, help="default: last for decoders, mean otherwise"
     )
@@ -41,13 +41,14 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_encoder(args: argparse.Namespace) -> TextEncoder:
-    """Load ``--model`` with ``f2llm.model.Encoder``: ``Encoder.load`` for a folder it saved, else ``from_pretrained``.
+    """Load ``--model`` with f2llm's Encoder: ``Encoder.load`` for a folder it saved, else ``from_pretrained``.
 
     Options left unset keep the saved settings (``Encoder.load``) or the Encoder's defaults.
     """
     import torch
 
-    from f2llm.model import F2LLM_CONFIG, Encoder
+    from f2llm.encoder import Encoder
+    from f2llm.export import F2LLM_CONFIG
 
     options: dict[str, Any] = {"pooling": args.pooling, "max_length": args.max_length}
     if args.dtype is not None:

@@ -85,7 +85,7 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    """The encoder (see :class:`f2llm.model.Encoder`)."""
+    """The encoder (see :class:`f2llm.encoder.Encoder`)."""
 
     name_or_path: str = ""
     pooling: Literal["last", "mean", "first"] | None = None  # None: last for decoders, mean for BERT-like
@@ -97,10 +97,11 @@ class ModelConfig:
     # None: flash_attention_2 for decoders on CUDA with flash-attn installed, else f2llm_varlen (torch's varlen
     # kernel, torch >= 2.13), else sdpa; sdpa for encoders, on CPU and for float32 compute.
     attn_implementation: str | None = None
-    # Recompute activations in backward. true / false: in every forward with grad / in none. auto: a forward with
-    # grad (the whole batch, or one gradient-cache chunk in its second pass) checkpoints only when its estimated
-    # saved activations (Encoder.activation_bytes) exceed activation_budget_gb. Without a budget on CUDA, the budget
-    # is derived from the device memory at start (Trainer: activation_budget); where none is known (CPU, meta),
+    # Recompute activations in backward (transformers' name for it is the key's). true / false: in every forward with
+    # grad / in none. auto: a forward with grad (the whole batch, or one gradient-cache chunk in its second pass)
+    # recomputes only when its estimated saved activations (f2llm.recompute) exceed activation_budget_gb. Without a
+    # budget on CUDA, the budget is derived from the device memory at start (f2llm.recompute.activation_budget); where
+    # none is known (CPU, meta),
     # auto checkpoints every forward, as true does: host memory is shared with everything else on the machine
     # and running out of it fails worse than recomputing does.
     gradient_checkpointing: Literal["auto"] | bool = "auto"

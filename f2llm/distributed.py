@@ -1,12 +1,16 @@
-"""torch.distributed helpers: process-group queries and an autograd-aware all-gather.
+"""torch.distributed helpers: joining the process group (:func:`init_runtime`), this rank's :class:`Runtime`
+(rank, device, the small agreements ranks make), process-group queries and an autograd-aware all-gather.
 
-Everything works without an initialized process group (single process): rank 0 of a world of 1, and the
-gather returns its input.
+Everything works without an initialized process group (single process): rank 0 of a world of 1, agreements return
+this rank's own value, and the gather returns its input.
 """
 
 from __future__ import annotations
 
+import datetime
+import os
 import socket
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -97,3 +101,63 @@ def all_gather_with_grad(
             f"rank's ({me}) {x.shape[0]} rows"
         )
     return _AllGatherWithGrad.apply(x.contiguous(), sizes, group)
+
+
+# ------------------------------------------------------------------------------------------------ the runtime
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if is_distributed():
+            dist.barrier()
+
+    def any_failed(self, failed: bool) -> bool:
+        """True on every rank when any rank passes True (one all-reduce; no-op in a single process)."""
+        return self.max(int(failed)) > 0
+
+    def failed_anywhere(self, flags: torch.Tensor) -> list[bool]:
+        """Each flag of a bool vector OR-ed over the ranks, on every rank: one all-reduce, one host read."""
+        flags = flags.to(self.device, torch.int64)
+        if is_distributed():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return [bool(f) for f in flags.tolist()]
+
+    def max(self, value: int) -> int:
+        """The largest ``value`` of all ranks, on every rank (one all-reduce; no-op in a single process)."""
+        if not is_distributed():
+            return value
+        t = torch.tensor([value], device=self.device, dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+
+def init_runtime(timeout_minutes: float = 30.0, group_of_one: bool = False) -> Runtime:
+    """Join the torchrun process group (when launched by torchrun) and pick this rank's device.
+
+    A rank that waits longer than ``timeout_minutes`` in a collective raises instead of hanging forever.
+    ``group_of_one``: a single process started without torchrun gets a process group of its own (DeepSpeed
+    needs one even alone).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if (world > 1 or group_of_one) and not is_distributed():
+        if "MASTER_ADDR" not in os.environ:  # started without a launcher: what torchrun would set for one process
+            alone = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+            os.environ.update(alone, MASTER_PORT=str(free_port()))
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    return Runtime(rank(), world_size(), device)

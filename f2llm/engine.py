@@ -2,17 +2,16 @@
 
 The trainer (f2llm.trainer) never asks which engine it has. An :class:`Engine` gives it:
 
-* ``forward(batch)``: float32 embeddings, with the engine's mixed precision;
-* ``backward(loss)`` and ``no_sync()``: the gradient cache runs every chunk but the last under ``no_sync`` (None
-  where the engine cannot defer its gradient communication);
-* ``step(check)``: clip, update, advance the schedule, zero the gradients; returns the gradient norm (a 0-dim tensor,
-  not read back: that would wait for the update). ``check`` gets the norm (the trainer checks the loss with it, in
-  one all-reduce) and raises :class:`NonFiniteError` on a non-finite one (on every rank at once), the update not
-  applied:
-  :class:`DDPEngine` checks before updating; DeepSpeed ZeRO-1/2/3 find a non-finite norm themselves and skip the
-  update (:class:`DeepSpeedEngine` asks DeepSpeed whether it applied it; if a DeepSpeed path ever did, the error
-  says so and the run stops whatever ``nan_policy`` says);
-* ``skip()``: drop this step's gradients (the schedule still advances, so it stays aligned with the data);
+* ``forward(batch, normalize)``: float32 embeddings, with the engine's mixed precision;
+* ``backward(loss)`` and ``no_sync()``: the gradient cache runs every chunk but the last under ``no_sync`` (a null
+  context where the engine cannot defer its gradient communication);
+* ``clip()``: clip the gradients and return their norm (a 0-dim tensor, not read back: that would wait), before the
+  update; None where the engine finds the norm inside its update (DeepSpeed ZeRO-1/2/3 and bf16: there
+  ``update()`` returns it, and DeepSpeed itself refuses a non-finite update; ``update_applied()`` then says whether
+  it did apply it);
+* ``update()``: apply the gradients (the optimizer's step) and zero them; ``drop_gradients()``: zero them unused (a
+  skipped step). The learning-rate schedule (``scheduler``) is stepped by the trainer, once per step, applied or
+  skipped, so that it stays aligned with the data;
 * ``save(folder)`` / ``load(folder)``: weights and optimizer state; the schedule is not saved but rebuilt from the
   current config and the step (``set_schedule_step``), so a resume with a changed ``max_steps`` decays on the new
   horizon, and so are the optimizer's betas and weight decay;
@@ -35,7 +34,7 @@ import inspect
 import json
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -45,9 +44,7 @@ import torch
 from f2llm.checkpoint import load_state, save_state
 from f2llm.config import TrainConfig
 from f2llm.data import EncoderBatch
-from f2llm.model import Encoder
-
-NormCheck = Callable[[torch.Tensor], None]
+from f2llm.encoder import Encoder
 
 
 class NonFiniteError(RuntimeError):
@@ -206,7 +203,8 @@ class Engine(ABC):
     compute_dtype: torch.dtype
 
     @abstractmethod
-    def forward(self, batch: EncoderBatch) -> torch.Tensor: ...
+    def forward(self, batch: EncoderBatch, normalize: bool | None = None) -> torch.Tensor:
+        """Float32 embeddings of ``batch`` (``normalize``: as :meth:`f2llm.encoder.Encoder.forward`)."""
 
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None: ...
@@ -215,10 +213,21 @@ class Engine(ABC):
     def no_sync(self) -> contextlib.AbstractContextManager: ...
 
     @abstractmethod
-    def step(self, check: NormCheck) -> torch.Tensor: ...
+    def clip(self) -> torch.Tensor | None:
+        """Clip the gradients to ``optim.grad_clip``; their norm before clipping, or None where :meth:`update`
+        finds it."""
 
     @abstractmethod
-    def skip(self) -> None: ...
+    def update(self) -> torch.Tensor | None:
+        """Apply the gradients and zero them; the gradient norm when the update found it (else None)."""
+
+    def update_applied(self) -> bool:
+        """Whether the last :meth:`update` changed the weights (DeepSpeed refuses a non-finite one itself)."""
+        return True
+
+    @abstractmethod
+    def drop_gradients(self) -> None:
+        """Zero this step's gradients without applying them."""
 
     @abstractmethod
     def save(self, folder: Path, main: bool) -> None: ...
@@ -352,9 +361,9 @@ class DDPEngine(Engine):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
-    def forward(self, batch: EncoderBatch) -> torch.Tensor:
+    def forward(self, batch: EncoderBatch, normalize: bool | None = None) -> torch.Tensor:
         with self.autocast():
-            return self.module(batch)
+            return self.module(batch, normalize)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -364,21 +373,19 @@ class DDPEngine(Engine):
             return self.module.no_sync()
         return contextlib.nullcontext()
 
-    def step(self, check: NormCheck) -> torch.Tensor:
-        norm = torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), self.config.optim.grad_clip)
-        check(norm)  # raises before the update: a skipped step leaves weights and moments untouched
+    def clip(self) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), self.config.optim.grad_clip).detach()
+
+    def update(self) -> None:
         self.optimizer.step()
-        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm.detach()
 
     def training_state(self) -> TrainingState:
         params = sum(p.numel() for p in self.encoder.parameters())
         return training_state_bytes("ddp", params, self.trainable_numel(), self.world_size, self.compute_dtype)
 
-    def skip(self) -> None:
+    def drop_gradients(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
 
     def save(self, folder: Path, main: bool) -> None:
         if main:
@@ -466,14 +473,13 @@ class DeepSpeedEngine(Engine):
         self.world_size = world_size
         self.compute_dtype = resolve_dtype(config.model.dtype, encoder.device)
         optimizer = _adamw(config, encoder)
-        scheduler = _schedule(config, optimizer, total_steps, world_size)
-        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=encoder,
-            optimizer=optimizer,
-            lr_scheduler=scheduler,
-            config=deepspeed_config(config, self.compute_dtype),
+        # The schedule is not handed to DeepSpeed: the trainer steps it once per step, applied or skipped (DeepSpeed
+        # would step it inside its update, and not for an update it refused).
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(
+            model=encoder, optimizer=optimizer, config=deepspeed_config(config, self.compute_dtype),
             dist_init_required=False,
-        )
+        )  # fmt: skip
+        self.scheduler = _schedule(config, optimizer, total_steps, world_size)
         self.stage = int(self.ds.zero_optimization_stage())
         # ZeRO-0 in fp32 steps the torch optimizer itself and reports no gradient norm: f2llm computes it (the
         # gradients are all-reduced by then) and checks it before the update, as DDP does.
@@ -483,8 +489,8 @@ class DeepSpeedEngine(Engine):
     def grad_dtype(self) -> torch.dtype:
         return self.compute_dtype
 
-    def forward(self, batch: EncoderBatch) -> torch.Tensor:
-        return self.ds(batch)
+    def forward(self, batch: EncoderBatch, normalize: bool | None = None) -> torch.Tensor:
+        return self.ds(batch, normalize)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)
@@ -504,37 +510,32 @@ class DeepSpeedEngine(Engine):
             "deepspeed", params, self.trainable_numel(), self.world_size, self.compute_dtype, self.stage
         )
 
-    def step(self, check: NormCheck) -> torch.Tensor:
+    def clip(self) -> torch.Tensor | None:
+        if not self.own_norm:
+            return None  # ZeRO-1/2/3 and bf16: DeepSpeed finds the norm (and clips by it) inside its step
+        grads = [p.grad for p in self.encoder.parameters() if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads).detach()  # DeepSpeed's step clips by this same norm
+
+    def update(self) -> torch.Tensor | None:
+        self.ds.step()  # updates (clipping first), zeroes the gradients; ZeRO >= 1 skips a non-finite update
         if self.own_norm:
-            grads = [p.grad for p in self.encoder.parameters() if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads)
-            check(norm)
-            self.ds.step()  # clips (by the same norm), updates, steps the schedule, zeroes the gradients
-            return norm.detach()
-        self.ds.step()  # ZeRO-1/2/3: finds the norm, skips a non-finite update, else clips and updates
+            return None
         reported = self.ds.get_global_grad_norm()
         if reported is None:  # config.validate refuses compute_grad_norm: false, the one known cause
             raise RuntimeError("DeepSpeedEngine: DeepSpeed reported no gradient norm after its step")
-        norm = torch.tensor(float(reported))
-        try:
-            check(norm)
-        except NonFiniteError as e:
-            if self.ds.was_step_applied():
-                raise NonFiniteError(f"{e}; DeepSpeed applied this update, so the run stops", skippable=False) from e
-            raise
-        return norm
+        return torch.tensor(float(reported))
+
+    def update_applied(self) -> bool:
+        return bool(self.ds.was_step_applied())
 
     @property
     def gathers_parameters(self) -> bool:
         return self.stage == 3
 
-    def skip(self) -> None:
-        # DeepSpeed skipped the update (and its schedule step) and dropped the gradients itself: the loss and the
-        # norm are checked after its step, and a non-finite norm never reaches the weights. (A non-finite loss
-        # with a finite norm would have been applied; step() then stops the run instead of skipping.) What is
-        # left is to keep the schedule aligned with the data.
+    def drop_gradients(self) -> None:
+        # After a refused update DeepSpeed has dropped the gradients itself; before an update (ZeRO-0 fp32, checked
+        # first) they are still there.
         self.ds.zero_grad()
-        self.scheduler.step()
 
     def save(self, folder: Path, main: bool) -> None:
         # LoRA: the frozen backbone is the one name_or_path loads; only the adapters (and their optimizer) are saved.

@@ -9,6 +9,13 @@ instead:
 2. compute the loss on all embeddings at once and back-propagate it to the embeddings only: d(loss)/d(emb);
 3. pass 2: re-encode each chunk with grad and back-propagate ``emb_chunk . cached_grad_chunk``.
 
+Passes 1 and 3 are written once, as functions (:func:`embed_chunks`, :func:`backward_chunks`), as GradCache
+(luyug/GradCache) shares its passes between its class and its functional decorator. :class:`GradientCache` runs them
+for f2llm's trainer (:meth:`GradientCache.step`: both passes and the loss between) and for the sentence-transformers
+loss (:mod:`f2llm.integrations.sentence_transformers`), which calls its :meth:`~GradientCache.embed_without_grad` in
+its forward and its :meth:`~GradientCache.backward_chunks` in the backward of the loss it returns, every column's
+mini-batches in one call.
+
 Step 3 gives every parameter exactly the gradient of step 2's loss, because the loss depends on the parameters
 only through the embeddings (chain rule). Two details make it exact in practice:
 
@@ -27,7 +34,7 @@ Peak activation memory is that of one chunk; the embeddings and their gradients 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -110,6 +117,74 @@ class RngState:
             yield
 
 
+def embed_chunks(
+    chunks: Iterable[Chunk], encode: Callable[[Chunk], torch.Tensor], device: torch.device | None = None
+) -> tuple[torch.Tensor, list[RngState]]:
+    """Pass 1: the embeddings of all chunks, concatenated in order, computed without grad, and each chunk's RNG state
+    captured just before its forward (``device``: the model's, see :meth:`RngState.capture`)."""
+    states, outs = [], []
+    with torch.no_grad():
+        for chunk in chunks:
+            states.append(RngState.capture(device))
+            outs.append(encode(chunk))
+    return torch.cat(outs), states
+
+
+def backward_chunks(
+    chunks: Sequence[Chunk],
+    states: Sequence[RngState],
+    grad: torch.Tensor,
+    encode: Callable[[Chunk], torch.Tensor],
+    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+    backward: Callable[[torch.Tensor], None] | None = None,
+    progress: Callable[[list[tuple[Chunk, RngState]]], Iterable[tuple[Chunk, RngState]]] | None = None,
+) -> None:
+    """Pass 2: accumulate into the parameters' gradients what back-propagating ``grad`` through ``encode`` gives.
+
+    Each chunk is encoded again with grad, its RNG state (from :func:`embed_chunks`) replayed, and a scalar whose
+    gradient w.r.t. the chunk's embeddings is the chunk's rows of ``grad`` is back-propagated.
+
+    Args:
+        chunks: the chunks of pass 1, in its order; ``grad`` holds their embeddings' rows consecutively (chunks of
+            several inputs, e.g. sentence-transformers' columns, go in one call: their cached gradients concatenated).
+        states: each chunk's RNG state.
+        grad: d(loss)/d(embeddings) [n_texts, D], times any factor the caller applies (a loss scale).
+        encode: chunk -> embeddings [n_chunk_texts, D], with autograd; must give pass 1's shapes.
+        no_sync: as :class:`GradientCache`'s: entered for every chunk but the last, so that gradients are
+            synchronized once, in the last chunk's backward.
+        backward: how to back-propagate a scalar (``t.backward()`` by default).
+        progress: wraps the (chunk, state) pairs, yielding them all in order (a progress bar).
+    """
+    backward = backward or (lambda t: t.backward())
+    pairs = list(zip(chunks, states, strict=True))
+    offset = 0
+    for i, (chunk, state) in enumerate(progress(pairs) if progress is not None else pairs):
+        last = i == len(pairs) - 1
+        sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
+        with sync, state.replay():
+            chunk_emb = encode(chunk)
+            n = chunk_emb.shape[0]
+            # In the embeddings' dtype (bf16 / fp16 under mixed precision), the dtype autograd hands them.
+            chunk_grad = grad[offset : offset + n].to(chunk_emb.dtype)
+            if chunk_grad.shape != chunk_emb.shape:
+                raise RuntimeError(
+                    f"gradient cache: pass 2 gave chunk {i} embeddings of shape {tuple(chunk_emb.shape)}, but the "
+                    f"cached gradient has {tuple(chunk_grad.shape)} for it; encode must be deterministic in shape"
+                )
+            offset += n
+            # The surrogate: the gradient of sum(chunk_emb * chunk_grad) w.r.t. chunk_emb is exactly chunk_grad
+            # (sum's backward hands ones, the product's multiplies them by chunk_grad: no rounding), so the chain rule
+            # gives every parameter the loss's gradient. It is a scalar, which an engine's backward requires
+            # (DeepSpeed's engine.backward takes a loss, not a tensor and its gradient). Its value is never used, so
+            # computing it in the embeddings' dtype loses nothing.
+            backward((chunk_emb * chunk_grad).sum())
+    if offset != grad.shape[0]:
+        raise RuntimeError(
+            f"gradient cache: pass 2 produced {offset} embeddings but pass 1 produced {grad.shape[0]}; "
+            "encode must be deterministic in shape"
+        )
+
+
 @dataclass
 class CachedStep:
     """What one gradient-cache step produced: the loss value, the loss function's extra output, the embeddings."""
@@ -120,7 +195,8 @@ class CachedStep:
 
 
 class GradientCache(Generic[Chunk]):
-    """Runs one training step's forward and backward with the gradient cache.
+    """Runs one training step's forward and backward with the gradient cache: :func:`embed_chunks`, the loss and
+    its gradient w.r.t. the embeddings, :func:`backward_chunks`.
 
     Args:
         encode: chunk -> embeddings [n_chunk_texts, D] (with autograd when grad is enabled).
@@ -146,12 +222,17 @@ class GradientCache(Generic[Chunk]):
 
     def embed_without_grad(self, chunks: Sequence[Chunk]) -> tuple[torch.Tensor, list[RngState]]:
         """Pass 1: embeddings of all chunks (concatenated in order) and each chunk's RNG state."""
-        states, outs = [], []
-        with torch.no_grad():
-            for chunk in chunks:
-                states.append(RngState.capture(self.device))
-                outs.append(self.encode(chunk))
-        return torch.cat(outs), states
+        return embed_chunks(chunks, self.encode, self.device)
+
+    def backward_chunks(
+        self,
+        chunks: Sequence[Chunk],
+        states: Sequence[RngState],
+        grad: torch.Tensor,
+        progress: Callable[[list[tuple[Chunk, RngState]]], Iterable[tuple[Chunk, RngState]]] | None = None,
+    ) -> None:
+        """Pass 2 with this cache's encode, no-sync and backward: :func:`backward_chunks`."""
+        backward_chunks(chunks, states, grad, self.encode, self.no_sync, self.backward, progress)
 
     def step(
         self,
@@ -172,21 +253,5 @@ class GradientCache(Generic[Chunk]):
         if loss.dim() != 0:
             raise ValueError(f"GradientCache.step: loss_fn must return a scalar, got shape {tuple(loss.shape)}")
         (grad,) = torch.autograd.grad(loss, emb)
-        offset = 0
-        for i, (chunk, state) in enumerate(zip(chunks, states, strict=True)):
-            last = i == len(chunks) - 1
-            sync = contextlib.nullcontext() if last or self.no_sync is None else self.no_sync()
-            with sync, state.replay():
-                chunk_emb = self.encode(chunk)
-                n = chunk_emb.shape[0]
-                chunk_grad = grad[offset : offset + n].to(chunk_emb.dtype)
-                offset += n
-                # A scalar surrogate whose gradient w.r.t. chunk_emb is the cached gradient; an engine's
-                # backward (DeepSpeed) only accepts scalars.
-                self.backward((chunk_emb * chunk_grad).sum())
-        if offset != embeddings.shape[0]:
-            raise RuntimeError(
-                f"GradientCache.step: pass 2 produced {offset} embeddings but pass 1 produced {embeddings.shape[0]}; "
-                "encode must be deterministic in shape"
-            )
+        self.backward_chunks(chunks, states, grad)
         return CachedStep(loss=loss.detach(), aux=aux, embeddings=embeddings)

@@ -15,13 +15,35 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from f2llm.model import Encoder
+from f2llm.encoder import Encoder
 
 ADAPTER_NAME = "default"  # peft's adapter name: its files and state-dict keys use it
+
+
+def adapter_configs(model: nn.Module) -> dict[str, Any]:
+    """The peft adapter configs (name -> ``PeftConfig``) whose layers ``model`` holds, or {} without adapters.
+
+    ``peft.get_peft_model`` / ``inject_adapter_in_model`` record them on the model they inject into."""
+    configs = getattr(model, "peft_config", None)
+    if not configs:
+        return {}
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if not any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        return {}  # adapters merged and unloaded: the config outlived its layers
+    return dict(configs)
+
+
+def adapter_signature(model: nn.Module) -> str:
+    """A key telling apart the peft adapter configs recorded on ``model`` ("" for none), cheap enough for every
+    forward: measurements of ``model`` are cached under it, so adapters injected after one are measured anew."""
+    configs = getattr(model, "peft_config", None)
+    return repr(sorted((name, repr(config)) for name, config in configs.items())) if configs else ""
 
 
 class LoraError(ValueError):

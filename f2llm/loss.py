@@ -1,4 +1,4 @@
-"""Contrastive losses as drop-in nn.Modules, built on the fused ops of :mod:`f2llm.ops`.
+"""Contrastive losses as drop-in nn.Modules, built on the fused ops of :mod:`f2llm.kernels`.
 
 * :class:`InfoNCELoss` replaces ``F.cross_entropy(q @ c.T / t, targets)`` without the score matrix.
 * :class:`F2LLMLoss` is the F2LLM training loss: a hard-negative loss (each query against its own positive and
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from f2llm import distributed
-from f2llm.ops import grouped_infonce, infonce, matryoshka_levels
+from f2llm.kernels import grouped_infonce, infonce, matryoshka_levels
 
 
 class InfoNCELoss(nn.Module):
@@ -64,7 +64,7 @@ class F2LLMLoss(nn.Module):
 
         hard = sum_n w_n hard(d_n)      in_batch = sum_n w_n in_batch(d_n)      total = hard + in_batch
 
-    (summed, not averaged). Each term is one fused call over all levels (f2llm.ops with ``matryoshka_dims``), not
+    (summed, not averaged). Each term is one fused call over all levels (f2llm.kernels with ``matryoshka_dims``), not
     a loop; the in-batch term gathers the positives once, at full D, and truncates inside the op.
 
     Each rank's terms are means over its local queries. With equal local batch sizes and DDP-style gradient

@@ -18,7 +18,7 @@ Computed level by level that is L losses. Here it costs about one:
   ``H^k.T @ q`` for dc), costs 2BND in all, as for one level; the radial terms are B x D / N x D elementwise work.
   The Triton backward recomputes the scores once for all levels, per chunk of candidates writes the L segment
   tiles H^k (inputs' dtype) and per-tile partial radial sums (reduced on the host: no atomics, deterministic),
-  then runs contrastive's ``_scaled_matmul_kernel`` per segment.
+  then runs :func:`~f2llm.kernels.utils.scaled_matmul` per segment.
 
 The walk from 0 upward yields the levels smallest first, but ``H^k`` sums the levels at and above k. The kernel
 keeps the running sum ``R`` of the levels done so far: before adding level k it stores ``R = sum_{l > k}`` in slot
@@ -28,6 +28,12 @@ total). The PyTorch path (CPU) keeps a row block's L level tiles and sums them i
 ``grouped_infonce`` (each query against its own G docs) keeps the raw per-level prefix dots and squared norms
 ([B, G, L]) from one pass over D; softmaxes and the backward's coefficients are [B, G, L] host work, and one more
 pass over D writes both gradients.
+
+Layers, top to bottom: the levels, the references (the definitions), per-row prefix statistics, the ``@triton.jit``
+kernels, their host forward / backward (:func:`triton_mrl_forward`, :func:`triton_mrl_backward`), the PyTorch path
+(:func:`torch_mrl_infonce`), then grouped_infonce's kernels and autograd Function. The public entry points and the
+autograd Function of infonce, shared with the single-level loss, are in :mod:`f2llm.kernels.losses`; shared helpers
+come from :mod:`f2llm.kernels.utils`. This module imports no other kernel module.
 """
 
 from __future__ import annotations
@@ -42,22 +48,22 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from f2llm.kernels import contrastive
-from f2llm.kernels.contrastive import (
-    _LN2,
-    _LOG2E,
+from f2llm.kernels.utils import (
     IGNORE_INDEX,
+    LOG2E,
     InfoNCEConfig,
-    _grouped_blocks,
-    _load_rows,
-    _logsumexp2,
-    _scaled_matmul,
-    _split_ranges,
     bwd_chunk_n,
-    grouped_infonce_reference,
-    infonce_reference,
+    cast_fp32,
+    grouped_blocks,
+    grouped_infonce_of_scores,
+    infonce_config,
+    infonce_of_scores,
+    load_rows,
+    logsumexp2,
+    scaled_matmul,
+    split_ranges,
+    torch_tile_rows,
 )
-from f2llm.kernels.dispatch import cast_fp32
 
 # F.normalize's eps: a prefix with a smaller norm is divided by eps instead (and gets no radial gradient term).
 NORM_EPS = 1e-12
@@ -160,8 +166,7 @@ def matryoshka_infonce_reference(
     total = qf.new_zeros(())
     for d, w in zip(dims, weights, strict=True):
         qd, cd = F.normalize(qf[:, :d], dim=-1), F.normalize(cf[:, :d], dim=-1)
-        level = infonce_reference(qd, cd, targets, temperature, mask_margin=mask_margin, ignore_index=ignore_index)
-        total = total + w * level
+        total = total + w * infonce_of_scores(qd @ cd.T, targets, temperature, mask_margin, ignore_index)
     return total
 
 
@@ -173,8 +178,8 @@ def matryoshka_grouped_infonce_reference(
     qf, df = q.to(compute), docs.to(compute)
     total = qf.new_zeros(())
     for d, w in zip(dims, weights, strict=True):
-        level = grouped_infonce_reference(F.normalize(qf[:, :d], dim=-1), F.normalize(df[..., :d], dim=-1), temperature)
-        total = total + w * level
+        qd, dd = F.normalize(qf[:, :d], dim=-1), F.normalize(df[..., :d], dim=-1)
+        total = total + w * grouped_infonce_of_scores(torch.einsum("bd,bgd->bg", qd, dd), temperature)
     return total
 
 
@@ -209,10 +214,47 @@ def _positive_cosines(
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Tiles: infonce_config's, adapted to the level epilogue.
+# ----------------------------------------------------------------------------------------------------------
+def matryoshka_config(
+    B: int, N: int, D: int, dtype: torch.dtype, device: torch.device, capability: int | None = None
+) -> InfoNCEConfig:
+    """Tiles of the Matryoshka kernels: :func:`infonce_config`'s with 32-candidate tiles on a GPU (and 16-wide D
+    steps for fp32). The level epilogue keeps the dot accumulator live beside the level's scores (and, in backward,
+    the running sum of the levels' tiles): at 128 x 64 they spill (fp32 forward, every backward); 128 x 32 tiles
+    still feed wgmma. benchmarks/bench_compile.py checks every choice for sm_90 and sm_80."""
+    cfg = infonce_config(B, N, D, dtype, device, capability)
+    if device.type != "cuda":
+        return cfg
+    if dtype != torch.float32:
+        return replace(cfg, block_n=32)
+    # fp32 (ieee: FMA dot) holds both operands' rows in registers: at 128-row tiles 16-wide D steps halve them.
+    # Small tiles over 4 or 8 warps sit where ptxas caps registers low (64-80) and spill 8-24 B on one
+    # architecture or the other; over 2 warps none spills.
+    if cfg.block_b >= 128:
+        return replace(cfg, block_n=32, block_d=min(16, cfg.block_d))
+    return replace(cfg, block_n=32, num_warps=2)
+
+
+def mrl_bwd_chunk_n(cfg: InfoNCEConfig, B: int, N: int, L: int) -> int:
+    """Candidates per backward chunk: the single-level workspace budget shared by the L segment tiles."""
+    return bwd_chunk_n(cfg, B * L, N)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Triton kernels for infonce. The walk over D is a runtime loop over segments (bounds from a small int32 tensor;
 # unrolled per level it doubled registers and pipelining buffers and spilled at 128-row tiles) with ALIGN, the
 # largest power of two (<= 16) dividing every bound, as the loads' alignment hint.
 # ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _segment_bounds(bounds_ptr, seg, ALIGN: tl.constexpr):
+    """[lo, hi) of segment ``seg`` of the walk over D (level L - 1 - seg ends at hi), both hinted ALIGN-aligned.
+    Every Matryoshka kernel walks D this way."""
+    lo = tl.multiple_of(tl.load(bounds_ptr + seg), ALIGN)
+    hi = tl.multiple_of(tl.load(bounds_ptr + seg + 1), ALIGN)
+    return lo, hi
+
+
 @triton.jit
 def _mrl_fwd_kernel(
     q_ptr,
@@ -258,11 +300,10 @@ def _mrl_fwd_kernel(
         acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
         for seg in range(0, L):
             lvl = L - 1 - seg  # the level whose prefix ends with this segment
-            lo = tl.multiple_of(tl.load(bounds_ptr + seg), ALIGN)
-            hi = tl.multiple_of(tl.load(bounds_ptr + seg + 1), ALIGN)
+            lo, hi = _segment_bounds(bounds_ptr, seg, ALIGN)
             for d0 in range(lo, hi, BLOCK_D):
-                a = _load_rows(q_ptr, q_off, mask_b, d0, hi, BLOCK_D, CAST_FP32)
-                b = _load_rows(c_ptr, c_off, mask_n, d0, hi, BLOCK_D, CAST_FP32)
+                a = load_rows(q_ptr, q_off, mask_b, d0, hi, BLOCK_D, CAST_FP32)
+                b = load_rows(c_ptr, c_off, mask_n, d0, hi, BLOCK_D, CAST_FP32)
                 acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
             # acc now holds the prefix dot products over [0, d_lvl): this level's cosines.
             iq = tl.load(inv_q_ptr + offs_b * L + lvl, mask=mask_b, other=0.0)
@@ -336,11 +377,10 @@ def _mrl_bwd_probs_kernel(
     run = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)  # sum of the levels' A^l = G^l / (|q^l| |c^l|) so far
     for seg in range(0, L):
         lvl = L - 1 - seg
-        lo = tl.multiple_of(tl.load(bounds_ptr + seg), ALIGN)
-        hi = tl.multiple_of(tl.load(bounds_ptr + seg + 1), ALIGN)
+        lo, hi = _segment_bounds(bounds_ptr, seg, ALIGN)
         for d0 in range(lo, hi, BLOCK_D):
-            a = _load_rows(q_ptr, q_off, mask_b, d0, hi, BLOCK_D, CAST_FP32)
-            b = _load_rows(c_ptr, c_off, mask_n, d0, hi, BLOCK_D, CAST_FP32)
+            a = load_rows(q_ptr, q_off, mask_b, d0, hi, BLOCK_D, CAST_FP32)
+            b = load_rows(c_ptr, c_off, mask_n, d0, hi, BLOCK_D, CAST_FP32)
             acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
         iq = tl.load(inv_q_ptr + offs_b * L + lvl, mask=mask_b, other=0.0)
         ic = tl.load(inv_c_ptr + offs_n.to(tl.int64) * L + lvl, mask=mask_n, other=0.0)
@@ -371,23 +411,27 @@ def _mrl_bwd_probs_kernel(
         tl.store(h_ptr + k * slot_stride + h_rows, (run - partial).to(h_ptr.dtype.element_ty), mask=tile)
 
 
-def _triton_mrl_forward(
+# ----------------------------------------------------------------------------------------------------------
+# Host forward / backward of the infonce kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
+# ----------------------------------------------------------------------------------------------------------
+def triton_mrl_forward(
     q: torch.Tensor,
     c: torch.Tensor,
     tgt: torch.Tensor,
-    inv_q: torch.Tensor,
-    inv_c: torch.Tensor,
-    pos: torch.Tensor,
     temperature: float,
     margin: float | None,
     precision: str,
     cfg: InfoNCEConfig,
     dims: tuple[int, ...],
-) -> torch.Tensor:
-    """[B, L] float32 base-2 log-sum-exp per query and level."""
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """(lse [B, L], pos [B, L], stats) in float32: each query's base-2 log-sum-exp per level, its positive cosine
+    per level, and the prefix statistics the backward needs, ``(inv_q, rad_q, inv_c, rad_c)``."""
+    inv_q, rad_q = _inv_prefix_norms(q, dims, torch.float32)
+    inv_c, rad_c = _inv_prefix_norms(c, dims, torch.float32)
+    pos = _positive_cosines(q, c, tgt, dims, inv_q, inv_c)
     B, D = q.shape
     N, L = c.shape[0], len(dims)
-    per_split, splits = _split_ranges(N, cfg.block_n, cfg.splits_n)
+    per_split, splits = split_ranges(N, cfg.block_n, cfg.splits_n)
     lse_parts = torch.empty((splits, B, L), device=q.device, dtype=torch.float32)
     _mrl_fwd_kernel[(triton.cdiv(B, cfg.block_b), splits)](
         q,
@@ -403,7 +447,7 @@ def _triton_mrl_forward(
         D,
         L,
         per_split,
-        _LOG2E / temperature,
+        LOG2E / temperature,
         0.0 if margin is None else float(margin),
         ALIGN=_alignment(dims),
         L_PAD=triton.next_power_of_2(L),
@@ -416,40 +460,17 @@ def _triton_mrl_forward(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    return lse_parts[0] if splits == 1 else _logsumexp2(lse_parts)
+    lse = lse_parts[0] if splits == 1 else logsumexp2(lse_parts)
+    return lse, pos, (inv_q, rad_q, inv_c, rad_c)
 
 
-def matryoshka_config(
-    B: int, N: int, D: int, dtype: torch.dtype, device: torch.device, capability: int | None = None
-) -> InfoNCEConfig:
-    """Tiles of the Matryoshka kernels: :func:`infonce_config`'s with 32-candidate tiles on a GPU (and 16-wide D
-    steps for fp32). The level epilogue keeps the dot accumulator live beside the level's scores (and, in backward,
-    the running sum of the levels' tiles): at 128 x 64 they spill (fp32 forward, every backward); 128 x 32 tiles
-    still feed wgmma. benchmarks/bench_compile.py checks every choice for sm_90 and sm_80."""
-    cfg = contrastive.infonce_config(B, N, D, dtype, device, capability)
-    if device.type != "cuda":
-        return cfg
-    if dtype != torch.float32:
-        return replace(cfg, block_n=32)
-    # fp32 (ieee: FMA dot) holds both operands' rows in registers: at 128-row tiles 16-wide D steps halve them.
-    # Small tiles over 4 or 8 warps sit where ptxas caps registers low (64-80) and spill 8-24 B on one
-    # architecture or the other; over 2 warps none spills.
-    if cfg.block_b >= 128:
-        return replace(cfg, block_n=32, block_d=min(16, cfg.block_d))
-    return replace(cfg, block_n=32, num_warps=2)
-
-
-def mrl_bwd_chunk_n(cfg: InfoNCEConfig, B: int, N: int, L: int) -> int:
-    """Candidates per backward chunk: the single-level workspace budget shared by the L segment tiles."""
-    return bwd_chunk_n(cfg, B * L, N)
-
-
-def _triton_mrl_backward(
+def triton_mrl_backward(
     q: torch.Tensor,
     c: torch.Tensor,
     tgt: torch.Tensor,
-    stats: tuple[torch.Tensor, ...],
     lse: torch.Tensor,
+    pos: torch.Tensor,
+    stats: tuple[torch.Tensor, ...],
     weights: torch.Tensor,
     scale: torch.Tensor,
     temperature: float,
@@ -460,14 +481,16 @@ def _triton_mrl_backward(
     need_q: bool,
     need_c: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(dq, dc) in the inputs' dtype; ``scale`` = K = grad_out / (n_valid T), a [1] float32 device tensor.
+    """(dq, dc) in the inputs' dtype; ``scale`` = K = grad_out / (n_valid T), a [1] float32 device tensor; ``lse``
+    and ``pos`` [B, L] and ``stats`` as :func:`triton_mrl_forward` returned them (lse +inf for rows without target);
+    ``weights`` [L] float32.
 
     Per chunk: the probs kernel writes the L segment tiles H^k and radial partial sums, then per segment k
     ``dq[:, seg] += H^k @ c[chunk, seg]`` (float32 accumulator) and ``dc[chunk, seg] = K H^k.T @ q[:, seg]``:
     2BND FLOPs per gradient over all segments, as for one level. The radial terms ``- coef q[:, seg]`` are
     elementwise on the host once the partial sums are reduced (in a fixed order: deterministic).
     """
-    inv_q, rad_q, inv_c, rad_c, pos = stats
+    inv_q, rad_q, inv_c, rad_c = stats
     B, D = q.shape
     N, L = c.shape[0], len(dims)
     segments = _segments(dims)
@@ -508,7 +531,7 @@ def _triton_mrl_backward(
             B * chunk,
             bounds,
             L,
-            _LOG2E / temperature,
+            LOG2E / temperature,
             0.0 if margin is None else float(margin),
             ALIGN=_alignment(dims),
             HAS_MARGIN=margin is not None,
@@ -524,10 +547,10 @@ def _triton_mrl_backward(
         for k, (lo, hi) in enumerate(segments):
             hk = h[k, :, :width]
             if need_q:
-                _scaled_matmul(hk, c_chunk[:, lo:hi], dq[:, lo:hi], scale, transpose_a=False, accumulate=True,
+                scaled_matmul(hk, c_chunk[:, lo:hi], dq[:, lo:hi], scale, transpose_a=False, accumulate=True,
                                precision=precision)  # fmt: skip
             if need_c:
-                _scaled_matmul(hk, q[:, lo:hi], dc[n0 : n0 + width, lo:hi], scale, transpose_a=True,
+                scaled_matmul(hk, q[:, lo:hi], dc[n0 : n0 + width, lo:hi], scale, transpose_a=True,
                                accumulate=False, precision=precision)  # fmt: skip
         if need_q:
             rq += rq_part[:tiles].sum(0)
@@ -550,7 +573,7 @@ def _subtract_radial(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# PyTorch path (CPU): blocks of query rows against all candidates, like contrastive._torch_infonce. Per row
+# PyTorch path (CPU): blocks of query rows against all candidates, like contrastive.torch_infonce. Per row
 # block the raw prefix dots of every level come from one chain of segment matmuls (smallest level first, BND
 # FLOPs in all, each level's tile written once); then the levels largest first: each one's softmax is exact at
 # once, its gradient tile is added to the running H (levels l <= k) and segment k's gradient GEMMs follow. Buffers
@@ -566,13 +589,13 @@ _FIXED_SHIFT_MAX_SPAN = 64.0
 
 
 def _torch_mrl_block_rows(N: int, L: int) -> int:
-    """Query rows per block of the PyTorch path: its L + 2 live [rows, N] tiles within twice contrastive's
-    ``_TORCH_TILE_ELEMENTS``, the single-level path's peak (its logits and probabilities tiles), at least one row.
+    """Query rows per block of the PyTorch path: its L + 2 live [rows, N] tiles within two tiles of the PyTorch
+    paths' budget, the single-level path's peak (its logits and probabilities tiles), at least one row.
     (Half that made B = N = 4096 about 10% slower on 2 threads: GEMMs of ~100 rows split poorly.)"""
-    return max(1, 2 * contrastive._TORCH_TILE_ELEMENTS // (N * (L + 2)))
+    return torch_tile_rows(N * (L + 2), tiles=2)
 
 
-def _torch_mrl_infonce(
+def torch_mrl_infonce(
     q: torch.Tensor,
     c: torch.Tensor,
     tgt: torch.Tensor,
@@ -681,87 +704,40 @@ def _torch_mrl_infonce(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Autograd + entry point (called by contrastive.infonce when matryoshka_dims is given).
-# ----------------------------------------------------------------------------------------------------------
-class MatryoshkaInfoNCEFunction(torch.autograd.Function):
-    """sum_l w_l InfoNCE at every prefix level, without any [B, N] matrix. Saves the inputs and [B, L] / [N, L]
-    statistics; the Triton backward recomputes the scores once for all levels, the PyTorch path hands over the
-    gradients it computed in forward."""
-
-    @staticmethod
-    def forward(
-        ctx,
-        q: torch.Tensor,
-        c: torch.Tensor,
-        targets: torch.Tensor,
-        temperature: float,
-        margin: float | None,
-        ignore_index: int,
-        use_triton: bool,
-        precision: str,
-        cfg: InfoNCEConfig | None,
-        grad_enabled: bool,
-        dims: tuple[int, ...],
-        weights: tuple[float, ...],
-    ) -> torch.Tensor:
-        valid = targets != ignore_index
-        tgt = torch.where(valid, targets, -1).to(torch.int32 if use_triton else torch.int64)
-        need_q, need_c = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
-        grads, stats = (None, None), ()
-        if use_triton:
-            inv_q, rad_q = _inv_prefix_norms(q, dims, torch.float32)
-            inv_c, rad_c = _inv_prefix_norms(c, dims, torch.float32)
-            pos = _positive_cosines(q, c, tgt, dims, inv_q, inv_c)
-            stats = (inv_q, rad_q, inv_c, rad_c, pos)
-            lse = _triton_mrl_forward(q, c, tgt, inv_q, inv_c, pos, temperature, margin, precision, cfg, dims)
-            per_query = lse * _LN2 - pos / temperature
-        else:
-            lse, pos, *grads = _torch_mrl_infonce(q, c, tgt, temperature, margin, dims, weights, need_q, need_c)
-            per_query = lse - pos / temperature
-        n_valid = valid.sum()
-        w = torch.tensor(weights, device=q.device, dtype=per_query.dtype)
-        loss = (torch.where(valid[:, None], per_query, 0) @ w).sum() / n_valid.clamp_min(1)
-        lse = torch.where(valid[:, None], lse, float("inf"))
-        ctx.save_for_backward(q, c, tgt, lse, n_valid, w, *stats)
-        ctx.grads = grads
-        ctx.temperature, ctx.margin, ctx.use_triton, ctx.precision, ctx.cfg, ctx.dims, ctx.weights = (
-            temperature,
-            margin,
-            use_triton,
-            precision,
-            cfg,
-            dims,
-            weights,
-        )
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        q, c, tgt, lse, n_valid, w, *stats = ctx.saved_tensors
-        need_q, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        t, margin = ctx.temperature, ctx.margin
-        scale = grad_out.to(lse.dtype) / (n_valid.clamp_min(1).to(lse.dtype) * t)
-        if ctx.use_triton:
-            dq, dc = _triton_mrl_backward(
-                q, c, tgt, tuple(stats), lse, w, scale.float().reshape(1), t, margin, ctx.precision, ctx.cfg,
-                ctx.dims, need_q, need_c,
-            )  # fmt: skip
-        else:
-            dq_unscaled, dc_unscaled = ctx.grads
-            ctx.grads = (None, None)
-            if (need_q and dq_unscaled is None) or (need_c and dc_unscaled is None):
-                _, _, dq_unscaled, dc_unscaled = _torch_mrl_infonce(
-                    q, c, tgt, t, margin, ctx.dims, ctx.weights, need_q, need_c
-                )
-            dq = dq_unscaled.mul_(scale).to(q.dtype) if need_q else None
-            dc = dc_unscaled.mul_(scale).to(c.dtype) if need_c else None
-        return dq, dc, None, None, None, None, None, None, None, None, None, None
-
-
-# ----------------------------------------------------------------------------------------------------------
 # grouped_infonce: each query against its own G docs. One pass over D keeps the raw prefix dots and squared norms
-# at every boundary; the rest is [B, G, L] work on the host.
+# at every boundary; the rest is [B, G, L] work on the host. Both kernels walk the same blocks of D for the same
+# queries x docs, so they share their indexing (_group_tile, _group_block).
 # ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _group_tile(B, G, D, L, BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr):
+    """This program's BLOCK_B queries x BLOCK_G docs: (query indices, their mask, the [BLOCK_B, BLOCK_G] mask,
+    element offsets of the query rows (int64), of the doc rows ([BLOCK_B, BLOCK_G], int64), and of each
+    (query, doc)'s level-0 entry in the [B, G, L] statistics)."""
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_g = tl.arange(0, BLOCK_G)
+    mask_b = offs_b < B
+    mask_bg = mask_b[:, None] & (offs_g < G)[None, :]
+    q_rows = offs_b.to(tl.int64) * D
+    doc_rows = (offs_b.to(tl.int64)[:, None] * G + offs_g[None, :]) * D
+    out_bg = (offs_b[:, None] * G + offs_g[None, :]) * L
+    return offs_b, mask_b, mask_bg, q_rows, doc_rows, out_bg
+
+
+@triton.jit
+def _group_block(q_ptr, docs_ptr, q_rows, doc_rows, mask_b, mask_bg, d0, hi, BLOCK_D: tl.constexpr):
+    """Columns d0 .. d0 + BLOCK_D (those below ``hi``) of the tile's queries [BLOCK_B, BLOCK_D] and docs
+    [BLOCK_B, BLOCK_G, BLOCK_D] in float32, with their element offsets and masks (where gradients are stored)."""
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < hi
+    mask_qd = mask_b[:, None] & mask_d[None, :]
+    mask_3d = mask_bg[:, :, None] & mask_d[None, None, :]
+    q_off = q_rows[:, None] + offs_d[None, :]
+    doc_off = doc_rows[:, :, None] + offs_d[None, None, :]
+    qv = tl.load(q_ptr + q_off, mask=mask_qd, other=0.0).to(tl.float32)
+    dv = tl.load(docs_ptr + doc_off, mask=mask_3d, other=0.0).to(tl.float32)
+    return qv, dv, q_off, doc_off, mask_qd, mask_3d
+
+
 @triton.jit
 def _mrl_grouped_fwd_kernel(
     q_ptr,
@@ -779,32 +755,15 @@ def _mrl_grouped_fwd_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_b = offs_b < B
-    mask_bg = mask_b[:, None] & (offs_g < G)[None, :]
-    q_rows = offs_b.to(tl.int64) * D
-    doc_rows = (offs_b.to(tl.int64)[:, None] * G + offs_g[None, :]) * D
-    out_bg = (offs_b[:, None] * G + offs_g[None, :]) * L
+    offs_b, mask_b, mask_bg, q_rows, doc_rows, out_bg = _group_tile(B, G, D, L, BLOCK_B, BLOCK_G)
     s = tl.zeros([BLOCK_B, BLOCK_G], dtype=tl.float32)
     dd = tl.zeros([BLOCK_B, BLOCK_G], dtype=tl.float32)
     qq = tl.zeros([BLOCK_B], dtype=tl.float32)
     for seg in range(0, L):
         lvl = L - 1 - seg
-        lo = tl.multiple_of(tl.load(bounds_ptr + seg), ALIGN)
-        hi = tl.multiple_of(tl.load(bounds_ptr + seg + 1), ALIGN)
+        lo, hi = _segment_bounds(bounds_ptr, seg, ALIGN)
         for d0 in range(lo, hi, BLOCK_D):
-            mask_d = d0 + offs_d < hi
-            qv = tl.load(
-                q_ptr + q_rows[:, None] + (d0 + offs_d)[None, :], mask=mask_b[:, None] & mask_d[None, :], other=0.0
-            ).to(tl.float32)
-            dv = tl.load(
-                docs_ptr + doc_rows[:, :, None] + (d0 + offs_d)[None, None, :],
-                mask=mask_bg[:, :, None] & mask_d[None, None, :],
-                other=0.0,
-            ).to(tl.float32)
+            qv, dv, _, _, _, _ = _group_block(q_ptr, docs_ptr, q_rows, doc_rows, mask_b, mask_bg, d0, hi, BLOCK_D)
             s += tl.sum(qv[:, None, :] * dv, axis=2)
             dd += tl.sum(dv * dv, axis=2)
             qq += tl.sum(qv * qv, axis=1)
@@ -833,30 +792,17 @@ def _mrl_grouped_bwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """dq[:, seg k] = sum_g H^k d[:, g, seg] - cq^k q[:, seg]; ddocs[:, g, seg] = H^k q[:, seg] - cd^k d[:, g, seg]."""
-    pid = tl.program_id(0)
-    offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_b = offs_b < B
-    mask_bg = mask_b[:, None] & (offs_g < G)[None, :]
-    q_rows = offs_b.to(tl.int64) * D
-    doc_rows = (offs_b.to(tl.int64)[:, None] * G + offs_g[None, :]) * D
-    out_bg = (offs_b[:, None] * G + offs_g[None, :]) * L
+    offs_b, mask_b, mask_bg, q_rows, doc_rows, out_bg = _group_tile(B, G, D, L, BLOCK_B, BLOCK_G)
     for seg in range(0, L):
         lvl = L - 1 - seg
-        lo = tl.multiple_of(tl.load(bounds_ptr + seg), ALIGN)
-        hi = tl.multiple_of(tl.load(bounds_ptr + seg + 1), ALIGN)
+        lo, hi = _segment_bounds(bounds_ptr, seg, ALIGN)
         h = tl.load(h_ptr + out_bg + lvl, mask=mask_bg, other=0.0)
         cd = tl.load(cd_ptr + out_bg + lvl, mask=mask_bg, other=0.0)
         cq = tl.load(cq_ptr + offs_b * L + lvl, mask=mask_b, other=0.0)
         for d0 in range(lo, hi, BLOCK_D):
-            mask_d = d0 + offs_d < hi
-            mask_qd = mask_b[:, None] & mask_d[None, :]
-            mask_3d = mask_bg[:, :, None] & mask_d[None, None, :]
-            q_off = q_rows[:, None] + (d0 + offs_d)[None, :]
-            doc_off = doc_rows[:, :, None] + (d0 + offs_d)[None, None, :]
-            qv = tl.load(q_ptr + q_off, mask=mask_qd, other=0.0).to(tl.float32)
-            dv = tl.load(docs_ptr + doc_off, mask=mask_3d, other=0.0).to(tl.float32)
+            qv, dv, q_off, doc_off, mask_qd, mask_3d = _group_block(
+                q_ptr, docs_ptr, q_rows, doc_rows, mask_b, mask_bg, d0, hi, BLOCK_D
+            )
             dq = tl.sum(h[:, :, None] * dv, axis=1) - cq[:, None] * qv
             tl.store(dq_ptr + q_off, dq.to(dq_ptr.dtype.element_ty), mask=mask_qd)
             dd = h[:, :, None] * qv[:, None, :] - cd[:, :, None] * dv
@@ -927,7 +873,7 @@ class MatryoshkaGroupedInfoNCEFunction(torch.autograd.Function):
         if use_triton:
             dots = torch.empty((B, G, L), device=q.device, dtype=torch.float32)
             dsq, qsq = torch.empty_like(dots), torch.empty((B, L), device=q.device, dtype=torch.float32)
-            block_b, block_g, block_d, num_warps = _grouped_blocks(B, G, D)
+            block_b, block_g, block_d, num_warps = grouped_blocks(B, G, D)
             _mrl_grouped_fwd_kernel[(triton.cdiv(B, block_b),)](
                 q, docs, dots, dsq, qsq, _bounds_tensor(dims, q.device), B, G, D, L, ALIGN=_alignment(dims),
                 BLOCK_B=block_b, BLOCK_G=block_g, BLOCK_D=block_d, num_warps=num_warps,
@@ -958,7 +904,7 @@ class MatryoshkaGroupedInfoNCEFunction(torch.autograd.Function):
         cd = (gs * rad_d).cumsum(-1)
         if ctx.use_triton:
             dq, ddocs = torch.empty_like(q), torch.empty_like(docs)
-            block_b, block_g, block_d, num_warps = _grouped_blocks(B, G, D)
+            block_b, block_g, block_d, num_warps = grouped_blocks(B, G, D)
             _mrl_grouped_bwd_kernel[(triton.cdiv(B, block_b),)](
                 q, docs, h.float().contiguous(), cq.float().contiguous(), cd.float().contiguous(), dq, ddocs,
                 _bounds_tensor(dims, q.device), B, G, D, len(dims), ALIGN=_alignment(dims), BLOCK_B=block_b,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from f2llm.kernels.dispatch import Backend, use_triton
+from f2llm.kernels.utils import Backend, use_triton
 
 PoolMode = Literal["last", "mean", "first"]
 MODES: tuple[str, ...] = ("last", "mean", "first")

@@ -4,7 +4,7 @@ rows (query, passage, negative_1..K) -> at most ``max_rows`` of each source (a s
 once and cached, split into training and held-out rows (:func:`load_sources`)
 -> homogeneous per-source batches, same source on every rank, resumable (:class:`F2LLMBatchSampler`: how a step
 picks its source and what a source's short last batch does are settings, the official loop's rules among them)
--> padded or packed model input (:class:`Collator`) -> :class:`f2llm.model.Encoder`.
+-> padded or packed model input (:class:`Collator`) -> :class:`f2llm.encoder.Encoder`.
 
 Source kinds (retrieval / classification / clustering) come from the tables of F2LLM v1's and v2's sources
 (:data:`SOURCE_KINDS`; f2llm.data.sources and f2llm.data.v2_sources), or from ``SourceOverride(kind=...)``.
@@ -38,9 +38,9 @@ if TYPE_CHECKING:
     from f2llm.data.readers import TokenizedSource, load_source, load_sources, read_raw
     from f2llm.data.sampler import F2LLMBatchSampler, TrainingBatch, negative_columns_for_step
 
-# The readers, sampler and converters need `datasets` and pyarrow; the encoder (f2llm.model) only needs the
-# tokenizer and collators. Loading the former on first use keeps `import f2llm.model` light, e.g. on a GPU image
-# that runs the benchmarks without `datasets` installed.
+# The readers, sampler and converters need `datasets` and pyarrow; the encoder (f2llm.encoder) only needs the
+# tokenizer and collators. Loading the former on first use keeps `import f2llm.encoder` light, e.g. on a GPU image that
+# runs the benchmarks without `datasets` installed.
 _LAZY = {
     "convert": "f2llm.data.convert",
     "TokenizedSource": "f2llm.data.readers",

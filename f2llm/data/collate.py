@@ -12,7 +12,7 @@ Both layouts also carry ``attn_cu_seqlens`` / ``attn_max_seqlen``: the segments 
 varlen attention kernel attends within (every text, and every run of padding as a segment of its own), computed
 here from the lengths the collator knows, so that the encoder never reads them back from the device.
 
-:class:`f2llm.model.Encoder` turns either into embeddings ``[n, D]`` in the order of the input sequences.
+:class:`f2llm.encoder.Encoder` turns either into embeddings ``[n, D]`` in the order of the input sequences.
 """
 
 from __future__ import annotations

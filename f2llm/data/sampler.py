@@ -93,6 +93,17 @@ class TrainingBatch:
         """All texts in one list: queries, then passages, then negatives (row-major)."""
         return [*self.queries, *self.passages, *self.negatives]
 
+    def split(self, embeddings: Any) -> tuple[Any, Any, Any]:
+        """(queries [B, D], positives [B, D], negatives [B, k, D]) of embeddings laid out as :meth:`sequences`."""
+        return split_embeddings(embeddings, self.batch_size, self.num_negatives)
+
+
+def split_embeddings(embeddings: Any, batch_size: int, num_negatives: int) -> tuple[Any, Any, Any]:
+    """The one place the batch layout is read: rows ``[0, B)`` are the queries, ``[B, 2B)`` their positives and
+    ``[2B, 2B + B*k)`` the negatives, row-major (query i's at ``2B + [i*k, (i+1)*k)``), returned as [B, k, D]."""
+    B, k = batch_size, num_negatives
+    return embeddings[:B], embeddings[B : 2 * B], embeddings[2 * B :].reshape(B, k, embeddings.shape[-1])
+
 
 LAST_BATCH_RULES = ("wrap", "drop", "keep")
 SOURCE_DRAW_RULES = ("remaining", "fixed")

@@ -1,4 +1,4 @@
-"""Text -> token ids, the same way for training data and for :meth:`f2llm.model.Encoder.encode`.
+"""Text -> token ids, the same way for training data and for :meth:`f2llm.encoder.Encoder.encode`.
 
 Two rules, chosen by the model type (:func:`is_decoder_model_type`):
 

@@ -1,7 +1,7 @@
 """What evaluation and mining need from a model, an on-disk embedding cache, and the adapter MTEB runs.
 
 * :class:`TextEncoder` is the only interface evaluation and mining rely on: ``encode(texts, *, batch_size,
-  instruction, show_progress) -> float32 [n, D]``. ``f2llm.model.Encoder`` satisfies it, so does any thin wrapper
+  instruction, show_progress) -> float32 [n, D]``. ``f2llm.encoder.Encoder`` satisfies it, so does any thin wrapper
   over another library's model. ``instruction`` is the bare task instruction; the encoder formats it
   (``Instruct: {instruction}\\nQuery: {text}`` for F2LLM).
 * :func:`encode_cached` stores embeddings as ``.npy`` keyed by (model key, instruction, texts), so a corpus encoded

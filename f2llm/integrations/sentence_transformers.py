@@ -10,17 +10,18 @@ subclasses it): columns (anchor, positive, negative_1, ..., negative_n); each an
 and negatives of the whole batch (of every rank with ``gather_across_devices=True``), logits = similarity * scale.
 What runs inside is f2llm's:
 
-* the gradient cache (:mod:`f2llm.gradcache`): pass 1 embeds every mini-batch without gradients, each one's RNG
-  state captured (:class:`f2llm.gradcache.RngState`); the loss and d(loss)/d(embeddings) come from
-  :func:`f2llm.ops.infonce` on all embeddings at once (no B x N score matrix); pass 2 re-embeds each mini-batch with
-  gradients, dropout replayed, and back-propagates ``embeddings . cached gradient``. As in sentence-transformers,
-  pass 2 runs in the backward of the returned loss: ``loss.backward()`` (the trainer's) triggers it, and every
-  mini-batch is scaled by the gradient that backward hands the loss (gradient accumulation's 1/k, fp16's loss
-  scale). An autocast active in pass 1 (the trainer's mixed precision) is replayed in pass 2.
+* the gradient cache (:mod:`f2llm.gradcache`), the very passes f2llm's trainer runs: pass 1
+  (:func:`f2llm.gradcache.embed_chunks`) embeds every mini-batch without gradients, each one's RNG state captured;
+  the loss and d(loss)/d(embeddings) come from :func:`f2llm.kernels.infonce` on all embeddings at once (no B x N score
+  matrix); pass 2 (:func:`f2llm.gradcache.backward_chunks`) re-embeds each mini-batch with gradients, dropout
+  replayed, and back-propagates ``embeddings . cached gradient``. As in sentence-transformers, pass 2 runs in the
+  backward of the returned loss: ``loss.backward()`` (the trainer's) triggers it, and every mini-batch is scaled by
+  the gradient that backward hands the loss (gradient accumulation's 1/k, fp16's loss scale). An autocast active in
+  pass 1 (the trainer's mixed precision) is replayed in pass 2.
 * sequence packing: each mini-batch's texts are unpadded and laid end to end in rows
   (:func:`f2llm.data.pack_sequences`), run through the model's Hugging Face transformer with a block-diagonal mask
-  (encoders, as :class:`f2llm.model.Encoder` does) or position ids restarting at every text (decoders, which
-  transformers turns into a block-diagonal causal mask), and pooled over each text by :func:`f2llm.ops.pool`: the
+  (encoders, as :class:`f2llm.encoder.Encoder` does) or position ids restarting at every text (decoders, which
+  transformers turns into a block-diagonal causal mask), and pooled over each text by :func:`f2llm.kernels.pool`: the
   embeddings of sentence-transformers' padded forward, without computing its padding.
 * under DistributedDataParallel, the gradients are averaged over the ranks once, after the last mini-batch (the
   packed forward calls the transformer directly, not through DDP's forward, so the reducer is bypassed and this
@@ -63,18 +64,20 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from f2llm import distributed
+from f2llm.attention import packed_encoder_mask
 from f2llm.data import EncoderBatch, pack_sequences
+from f2llm.encoder import pool_packed
 from f2llm.gradcache import GradientCache, RngState, chunk_by_tokens
-from f2llm.model import packed_encoder_mask, pool_packed
-from f2llm.ops import infonce
+from f2llm.kernels import infonce
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CachedMultipleNegativesRankingLoss"]
 
-# sentence-transformers' Pooling mode -> f2llm.ops.pool's.
+# sentence-transformers' Pooling mode -> f2llm.kernels.pool's.
 _POOLING_MODES = {"mean": "mean", "cls": "first", "lasttoken": "last"}
-# Model types whose packed forward is verified to give the padded forward's embeddings (tests/test_st_integration.py).
+# Model types whose packed forward is verified to give the padded forward's embeddings
+# (tests/integrations/test_st_integration.py).
 # Encoders take a 4-D block-diagonal mask; decoders (RoPE) separate packed texts by their restarting position ids.
 _PACKED_ENCODERS = frozenset({"bert", "roberta", "xlm-roberta"})
 _PACKED_DECODERS = frozenset({"qwen2", "qwen3", "llama", "mistral"})
@@ -94,7 +97,7 @@ class _PackedModel:
     decoder: bool
     attn_implementation: str
     position_offset: int  # RoBERTa numbers positions from padding_idx + 1
-    pooling: str  # f2llm.ops.pool's mode
+    pooling: str  # f2llm.kernels.pool's mode
     normalize: bool
     pad_token_id: int
 
@@ -154,7 +157,7 @@ def _packed_model(st_model: torch.nn.Module) -> tuple[_PackedModel | None, str]:
             return None, f"model type {model_type!r} is not one packing supports ({supported})"
         if attn not in _ENCODER_ATTENTION:
             return None, f"packed encoders need attn_implementation sdpa or eager, not {attn!r}"
-    # As f2llm.model.Encoder: RoBERTa-family embeddings number positions from padding_idx + 1, BERT from 0.
+    # As f2llm.encoder.Encoder: RoBERTa-family embeddings number positions from padding_idx + 1, BERT from 0.
     padding_idx = getattr(getattr(hf, "embeddings", None), "padding_idx", None)
     position_offset = padding_idx + 1 if isinstance(padding_idx, int) else 0
     tokenizer = getattr(transformer, "tokenizer", None)
@@ -294,15 +297,23 @@ def _all_reduce_gradients(ddp: DistributedDataParallel) -> None:
                 offset += g.numel()
 
 
+def _backward_if_trainable(surrogate: Tensor) -> None:
+    """Pass 2's backward: a frozen model gives embeddings, hence a surrogate, without grad: nothing to back-propagate
+    (``surrogate.backward()`` would raise)."""
+    if surrogate.requires_grad:
+        surrogate.backward()
+
+
 @dataclass
 class _Step:
-    """What pass 2 needs of one forward: every column's mini-batches, RNG states and cached gradients."""
+    """What pass 2 needs of one forward: the gradient cache, every column's mini-batches, RNG states and cached
+    gradients."""
 
+    cache: GradientCache  # encode (under pass 1's autocast), no-sync and backward of pass 2
     chunks: list[list[Any]]  # per column: _PackedChunk (packed) or sentence-transformers feature dicts (padded)
     states: list[list[RngState]]
     grads: list[Tensor]  # per column: d(loss)/d(embeddings) [n_texts, D]
-    autocast: Callable[[], contextlib.AbstractContextManager]
-    plan: _PackedModel | None  # None: sentence-transformers' padded forward
+    packed: bool  # False: sentence-transformers' padded forward
 
 
 class CachedMultipleNegativesRankingLoss(_STCachedMultipleNegativesRankingLoss):
@@ -428,17 +439,23 @@ class CachedMultipleNegativesRankingLoss(_STCachedMultipleNegativesRankingLoss):
                 "sentence-transformers' padded forward instead"
             )
         device = _plan_device(plan) if plan is not None else st_model.device
-        autocast = _autocast_of(st_model, device)
         chunks = [self._mini_batches(features, plan) for features in sentence_features]
+        # The padded forward goes through DDP: its gradients sync in the last mini-batch's backward only, the others
+        # run under no_sync. The packed forward bypasses DDP's reducer: _replay all-reduces after the last one.
+        ddp = self.model if isinstance(self.model, DistributedDataParallel) else None
+        cache = GradientCache(
+            functools.partial(self._embed, plan=plan, autocast=_autocast_of(st_model, device)),
+            no_sync=ddp.no_sync if ddp is not None and plan is None else None,
+            backward=_backward_if_trainable,
+            device=device,
+        )
 
         # Pass 1: every mini-batch without gradients, RNG states captured.
-        cache = GradientCache(functools.partial(self._embed, plan=plan), device=device)
         reps, states = [], []
-        with autocast():
-            for column in chunks:
-                emb, column_states = cache.embed_without_grad(self._progress(column, "Embed mini-batches"))
-                reps.append([emb.detach().requires_grad_()])
-                states.append(column_states)
+        for column in chunks:
+            emb, column_states = cache.embed_without_grad(self._progress(column, "Embed mini-batches"))
+            reps.append([emb.detach().requires_grad_()])
+            states.append(column_states)
         if not torch.is_grad_enabled():
             return self.calculate_loss(reps, labels)
 
@@ -449,7 +466,7 @@ class CachedMultipleNegativesRankingLoss(_STCachedMultipleNegativesRankingLoss):
         if unused:
             raise ValueError(f"The loss did not use input column(s) {', '.join(unused)}: remove them from the dataset")
         # Pass 2 runs in the backward of the returned loss (sentence-transformers' contract).
-        step = _Step(chunks=chunks, states=states, grads=grads, autocast=autocast, plan=plan)
+        step = _Step(cache=cache, chunks=chunks, states=states, grads=grads, packed=plan is not None)
         loss.register_hook(functools.partial(self._replay, step=step))
         return loss
 
@@ -473,37 +490,41 @@ class CachedMultipleNegativesRankingLoss(_STCachedMultipleNegativesRankingLoss):
             return _pack_column(features, ranges, plan, self.pack_row_tokens)
         return [_create_minibatch(features, begin, end) for begin, end in ranges]
 
-    def _embed(self, chunk: Any, plan: _PackedModel | None) -> Tensor:
-        if plan is not None:
-            return _embed_packed(plan, chunk)
-        # A copy: the model's modules write their outputs into the dict they get, and pass 2 reuses the chunk.
-        return self.model(dict(chunk))["sentence_embedding"]
+    def _embed(
+        self, chunk: Any, plan: _PackedModel | None, autocast: Callable[[], contextlib.AbstractContextManager]
+    ) -> Tensor:
+        """A mini-batch's embeddings, under the autocast of the forward (the same in both passes)."""
+        with autocast():
+            if plan is not None:
+                return _embed_packed(plan, chunk)
+            # A copy: the model's modules write their outputs into the dict they get, and pass 2 reuses the chunk.
+            return self.model(dict(chunk))["sentence_embedding"]
 
     def _progress(self, items: list[Any], desc: str) -> Iterable[Any]:
         return tqdm.tqdm(items, desc=desc, disable=not self.show_progress_bar) if self.show_progress_bar else items
 
     def _replay(self, grad_output: Tensor, step: _Step) -> None:
-        """Pass 2 (the backward hook of the returned loss): every mini-batch again with gradients, its RNG state and
-        autocast replayed, back-propagating ``embeddings . cached gradient * grad_output``."""
+        """Pass 2 (the backward hook of the returned loss): :func:`f2llm.gradcache.backward_chunks` over every column's
+        mini-batches at once, their RNG states and autocast replayed, back-propagating ``embeddings . cached gradient *
+        grad_output``."""
         ddp = self.model if isinstance(self.model, DistributedDataParallel) else None
-        packed = step.plan is not None
-        remaining = sum(len(column) for column in step.chunks)
-        with torch.enable_grad():
-            for column, states, grad in zip(step.chunks, step.states, step.grads, strict=True):
-                offset = 0
-                for chunk, state in self._progress(list(zip(column, states, strict=True)), "Replay mini-batches"):
-                    remaining -= 1
-                    # The padded forward goes through DDP: sync only the last mini-batch (the packed one bypasses it).
-                    defer = ddp is not None and not packed and remaining > 0
-                    with ddp.no_sync() if defer else contextlib.nullcontext():
-                        with state.replay(), step.autocast():
-                            emb = self._embed(chunk, step.plan)
-                        n = emb.shape[0]
-                        cached = grad[offset : offset + n]
-                        offset += n
-                        if not emb.requires_grad:  # a frozen model: nothing to back-propagate
-                            continue
-                        surrogate = torch.dot(emb.flatten().float(), cached.flatten().float()) * grad_output
-                        surrogate.backward()
-        if ddp is not None and packed and ddp.require_backward_grad_sync:
+        # The columns' mini-batches in one call, their cached gradients concatenated in the same order: the last
+        # mini-batch of the last column is the one whose backward DDP synchronizes. The cached gradient is scaled by
+        # the one handed to the loss (accumulation's 1/k, fp16's loss scale) in float32, then cast once to the
+        # embeddings' dtype by backward_chunks: a bf16 embedding's gradient is rounded once, as autograd would.
+        grad = torch.cat([g.float() for g in step.grads]) * grad_output
+        bounds = np.cumsum([0] + [len(column) for column in step.chunks]).tolist()
+
+        def progress(pairs: list[Any]) -> Iterable[Any]:  # one bar per column, as in pass 1
+            for begin, end in itertools.pairwise(bounds):
+                yield from self._progress(pairs[begin:end], "Replay mini-batches")
+
+        with torch.enable_grad():  # a backward hook runs with grad mode off
+            step.cache.backward_chunks(
+                [c for column in step.chunks for c in column],
+                [s for column in step.states for s in column],
+                grad,
+                progress=progress,
+            )
+        if ddp is not None and step.packed and ddp.require_backward_grad_sync:
             _all_reduce_gradients(ddp)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import triton
 
-from f2llm.kernels import contrastive, matryoshka, pooling
+from f2llm.kernels import contrastive, matryoshka, pooling, utils
 from tests.helpers import HANG_BOUND
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_compile.py"
@@ -29,7 +29,7 @@ def jit_kernels() -> set[str]:
     """Names of every @triton.jit kernel launched from the host in f2llm's kernel modules (jit or interpreted)."""
     return {
         name
-        for module in (contrastive, matryoshka, pooling)
+        for module in (contrastive, matryoshka, pooling, utils)
         for name, obj in inspect.getmembers(module)
         if isinstance(obj, triton.runtime.jit.KernelInterface) and name.endswith("_kernel")
     }

@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from f2llm.kernels import contrastive
-from f2llm.ops import InfoNCEConfig, grouped_infonce, grouped_infonce_reference, infonce, infonce_reference
+from f2llm.kernels import InfoNCEConfig, grouped_infonce, grouped_infonce_reference, infonce, infonce_reference, utils
 
 BACKENDS = ["torch", "triton"]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 3e-3}
@@ -66,7 +65,7 @@ def backend_kwargs(backend: str, tiles: str, monkeypatch: pytest.MonkeyPatch) ->
     if tiles == "small":
         if backend == "triton":
             return {"backend": backend, "config": SMALL_TILES}
-        monkeypatch.setattr(contrastive, "_TORCH_TILE_ELEMENTS", 64)  # several row blocks on the PyTorch path
+        monkeypatch.setattr(utils, "_TORCH_TILE_ELEMENTS", 64)  # several row blocks on the PyTorch path
     return {"backend": backend}
 
 
@@ -195,9 +194,9 @@ def test_infonce_grad_of_one_input_and_no_grad(backend) -> None:
 def test_infonce_backward_in_workspace_chunks(dtype, monkeypatch) -> None:
     # A workspace of 128 candidates' (p - y) for 40 queries: three backward chunks (128, 128, 44), dq summed over
     # them in float32, dc written per chunk; with the mask margin on, as the recipe's loss runs.
-    monkeypatch.setattr(contrastive, "_BWD_WORKSPACE_ELEMENTS", 40 * 128 + 7)
-    cfg = contrastive.infonce_config(40, 300, 97, dtype, torch.device("cpu"))
-    assert contrastive.bwd_chunk_n(cfg, 40, 300) == 128
+    monkeypatch.setattr(utils, "_BWD_WORKSPACE_ELEMENTS", 40 * 128 + 7)
+    cfg = utils.infonce_config(40, 300, 97, dtype, torch.device("cpu"))
+    assert utils.bwd_chunk_n(cfg, 40, 300) == 128
     q, c, targets = make_inputs(40, 300, 97, dtype, seed=3)
     targets[5] = -100
     margin = pick_margin(q, c, torch.where(targets >= 0, targets, 0))
@@ -206,12 +205,12 @@ def test_infonce_backward_in_workspace_chunks(dtype, monkeypatch) -> None:
 
 
 def test_backward_chunk_size() -> None:
-    cfg = contrastive.InfoNCEConfig()
-    budget = contrastive._BWD_WORKSPACE_ELEMENTS
-    assert contrastive.bwd_chunk_n(cfg, 16384, 131072) == budget // 16384  # 1024: a multiple of 128
-    assert contrastive.bwd_chunk_n(cfg, 16, 4096) == 4096  # all candidates at once
-    assert contrastive.bwd_chunk_n(cfg, budget, 4096) == 128  # never below one 128-wide step
-    assert contrastive.bwd_chunk_n(contrastive.InfoNCEConfig(chunk_n=40), 16, 4096) == 40
+    cfg = utils.InfoNCEConfig()
+    budget = utils._BWD_WORKSPACE_ELEMENTS
+    assert utils.bwd_chunk_n(cfg, 16384, 131072) == budget // 16384  # 1024: a multiple of 128
+    assert utils.bwd_chunk_n(cfg, 16, 4096) == 4096  # all candidates at once
+    assert utils.bwd_chunk_n(cfg, budget, 4096) == 128  # never below one 128-wide step
+    assert utils.bwd_chunk_n(utils.InfoNCEConfig(chunk_n=40), 16, 4096) == 40
 
 
 def test_infonce_auto_backend_on_cpu_is_torch_path() -> None:
@@ -285,7 +284,7 @@ def test_grouped_reference_is_cross_entropy() -> None:
     ],
 )
 def test_grouped_matches_reference(backend, B, G, D, dtype, temperature, monkeypatch) -> None:
-    monkeypatch.setattr(contrastive, "_TORCH_TILE_ELEMENTS", 4 * G * D)  # several chunks on the PyTorch path
+    monkeypatch.setattr(utils, "_TORCH_TILE_ELEMENTS", 4 * G * D)  # several chunks on the PyTorch path
     q, docs = make_groups(B, G, D, dtype, seed=B + G)
     rq, rd = q.double().requires_grad_(), docs.double().requires_grad_()
     want = grouped_infonce_reference(rq, rd, temperature)

@@ -12,13 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from f2llm.kernels import contrastive, matryoshka
-from f2llm.kernels.matryoshka import (
+from f2llm.kernels import (
+    InfoNCEConfig,
+    grouped_infonce,
+    infonce,
+    matryoshka,
     matryoshka_grouped_infonce_reference,
     matryoshka_infonce_reference,
     matryoshka_levels,
+    utils,
 )
-from f2llm.ops import InfoNCEConfig, grouped_infonce, infonce
 
 BACKENDS = ["torch", "triton"]
 # Small tiles: several query / candidate tiles, D steps, split forward programs and backward chunks.
@@ -174,7 +177,7 @@ def test_several_chunks_and_row_blocks(backend, monkeypatch) -> None:
     if backend == "triton":
         kwargs["config"] = SMALL_TILES  # 5 backward chunks of 8 candidates, 2 forward splits, 2 query tiles
     else:
-        monkeypatch.setattr(contrastive, "_TORCH_TILE_ELEMENTS", 64 * 6)  # several query row blocks
+        monkeypatch.setattr(utils, "_TORCH_TILE_ELEMENTS", 64 * 6)  # several query row blocks
     for margin in (None, 0.05):
         got = ours(q, c, t, (8, 24), mask_margin=margin, **kwargs)
         assert_matches(got, reference(q, c, t, (8, 24), mask_margin=margin), 1e-5)
@@ -299,7 +302,7 @@ def test_torch_path_temperatures_and_row_blocks(temperature, monkeypatch) -> Non
     # rows per block, the last one shorter) with ignored queries and an 8-wide segment (transposed gradient GEMMs).
     q, c, t = make_inputs(11, 29, 40, seed=13)
     t[[0, 6]] = -100
-    monkeypatch.setattr(contrastive, "_TORCH_TILE_ELEMENTS", 29 * 4 * 3 // 2)
+    monkeypatch.setattr(utils, "_TORCH_TILE_ELEMENTS", 29 * 4 * 3 // 2)
     assert matryoshka._torch_mrl_block_rows(29, 2) == 3
     for margin in (None, 0.05):
         got = ours(q, c, t, (8, 24), temperature, backend="torch", mask_margin=margin)

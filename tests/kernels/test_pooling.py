@@ -1,4 +1,4 @@
-"""f2llm.ops.pool against its float64 definition: both backends, both layouts, every mode, every dtype."""
+"""f2llm.kernels.pool against its float64 definition: both backends, both layouts, every mode, every dtype."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from f2llm.kernels.dispatch import triton_interpreting
+from f2llm.kernels import pool
 from f2llm.kernels.pooling import MODES, pool_reference
-from f2llm.ops import pool
+from f2llm.kernels.utils import triton_interpreting
 
 BACKENDS = ["triton", "torch"]
 # Relative error bounds vs float64: fp32 is exact to rounding; bf16/fp16 are bounded by input/output rounding.
