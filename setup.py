@@ -3,7 +3,7 @@
 Every package under f2llm/ is found, not listed, so a new subpackage cannot be left out of the wheel. Two top-level
 rooms are installed inside f2llm: kernels/ as f2llm.kernels (a top-level package named `kernels` would be mistaken
 by transformers for Hugging Face's `kernels` library) and train/configs/ as f2llm.configs (the shipped configs, so
-that `f2llm train --config f2llm-0.6b` works from a wheel). tests/test_wheel.py builds the wheel and runs it.
+that `f2llm train --config f2llm-0.6b` works from a wheel). tests/package/test_wheel.py builds the wheel and runs it.
 """
 
 from setuptools import find_packages, setup

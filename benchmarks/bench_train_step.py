@@ -127,7 +127,7 @@ rows above (linear layers by FlopCounterMode, attention by the ledger, the loss 
                 data.batch_size x GPUs, the recipe's 512 queries (16 x 32 GPUs); on fewer GPUs the configs raise
                 data.batch_size with the gradient cache on, so the rule holds either way (the README's launches:
                 512 queries gives 1 GPU, 64 gives 8). The run prints which N it used and why;
-    budget      what ``f2llm.trainer.activation_budget`` derives on a GPU of ``--memory-gb`` (80e9 bytes) when
+    budget      what ``f2llm.recompute.activation_budget`` derives on a GPU of ``--memory-gb`` (80e9 bytes) when
                 ``model.activation_budget_gb`` is not set (an explicit one is used as it is, as the trainer does):
                 ACTIVATION_MEMORY_SHARE (0.7) x (memory - weights - DeepSpeed's fp32 master partition - what the
                 first step allocates), all per rank of the config's engine at N ranks by
@@ -493,7 +493,7 @@ def activation_budget_bytes(model: nn.Module, memory_gb: float = GPU_MEMORY_GB) 
 
 
 def derived_budget_bytes(state: TrainingState, memory_gb: float = GPU_MEMORY_GB) -> int:
-    """What ``f2llm.trainer.activation_budget`` derives on a GPU of ``memory_gb`` when ``model.activation_budget_gb``
+    """What ``f2llm.recompute.activation_budget`` derives on a GPU of ``memory_gb`` when ``model.activation_budget_gb``
     is not set: ACTIVATION_MEMORY_SHARE of the memory left after the weights (and DeepSpeed's master partition),
     which are loaded when it measures, less what the first step will allocate (``state.step``)."""
     return budget_from_free_memory(int(memory_gb * 1e9) - state.resident, state.step)

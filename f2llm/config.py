@@ -101,9 +101,8 @@ class ModelConfig:
     # grad / in none. auto: a forward with grad (the whole batch, or one gradient-cache chunk in its second pass)
     # recomputes only when its estimated saved activations (f2llm.recompute) exceed activation_budget_gb. Without a
     # budget on CUDA, the budget is derived from the device memory at start (f2llm.recompute.activation_budget); where
-    # none is known (CPU, meta),
-    # auto checkpoints every forward, as true does: host memory is shared with everything else on the machine
-    # and running out of it fails worse than recomputing does.
+    # none is known (CPU, meta), auto recomputes in every forward, as true does: host memory is shared with everything
+    # else on the machine and running out of it fails worse than recomputing does.
     gradient_checkpointing: Literal["auto"] | bool = "auto"
     activation_budget_gb: float | None = None  # GiB of saved activations one forward may keep (auto only)
     liger: bool | None = None  # None: on for CUDA

@@ -81,6 +81,7 @@ def act(fault: dict[str, Any], where: str) -> None:
 def install_faults(faults: list[dict[str, Any]]) -> None:
     """Patch the trainer so that each fault fires at its place."""
     from f2llm import engine as engine_module
+    from f2llm import export as export_module
     from f2llm import trainer as trainer_module
     from f2llm.encoder import Encoder
     from f2llm.loss import LossOutput
@@ -93,7 +94,7 @@ def install_faults(faults: list[dict[str, Any]]) -> None:
         return [f for f in found if all(f.get(k) == v for k, v in fields.items())]
 
     train_step, batch_loss, train = Trainer.train_step, Trainer.batch_loss, Trainer.train
-    save_state, write_st_files = trainer_module.save_state, Encoder._write_sentence_transformers_files
+    save_state, write_st_files = trainer_module.save_state, export_module.write_sentence_transformers_files
     engines = (engine_module.DDPEngine, engine_module.DeepSpeedEngine)
     backwards = {cls: cls.backward for cls in engines}
     # The step being run (1-based) and whether its first backward has fired its faults.
@@ -152,10 +153,10 @@ def install_faults(faults: list[dict[str, Any]]) -> None:
             act(fault, f"writing {path}")
         save_state(obj, path)
 
-    def patched_write_st_files(self: Encoder, path: Path) -> None:
+    def patched_write_st_files(encoder: Encoder, path: Path) -> None:
         for fault in matching("final"):
             act(fault, f"final save in {path}")
-        write_st_files(self, path)
+        write_st_files(encoder, path)
 
     Trainer.train_step = patched_train_step
     for cls in engines:
@@ -164,7 +165,7 @@ def install_faults(faults: list[dict[str, Any]]) -> None:
     Trainer.train = patched_train
     trainer_module.save_state = patched_save_state
     engine_module.save_state = patched_save_state
-    Encoder._write_sentence_transformers_files = patched_write_st_files
+    export_module.write_sentence_transformers_files = patched_write_st_files
 
 
 def run_train(argv: list[str]) -> int:
