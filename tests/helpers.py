@@ -252,3 +252,12 @@ def assert_same_weights(a: Path, b: Path, atol: float) -> None:
 
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_benchmark(script: str, *args: str, out: Path) -> None:
+    """Run ``benchmarks/<script> *args --out out`` to success in a fresh process (Triton through its interpreter)."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), *args, "--out", str(out)]
+    result = subprocess.run(
+        cmd, env=training_env(TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=HANG_BOUND
+    )
+    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"

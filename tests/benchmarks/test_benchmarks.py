@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import HANG_BOUND, training_env
+from tests.helpers import run_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_bench(script: str, *args: str, out: Path) -> None:
-    cmd = [sys.executable, str(ROOT / "benchmarks" / script), *args, "--out", str(out)]
-    env = training_env(TRITON_INTERPRET="1")
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=HANG_BOUND)
-    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-
-
 def test_bench_pooling_check_cpu(tmp_path: Path) -> None:
-    run_bench("bench_pooling.py", "--check", "--cpu", out=tmp_path)
+    run_benchmark("bench_pooling.py", "--check", "--cpu", out=tmp_path)
     rows = json.loads((tmp_path / "pooling_check_cpu.json").read_text())["rows"]
     assert {r["backend"] for r in rows} == {"triton", "torch"}
     assert all(r["pass"] == "PASS" for r in rows)
@@ -30,27 +21,27 @@ def test_bench_pooling_check_cpu(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_bench_pooling_cpu_quick(tmp_path: Path) -> None:
-    run_bench("bench_pooling.py", "--cpu", "--quick", out=tmp_path)
+    run_benchmark("bench_pooling.py", "--cpu", "--quick", out=tmp_path)
     result = json.loads((tmp_path / "pooling_cpu.json").read_text())
     assert result["rows"] and all(r["f2llm_cpu_ms"] > 0 and r["reference_ms"] > 0 for r in result["rows"])
 
 
 def test_bench_contrastive_check_cpu(tmp_path: Path) -> None:
-    run_bench("bench_contrastive.py", "--check", "--cpu", out=tmp_path)
+    run_benchmark("bench_contrastive.py", "--check", "--cpu", out=tmp_path)
     rows = json.loads((tmp_path / "contrastive_check_cpu.json").read_text())["rows"]
     assert rows and all(r["pass"] == "PASS" for r in rows)
 
 
 @pytest.mark.slow
 def test_bench_contrastive_cpu_quick(tmp_path: Path) -> None:
-    run_bench("bench_contrastive.py", "--cpu", "--quick", out=tmp_path)
+    run_benchmark("bench_contrastive.py", "--cpu", "--quick", out=tmp_path)
     rows = json.loads((tmp_path / "contrastive_cpu.json").read_text())["rows"]
     assert rows
 
 
 @pytest.mark.slow
 def test_bench_data_quick(tmp_path: Path) -> None:
-    run_bench("bench_data.py", "--quick", out=tmp_path)
+    run_benchmark("bench_data.py", "--quick", out=tmp_path)
     rows = json.loads((tmp_path / "bench_data.json").read_text())["rows"]
     packed = [r for r in rows if r["measure"] == "tokenize+collate" and r["layout"].startswith("packed")]
     padded = [r for r in rows if r["measure"] == "tokenize+collate" and r["layout"] == "padded"]
@@ -62,7 +53,7 @@ def test_bench_data_quick(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_bench_gradcache_memory_quick(tmp_path: Path) -> None:
     """Doubling the effective batch (same chunk size) must not double the step's peak memory."""
-    run_bench("bench_gradcache_memory.py", "--quick", out=tmp_path)
+    run_benchmark("bench_gradcache_memory.py", "--quick", out=tmp_path)
     small, large = json.loads((tmp_path / "gradcache_memory_cpu.json").read_text())["rows"]
     assert large["queries"] == 2 * small["queries"] and large["chunks"] == 2 * small["chunks"]
     assert large["peak_extra_mib"] < 1.5 * small["peak_extra_mib"]

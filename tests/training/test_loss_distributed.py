@@ -95,8 +95,8 @@ def test_matryoshka_on_two_ranks_equals_one_process(rank_results, mode: str) -> 
     """With Matryoshka levels the positives are gathered once at full D and truncated inside the op: per-rank terms
     average to the global batch's, and the rank gradients averaged as DDP does equal those of the global-batch
     loss written from the formula (float64), for the in-batch term with gradient to positives and queries_only."""
-    from tests.dist_loss_worker import MATRYOSHKA_DIMS
-    from tests.test_matryoshka_loss import reference_terms
+    from tests.training.dist_loss_worker import MATRYOSHKA_DIMS
+    from tests.training.test_matryoshka_loss import reference_terms
 
     batch, ranks = rank_results
     full = {name: t.double().requires_grad_() for name, t in batch.items()}

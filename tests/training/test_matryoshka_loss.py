@@ -317,12 +317,12 @@ def test_trainer_step_trains_the_matryoshka_loss(workdir: Path, tmp_path: Path, 
 def test_bench_matryoshka_cpu_modes_run(tmp_path: Path) -> None:
     """benchmarks/bench_matryoshka.py end to end at small sizes: --check (torch and Triton paths vs v2's loop in
     float64) passes, and --cpu --quick times the three implementations of both ops, which agree on the loss."""
-    from tests.test_benchmarks import run_bench
+    from tests.helpers import run_benchmark
 
-    run_bench("bench_matryoshka.py", "--check", "--cpu", out=tmp_path)
+    run_benchmark("bench_matryoshka.py", "--check", "--cpu", out=tmp_path)
     check = json.loads((tmp_path / "matryoshka_check_cpu.json").read_text())["rows"]
     assert {r["case"].split()[-1] for r in check} == {"torch", "triton"} and all(r["pass"] == "PASS" for r in check)
-    run_bench("bench_matryoshka.py", "--cpu", "--quick", out=tmp_path)
+    run_benchmark("bench_matryoshka.py", "--cpu", "--quick", out=tmp_path)
     rows = json.loads((tmp_path / "matryoshka_cpu.json").read_text())["rows"]
     assert sorted((r["op"], r["impl"]) for r in rows) == sorted(
         (op, impl) for op in ("infonce", "grouped") for impl in ("single", "fused", "loop")
