@@ -827,7 +827,7 @@ def count_train_step(
         "layout": f"packed (rows of {variant.max_tokens})" if variant.packed else "padded",
         "pooling_loss": "f2llm fused" if variant.fused else "plain torch",
         "liger": "as on CUDA (not applied on meta: no matmul changes)" if variant.liger else False,
-        "checkpointing": observer.describe(policy), "queries": config.data.batch_size,
+        "checkpointing": observer.describe(policy), "queries": config.data.rank_batch_size(1),
         "texts": len(lengths), "chunks": len(observer.positions), "chunk_tokens": chunk_tokens,
         **({"chunk_texts": chunk_texts} if chunk_texts is not None else {}),
         "real_tokens": int(lengths.sum()), "positions": positions, "real_share": int(lengths.sum()) / positions,
@@ -956,7 +956,7 @@ def default_world_size(config: TrainConfig) -> tuple[int, str]:
     """(ranks, why) a config is written for: the recipe's global batch over its per-rank batch. The configs say
     global batch = data.batch_size x GPUs, and on fewer GPUs raise data.batch_size (with the gradient cache) to keep
     512 queries: so the rule holds with the gradient cache on or off (the one-GPU launch's 512 queries give 1)."""
-    size = config.data.batch_size
+    size = config.data.rank_batch_size(1)  # a config with data.global_batch_size runs it on one rank
     ranks = max(1, RECIPE_GLOBAL_QUERIES // size)
     return ranks, f"the recipe's global batch of {RECIPE_GLOBAL_QUERIES} queries / data.batch_size {size}"
 
@@ -967,7 +967,7 @@ def config_state(config: TrainConfig, params: int, world_size: int) -> tuple[Tra
     compute = resolve_dtype(config.model.dtype, torch.device("cuda"))
     stage = 0
     if config.engine == "deepspeed":
-        stage = int(deepspeed_config(config, compute).get("zero_optimization", {}).get("stage", 0))
+        stage = int(deepspeed_config(config, compute, world_size).get("zero_optimization", {}).get("stage", 0))
     label = f"deepspeed ZeRO-{stage}" if config.engine == "deepspeed" else "ddp"
     return training_state_bytes(config.engine, params, params, world_size, compute, stage), label
 
@@ -1034,7 +1034,7 @@ def count_config(
     pool = scifact_lengths(1.0)
     cap = config.model.max_length
     pool = LengthPool(np.minimum(pool.queries, cap), np.minimum(pool.documents, cap))
-    queries, negatives = config.data.batch_size, config.data.num_negatives["retrieval"]
+    queries, negatives = config.data.rank_batch_size(1), config.data.num_negatives["retrieval"]
     batch = draw_batch(pool, queries, negatives, backbone.vocab_size, 0, seed)
     shown = " ".join([name, *overrides])
     variant = Variant(

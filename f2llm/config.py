@@ -32,6 +32,10 @@ DEEPSPEED_KEYS_OWNED = frozenset(
 )
 
 
+# Queries per rank and step when neither data.batch_size nor data.global_batch_size is set (the recipe's 16 per GPU).
+DEFAULT_BATCH_SIZE = 16
+
+
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names where and why."""
 
@@ -118,7 +122,13 @@ class DataConfig:
     # Negatives sampled per query and batch by source kind (kinds left out keep these defaults, v1's; F2LLM v2 sets
     # clustering: 9). A source's own sources.<name>.num_negatives wins.
     num_negatives: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_NUM_NEGATIVES))
-    batch_size: int = 16  # queries per rank per step (recipe: 16 x 32 GPUs = 512)
+    # The batch: queries per rank per step (recipe: 16 x 32 GPUs = 512), or queries per step over all ranks. Set
+    # one of them (neither: batch_size 16). global_batch_size keeps a run's batches whatever its number of ranks:
+    # each rank takes global_batch_size / ranks queries, so an elastic run that comes back with fewer nodes (or a
+    # run moved from 32 GPUs to 16) resumes from its checkpoints. batch_size fixes the per-rank share, so the
+    # global batch follows the number of ranks and a resume on another number is refused.
+    batch_size: int | None = None
+    global_batch_size: int | None = None
     validation_fraction: float = 0.01
     cache_dir: str = ".cache/f2llm/tokenized"
     packing: bool = False  # pack texts into rows of max_tokens (no padding FLOPs)
@@ -142,6 +152,18 @@ class DataConfig:
     def __post_init__(self) -> None:
         # A mapping naming some kinds keeps the defaults of the others (validate() refuses unknown kinds).
         self.num_negatives = {**DEFAULT_NUM_NEGATIVES, **self.num_negatives}
+
+    def rank_batch_size(self, world_size: int) -> int:
+        """Queries per rank and step on ``world_size`` ranks (see batch_size / global_batch_size above)."""
+        if self.global_batch_size is None:
+            return DEFAULT_BATCH_SIZE if self.batch_size is None else self.batch_size
+        if self.global_batch_size % world_size:
+            fits = [d for d in range(1, self.global_batch_size + 1) if self.global_batch_size % d == 0]
+            raise ConfigError(
+                f"data.global_batch_size {self.global_batch_size} does not divide over {world_size} ranks; it divides "
+                f"over {', '.join(map(str, fits))} ranks: launch one of these, or change data.global_batch_size"
+            )
+        return self.global_batch_size // world_size
 
 
 @dataclass
@@ -350,8 +372,14 @@ def validate(config: TrainConfig, base: Path | None = None) -> None:
         raise ConfigError("model.name_or_path is required")
     if not config.data.paths:
         raise ConfigError("data.paths is required (F2LLM-format files, or folders of them)")
+    if config.data.batch_size is not None and config.data.global_batch_size is not None:
+        raise ConfigError(
+            f"data.batch_size ({config.data.batch_size}, per rank) and data.global_batch_size "
+            f"({config.data.global_batch_size}, over all ranks) are both set; set one (global_batch_size keeps the "
+            "batch when the number of ranks changes, e.g. an elastic run resumed on fewer nodes)"
+        )
     positive = {
-        "data.batch_size": config.data.batch_size,
+        **{f"data.{k}": v for k in ("batch_size", "global_batch_size") if (v := getattr(config.data, k)) is not None},
         "data.max_tokens": config.data.max_tokens,
         "model.max_length": config.model.max_length,
         "optim.epochs": config.optim.epochs,

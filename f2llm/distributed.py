@@ -156,8 +156,29 @@ def init_runtime(timeout_minutes: float = 30.0, group_of_one: bool = False) -> R
         if "MASTER_ADDR" not in os.environ:  # started without a launcher: what torchrun would set for one process
             alone = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
             os.environ.update(alone, MASTER_PORT=str(free_port()))
-        dist.init_process_group(
-            backend="nccl" if device.type == "cuda" else "gloo",
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-        )
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        store = restart_store(timeout)
+        if store is None:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            rank_, world_ = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            dist.init_process_group(backend=backend, store=store, rank=rank_, world_size=world_, timeout=timeout)
     return Runtime(rank(), world_size(), device)
+
+
+def restart_store(timeout: datetime.timedelta) -> dist.Store | None:
+    """The store the process group meets in under torchrun's agent: the agent's store, under a prefix of this
+    attempt of the workers (``TORCHELASTIC_RESTART_COUNT``); None without the agent's store (``env://`` then).
+
+    torchrun hands its workers the store its agent keeps for the whole job, across restarts (``--max-restarts``, a
+    node lost or joining), and the process group's keys (each rank's gloo / NCCL address) are written under the same
+    names in every attempt: restarted workers would read their peers' addresses from the attempt that died and fail
+    to connect ("Gloo connectFullMesh failed ... Connection refused"). A prefix per attempt keeps each attempt's
+    addresses apart.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    store = dist.TCPStore(host, port, int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"f2llm/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)

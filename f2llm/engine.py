@@ -235,6 +235,12 @@ class Engine(ABC):
     @abstractmethod
     def load(self, folder: Path) -> None: ...
 
+    def check_resume_world_size(self, folder: Path, saved_world_size: int) -> None:
+        """Refuse (before anything is loaded) a checkpoint written by ``saved_world_size`` ranks that this engine
+        cannot load on its own number of ranks. DDP's checkpoint is whole (rank 0 writes the weights and the full
+        optimizer state), so it loads on any number."""
+        return None
+
     @abstractmethod
     def full_weights(self) -> contextlib.AbstractContextManager: ...
 
@@ -438,11 +444,11 @@ class DDPEngine(Engine):
 
 
 # ------------------------------------------------------------------------------------------------ DeepSpeed
-def deepspeed_config(config: TrainConfig, dtype: torch.dtype) -> dict:
+def deepspeed_config(config: TrainConfig, dtype: torch.dtype, world_size: int) -> dict:
     """The DeepSpeed JSON with the keys f2llm owns (config.DEEPSPEED_KEYS_OWNED) filled from the training config."""
     ds = json.loads(Path(config.deepspeed_config).read_text())
     ds.pop("_comment", None)
-    ds["train_micro_batch_size_per_gpu"] = config.data.batch_size
+    ds["train_micro_batch_size_per_gpu"] = config.data.rank_batch_size(world_size)
     ds["gradient_accumulation_steps"] = 1
     ds["gradient_clipping"] = config.optim.grad_clip
     ds["bf16"] = {"enabled": dtype == torch.bfloat16}
@@ -463,6 +469,10 @@ class DeepSpeedEngine(Engine):
 
     Every rank therefore runs the same number of chunks (f2llm.gradcache.split_to_count); otherwise the collectives
     of the ranks would not match.
+
+    A ZeRO-1/2/3 checkpoint written by another number of ranks (the trainer keeps the global batch) is loaded through
+    a DeepSpeed universal checkpoint converted next to it (:func:`deepspeed_universal_checkpoint`): the same fp32
+    weights and AdamW moments, repartitioned over this run's ranks.
     """
 
     def __init__(self, config: TrainConfig, encoder: Encoder, total_steps: int, world_size: int) -> None:
@@ -476,7 +486,7 @@ class DeepSpeedEngine(Engine):
         # The schedule is not handed to DeepSpeed: the trainer steps it once per step, applied or skipped (DeepSpeed
         # would step it inside its update, and not for an update it refused).
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
-            model=encoder, optimizer=optimizer, config=deepspeed_config(config, self.compute_dtype),
+            model=encoder, optimizer=optimizer, config=deepspeed_config(config, self.compute_dtype, world_size),
             dist_init_required=False,
         )  # fmt: skip
         self.scheduler = _schedule(config, optimizer, total_steps, world_size)
@@ -542,14 +552,40 @@ class DeepSpeedEngine(Engine):
         lora = self.config.model.lora is not None
         self.ds.save_checkpoint(str(folder), tag="deepspeed", exclude_frozen_parameters=lora)
 
+    def check_resume_world_size(self, folder: Path, saved_world_size: int) -> None:
+        # ZeRO-0 state is whole; ZeRO-1/2/3 state partitioned over another number of ranks is converted by load() into
+        # a DeepSpeed universal checkpoint, which loads on any number. Optimizer state swapped to NVMe is per rank.
+        if self.stage >= 1 and self.ds.zero_nvme_offload_optimizer():
+            raise ValueError(
+                f"resume: {folder} holds DeepSpeed ZeRO-{self.stage} optimizer state offloaded to NVMe by "
+                f"{saved_world_size} ranks, and this run has {self.world_size}: resume on {saved_world_size} ranks "
+                "(ZeRO-0/1/2/3 checkpoints without NVMe offload, and engine: ddp ones, load on any number of ranks)"
+            )
+
     def load(self, folder: Path) -> None:
         use_weights_only_loading(self.ds)
         # The schedule is rebuilt from the current config (set_schedule_step), not restored. A LoRA checkpoint
         # holds no frozen weights, hence a non-strict module load.
         lora = self.config.model.lora is not None
-        self.ds.load_checkpoint(
-            str(folder), tag="deepspeed", load_lr_scheduler_states=False, load_module_strict=not lora
-        )
+        saved_world = len(list((folder / "deepspeed").glob("*zero_pp_rank_*_optim_states.pt")))
+        if self.stage == 0 or saved_world in (0, self.world_size):
+            self.ds.load_checkpoint(
+                str(folder), tag="deepspeed", load_lr_scheduler_states=False, load_module_strict=not lora
+            )
+            return
+        self.check_resume_world_size(folder, saved_world)
+        # Written by another number of ranks: DeepSpeed refuses to repartition ZeRO state itself, but loads a
+        # universal checkpoint (each parameter's fp32 weights and AdamW moments whole) on any number. Its universal
+        # load restores the weights from those fp32 copies (no module load: the LoRA case needs no strictness) and
+        # the frozen weights of a LoRA run stay those name_or_path loaded.
+        with deepspeed_universal_checkpoint(folder, "deepspeed", saved_world) as tag:
+            self.ds._config.load_universal_checkpoint = True
+            try:
+                self.ds.load_checkpoint(
+                    str(folder), tag=tag, load_lr_scheduler_states=False, load_module_strict=not lora
+                )
+            finally:
+                self.ds._config.load_universal_checkpoint = False
 
     def full_weights(self) -> contextlib.AbstractContextManager:
         if self.stage < 3:
@@ -570,6 +606,75 @@ class DeepSpeedEngine(Engine):
         if self.stage == 3:
             line += "; the weights are all-gathered for the forwards (both gradient-cache passes) and backwards"
         return line
+
+
+@contextlib.contextmanager
+def deepspeed_universal_checkpoint(folder: Path, tag: str, saved_world_size: int) -> Iterator[str]:
+    """The ZeRO checkpoint ``folder/tag`` as a DeepSpeed universal checkpoint: yields its tag, ``<tag>-universal``.
+
+    Global rank 0 converts it once (``deepspeed.checkpoint.ds_to_universal``) under ``folder/.tmp-<tag>-universal``
+    and renames that into place after an fsync (atomic: a killed conversion leaves only the temporary folder, which
+    the next one replaces); the other ranks wait at a barrier (the folder must be on a file system they all read,
+    as the checkpoint itself). A later resume from the same checkpoint reuses the converted one.
+
+    Within the context ``torch.load`` reads tensors and plain data only (``weights_only=True``, the three DeepSpeed
+    classes of :func:`use_weights_only_loading` allowed): the converter and DeepSpeed's universal loader call it with
+    ``weights_only=False``, which would unpickle anything planted in the checkpoint folder.
+    """
+    import argparse
+    import os
+    import shutil
+
+    import torch.distributed as dist
+    from deepspeed.checkpoint import ds_to_universal
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from f2llm.checkpoint import fsync_dir, fsync_tree
+    from f2llm.distributed import is_distributed, rank
+
+    universal = f"{tag}-universal"
+    target, scratch = folder / universal, folder / f".tmp-{universal}"
+    torch_load = torch.load
+
+    def weights_only_load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            return torch_load(*args, **kwargs)
+
+    torch.load = weights_only_load
+    try:
+        failure = None
+        if rank() == 0 and not target.is_dir():
+            print(
+                f"f2llm: resume: converting {folder / tag} (written by {saved_world_size} ranks) into the universal "
+                f"checkpoint {target}"
+            )
+            try:
+                shutil.rmtree(scratch, ignore_errors=True)
+                # In this process (1 worker each: no process pool); the injected state is the universal-checkpoint
+                # version, which Megatron-style clients save themselves and f2llm (no tensor/pipeline parallelism)
+                # does not.
+                ds_to_universal.main(argparse.Namespace(
+                    input_folder=str(folder / tag), output_folder=str(scratch), num_extract_workers=1,
+                    num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True,
+                ))  # fmt: skip
+                (folder / "latest_universal").unlink(missing_ok=True)  # it names the scratch folder; tags are explicit
+                fsync_tree(scratch)
+                os.replace(scratch, target)
+                fsync_dir(folder)
+            except Exception as e:  # the other ranks are waiting at the barrier below: release them first
+                failure = e
+        if is_distributed():
+            dist.barrier()
+        if failure is not None:
+            raise RuntimeError(f"resume: converting {folder / tag} into a universal checkpoint failed") from failure
+        if not target.is_dir():
+            raise RuntimeError(f"resume: rank 0 did not convert {folder / tag} into {target} (see its error)")
+        yield universal
+    finally:
+        torch.load = torch_load
 
 
 def use_weights_only_loading(engine: Any) -> None:

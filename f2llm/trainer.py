@@ -135,6 +135,7 @@ class Trainer:
     def from_config(cls, config: TrainConfig, runtime: Runtime | None = None) -> Trainer:
         runtime = runtime or init_runtime(config.dist_timeout_minutes, group_of_one=config.engine == "deepspeed")
         seed_everything(config.seed + runtime.rank)  # dropout differs across ranks, data order does not
+        batch_size = config.data.rank_batch_size(runtime.world_size)  # refused now if the ranks do not divide it
         out = Path(config.output_dir)
         encoder = Encoder.from_pretrained(
             config.model.name_or_path,
@@ -162,7 +163,7 @@ class Trainer:
             last_batch=config.data.last_batch,
             source_draw=config.data.source_draw,
         )
-        sampler = F2LLMBatchSampler(sources, config.data.batch_size, epochs=config.optim.epochs, **sampling)
+        sampler = F2LLMBatchSampler(sources, batch_size, epochs=config.optim.epochs, **sampling)
         validation = validation_sampler(config, sources, runtime, sampling)
         total_steps = len(sampler) if config.optim.max_steps is None else min(config.optim.max_steps, len(sampler))
         engine = build_engine(config, encoder, total_steps, runtime.world_size)
@@ -362,18 +363,30 @@ class Trainer:
         if not (path / "trainer_state.json").exists():
             raise FileNotFoundError(f"resume: {path} is not a complete f2llm checkpoint (no trainer_state.json)")
         state = json.loads((path / "trainer_state.json").read_text())
-        if state["world_size"] != self.runtime.world_size:
-            raise ValueError(
-                f"resume: {path} was written by {state['world_size']} ranks, this run has {self.runtime.world_size}; "
-                "resume with the same number of processes"
-            )
+        saved_world, world = int(state["world_size"]), self.runtime.world_size
+        try:  # the global batch, data and rules first: the checks that say which numbers of ranks work
+            self.sampler.load_state_dict(state["sampler"])
+        except ValueError as e:
+            raise ValueError(f"resume: {path}: {e}") from None
+        if saved_world != world:
+            if self.config.optim.warmup == "per_process":
+                raise ValueError(
+                    f"resume: {path} was written by {saved_world} ranks, this run has {world}, and optim.warmup: "
+                    "per_process ties the learning-rate schedule to the number of processes (the official v1 "
+                    f"loop's): resume on {saved_world} ranks, or train with optim.warmup: steps"
+                )
+            self.engine.check_resume_world_size(path, saved_world)
         self.engine.load(path)
-        self.sampler.load_state_dict(state["sampler"])
         self.step = int(state["step"])
         self.engine.set_schedule_step(self.step)
-        set_rng_state(load_state(path / f"rng-rank{self.runtime.rank}.pt"))
+        rng = path / f"rng-rank{self.runtime.rank}.pt"
+        if saved_world == world:
+            set_rng_state(load_state(rng))
+        else:  # other ranks hold other shares: each starts a generator of its own (only dropout draws from it)
+            seed_everything(self.config.seed + self.runtime.rank + self.step * world)
         if self.runtime.main:
-            print(f"f2llm: resumed from {path} at step {self.step} of {self.total_steps}")
+            moved = f" (written by {saved_world} ranks, resumed on {world})" if saved_world != world else ""
+            print(f"f2llm: resumed from {path}{moved} at step {self.step} of {self.total_steps}")
 
     # ---------------------------------------------------------------------------------------------- the loop
     def train(self) -> Path:
@@ -500,7 +513,7 @@ def validation_sampler(
                 f"{runtime.world_size} rank(s) (raise data.validation_fraction, or use data.last_batch: wrap)"
             )
         return None
-    batch_size = min(config.data.batch_size, max(1, held_out // runtime.world_size))
+    batch_size = min(config.data.rank_batch_size(runtime.world_size), max(1, held_out // runtime.world_size))
     return F2LLMBatchSampler(sources, batch_size, epochs=1, split="validation", **sampling)
 
 

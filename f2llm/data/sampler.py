@@ -39,8 +39,10 @@ Per epoch:
   Validation batches sample theirs the same way under a key of their own (the split), so they see negatives drawn
   like training's, the same ones at every validation pass: validation losses stay comparable across a run.
 
-Everything is a function of (seed, epoch, step), so :meth:`F2LLMBatchSampler.state_dict` is just the position and a
-resumed run yields exactly the batches an uninterrupted run would have.
+Everything is a function of (seed, epoch, step) and the global batch size, not of the number of ranks: rank r of W
+takes rows ``[r * G / W, (r + 1) * G / W)`` of each global batch of G rows. :meth:`F2LLMBatchSampler.state_dict` is
+just the position, and a run resumed on any number of ranks that divides G yields exactly the global batches an
+uninterrupted run would have (``last_batch: keep`` excepted across 1 and several ranks: it wraps on several).
 """
 
 from __future__ import annotations
@@ -343,29 +345,63 @@ class F2LLMBatchSampler:
             self.step = 0
 
     def state_dict(self) -> dict[str, Any]:
+        """The position and what decides the sequence of global batches. The world size is recorded but not part
+        of that sequence: a run resumes on any number of ranks that divides the same global batch."""
         return {
             "epoch": self.epoch,
             "step": self.step,
             "seed": self.seed,
+            "global_batch_size": self.global_batch_size,
             "world_size": self.world_size,
             "batch_size": self.batch_size,
             "last_batch": self.last_batch,
+            "applied_last_batch": self.applied_last_batch,
             "source_draw": self.source_draw,
             "sources": {s.name: len(r) for s, r in zip(self.sources, self._rows, strict=True)},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume at a saved position. The data, seed, global batch and rules must be those of the saved run."""
+        """Resume at a saved position. The data, seed, global batch and rules must be those of the saved run; the
+        number of ranks may differ (each takes its slice of the same global batches)."""
         mine = self.state_dict()
-        # Checkpoints written before a rule existed come from samplers that applied its old behaviour.
-        older = {"last_batch": "drop", "source_draw": "remaining"}
-        for key in ("seed", "world_size", "batch_size", "last_batch", "source_draw", "sources"):
+        # Checkpoints written before a field existed come from samplers that applied its old behaviour.
+        saved_last = state.get("last_batch", "drop")
+        saved_world = int(state.get("world_size", 1))
+        older = {
+            "last_batch": "drop",
+            "source_draw": "remaining",
+            "global_batch_size": int(state.get("batch_size", 0)) * saved_world,
+            "applied_last_batch": "wrap" if saved_last == "keep" and saved_world > 1 else saved_last,
+        }
+        settings = {"global_batch_size": "data.global_batch_size", "last_batch": "data.last_batch",
+                    "source_draw": "data.source_draw", "seed": "data.seed", "sources": "data.paths"}  # fmt: skip
+        for key in ("seed", "global_batch_size", "last_batch", "applied_last_batch", "source_draw", "sources"):
             saved = state.get(key, older.get(key))
-            if saved != mine[key]:
-                setting = f" (data.{key})" if key in older else ""
+            if saved == mine[key]:
+                continue
+            if key == "global_batch_size":
                 raise ValueError(
-                    f"F2LLMBatchSampler.load_state_dict: saved {key}={saved!r}{setting} differs from this run's "
-                    f"{mine[key]!r}; a resumed run needs the same data, seed, batch size, last_batch, source_draw and "
-                    "world size: set them as the checkpoint's run had them, or start a new output_dir"
+                    f"F2LLMBatchSampler.load_state_dict: the saved run's global batch is {saved} queries "
+                    f"({state.get('batch_size')} per rank x {saved_world} ranks), this run's {mine[key]} "
+                    f"({self.batch_size} x {self.world_size}); set data.global_batch_size: {saved} (and leave "
+                    f"data.batch_size unset) to keep it on any number of ranks that divides it: "
+                    f"{', '.join(map(str, divisors(saved)))}"
                 )
+            if key == "applied_last_batch":
+                raise ValueError(
+                    f"F2LLMBatchSampler.load_state_dict: data.last_batch: keep trained short last batches on "
+                    f"{saved_world} rank(s) ({saved}) but would {mine[key]} them on {self.world_size}: the sequence "
+                    f"of batches differs; resume on {'1 rank' if saved == 'keep' else 'several ranks'}, or use "
+                    "data.last_batch: wrap for runs that change their number of ranks"
+                )
+            raise ValueError(
+                f"F2LLMBatchSampler.load_state_dict: saved {key}={saved!r} ({settings[key]}) differs from this "
+                f"run's {mine[key]!r}; a resumed run needs the same data, seed, global batch, last_batch and "
+                "source_draw: set them as the checkpoint's run had them, or start a new output_dir"
+            )
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+
+def divisors(n: int) -> list[int]:
+    """The numbers of ranks a global batch of ``n`` queries divides over."""
+    return [d for d in range(1, n + 1) if n % d == 0]

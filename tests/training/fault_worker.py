@@ -9,7 +9,8 @@ Usage::
 
 ``train`` runs ``f2llm train`` with the faults listed in the ``F2LLM_FAULTS`` environment variable (a JSON list);
 ``F2LLM_FAULT_DIR`` is where it writes the ``held`` marker and one ``error-rank{r}.json`` per rank that raised.
-A fault fires on rank ``rank`` (default 0) at trainer step ``step`` (1-based):
+A fault fires on rank ``rank`` (default 0) at trainer step ``step`` (1-based), in every attempt of the job or, with
+``"attempt": n``, only in the n-th (torchrun's ``TORCHELASTIC_RESTART_COUNT``: 0 for the first, 1 after one restart):
 
 * ``{"at": "step", "phase": "before" | "after_backward" | "after_update", "action": ...}`` with action
   ``hold`` (write the marker and sleep: the test kills the whole job with SIGKILL), ``die`` (this rank writes
@@ -46,6 +47,11 @@ HOLD_SECONDS = 600
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
+
+
+def attempt() -> int:
+    """How often torchrun's agent has restarted the workers (0: the first attempt, or no torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
 def hold(description: str) -> None:
@@ -87,7 +93,7 @@ def install_faults(faults: list[dict[str, Any]]) -> None:
     from f2llm.loss import LossOutput
     from f2llm.trainer import Trainer
 
-    mine = [f for f in faults if f.get("rank", 0) == rank()]
+    mine = [f for f in faults if f.get("rank", 0) == rank() and f.get("attempt", attempt()) == attempt()]
 
     def matching(at: str, step: int | None = None, **fields: Any) -> list[dict[str, Any]]:
         found = [f for f in mine if f["at"] == at and (step is None or f.get("step") == step)]

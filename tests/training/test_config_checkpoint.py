@@ -35,7 +35,7 @@ def test_defaults_are_the_recipe(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, MINIMAL))
     assert config.optim.betas == (0.9, 0.98) and config.optim.weight_decay == 0.01
     assert config.optim.warmup_steps == 500 and config.optim.epochs == 2 and config.optim.grad_clip == 1.0
-    assert config.optim.min_lr == 1e-7 and config.loss.temperature == 0.05 and config.data.batch_size == 16
+    assert config.optim.min_lr == 1e-7 and config.loss.temperature == 0.05 and config.data.rank_batch_size(32) == 16
     assert config.data.validation_fraction == 0.01 and config.model.max_length == 1024
 
 
@@ -75,6 +75,8 @@ def test_overrides_are_typed(tmp_path: Path) -> None:
         (MINIMAL + "optim:\n  learning_rate: 1\n", [], r"unknown key\(s\) \['learning_rate'\]"),
         (MINIMAL, ["engine=horovod"], r"engine: 'horovod' is not one of"),
         (MINIMAL, ["data.batch_size=0"], r"data\.batch_size must be > 0"),
+        (MINIMAL, ["data.global_batch_size=0"], r"data\.global_batch_size must be > 0"),
+        (MINIMAL, ["data.batch_size=8", "data.global_batch_size=64"], r"are both set; set one"),
         (MINIMAL, ["optim.lr"], r"expected key\.path=value"),
         (MINIMAL, ["data.sources.x={kind: ranking}"], r"data\.sources\.x\.kind: 'ranking' is not one of"),
         ("model:\n  name_or_path: m\n", [], r"data\.paths is required"),
