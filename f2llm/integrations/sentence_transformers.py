@@ -32,9 +32,21 @@ Packing needs the module stack ``Transformer -> Pooling -> [Normalize]`` on text
 right-padded inputs for encoders. Any other model is embedded with sentence-transformers' own padded forward
 (a warning says why, once); the gradient cache and the loss stay f2llm's.
 
-Options whose semantics this loss does not implement raise a ValueError naming them: ``directions`` other than
-``("query_to_doc",)``, ``hardness_mode`` with ``hardness_strength > 0``, a ``similarity_fct`` other than ``cos_sim``
-or ``dot_score``. (``partition_mode="per_direction"`` with the one direction is the same loss, and accepted.)
+Every option of sentence-transformers' class is implemented, to its loss and gradients:
+
+* ``directions`` (query_to_doc, query_to_query, doc_to_query, doc_to_doc) with ``partition_mode`` ``joint`` or
+  ``per_direction``: query_to_doc and doc_to_query (no per-row logit) are :func:`f2llm.kernels.infonce` calls, the
+  joint softmax as one call on rows [q_i, d_i] against candidates [d_j, 0] and [0, q_j]; query_to_query and
+  doc_to_doc (a row's own query / documents masked out) are scored per ``mini_batch_size`` rows in PyTorch, as is
+* ``hardness_mode`` with ``hardness_strength > 0`` (a detached penalty on some of each row's logits): the fused op
+  shares its candidates across rows, so per-row masks and penalties cannot be expressed as extra score blocks
+  (see ``_masked_loss``).
+* ``similarity_fct``: any function that computes ``cos_sim`` or ``dot_score`` (those, a ``functools.partial`` of
+  one, a wrapper: recognised by their values on probe tensors); any other raises a ValueError naming it.
+* an overridden ``embed_minibatch`` (in a subclass, or assigned on the instance) embeds every mini-batch in both
+  passes, called with sentence-transformers' keywords, instead of the packed forward.
+
+Under autocast the loss is computed in float32 and returned in autocast's dtype, as sentence-transformers' is.
 """
 
 from __future__ import annotations
@@ -52,6 +64,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import tqdm
+from sentence_transformers.sentence_transformer.losses.cached_multiple_negatives_ranking import (
+    CachedLossMixin as _CachedLossMixin,
+)
 from sentence_transformers.sentence_transformer.losses.cached_multiple_negatives_ranking import (
     CachedMultipleNegativesRankingLoss as _STCachedMultipleNegativesRankingLoss,
 )
@@ -253,6 +268,74 @@ def _embed_packed(plan: _PackedModel, chunk: _PackedChunk) -> Tensor:
     return pool_packed(hidden, batch, plan.pooling, plan.normalize)
 
 
+# ------------------------------------------------------------------------------------------------ the loss's inputs
+def _similarity_kind(fct: Callable[[Tensor, Tensor], Tensor]) -> bool | None:
+    """True when ``fct`` is cos_sim, False when dot_score, None otherwise: by identity, through functools.partial
+    without bound arguments, else by its values on probe tensors (a wrapper or a re-implementation is accepted when
+    it computes what one of them does, the only thing the loss depends on)."""
+    while isinstance(fct, functools.partial) and not fct.args and not fct.keywords:
+        fct = fct.func
+    if fct is cos_sim:
+        return True
+    if fct is dot_score:
+        return False
+    # Rows of different norms (so cosine and dot product differ), of both signs.
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 8, generator=generator) * torch.tensor([[0.5], [1.0], [3.0]])
+    b = torch.randn(4, 8, generator=generator) * torch.tensor([[2.0], [0.3], [1.0], [5.0]])
+    try:
+        with torch.no_grad():
+            got = fct(a, b)
+    except Exception:  # any failure on a plain [n, D] x [m, D] call: not a similarity matrix function
+        return None
+    if not isinstance(got, Tensor) or got.shape != (3, 4):
+        return None
+    got = got.detach().to("cpu", torch.float32)
+    for kind, reference in ((True, cos_sim), (False, dot_score)):
+        if torch.allclose(got, reference(a, b), rtol=1e-5, atol=1e-6):
+            return kind
+    return None
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes matrix products in on ``device`` now (None when it is off): what
+    sentence-transformers' loss, built on them, comes out in."""
+    kind = device.type
+    if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None
+
+
+@dataclass
+class _Batch:
+    """The loss's embeddings (float32, normalized for cosine): this rank's rows and the gathered candidates."""
+
+    queries: Tensor  # [B, D] this rank's anchors
+    positives: Tensor  # [B, D] this rank's positives
+    all_queries: Tensor  # [W, D] every rank's anchors (W = B without gathering)
+    all_columns: list[Tensor]  # per column (positives, then each negative column): [W, D], every rank's
+    targets: Tensor  # [B] each anchor's positive, in all_queries / docs numbering
+    offset: int  # this rank's first row in the gathered batch
+
+    @property
+    def docs(self) -> Tensor:
+        """[K * W, D]: the positives of every rank, then each negative column's, as sentence-transformers orders
+        them."""
+        return torch.cat(self.all_columns) if len(self.all_columns) > 1 else self.all_columns[0]
+
+    @classmethod
+    def gather(cls, queries: Tensor, columns: list[Tensor], gather: bool) -> _Batch:
+        n = queries.shape[0]
+        all_queries, all_columns, offset = queries, columns, 0
+        if gather and distributed.world_size() > 1:
+            sizes = distributed.all_gather_sizes(n, queries.device)
+            all_queries = distributed.all_gather_with_grad(queries, sizes=sizes)
+            all_columns = [distributed.all_gather_with_grad(c, sizes=sizes) for c in columns]
+            offset = sum(sizes[: distributed.rank()])
+        targets = torch.arange(offset, offset + n, device=queries.device)
+        return cls(queries, columns[0], all_queries, all_columns, targets, offset)
+
+
 # ------------------------------------------------------------------------------------------------ the training step
 def _autocast_of(st_model: torch.nn.Module, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
     """The autocast the model's forward runs under now, as a factory to enter it again in pass 2.
@@ -302,6 +385,15 @@ def _backward_if_trainable(surrogate: Tensor) -> None:
     (``surrogate.backward()`` would raise)."""
     if surrogate.requires_grad:
         surrogate.backward()
+
+
+@dataclass(frozen=True)
+class _Range:
+    """A mini-batch for an overridden ``embed_minibatch``: the column's features and the texts' range."""
+
+    features: dict[str, Tensor]
+    begin: int
+    end: int
 
 
 @dataclass
@@ -360,33 +452,30 @@ class CachedMultipleNegativesRankingLoss(_STCachedMultipleNegativesRankingLoss):
 
     # ------------------------------------------------------------------------------------------------ options
     def _check_supported(self) -> None:
-        """Refuse the options whose semantics f2llm does not implement (checked again at every forward: the
-        sentence-transformers class lets them be reassigned)."""
-        name = type(self).__name__
-        hint = "; use sentence_transformers.losses.CachedMultipleNegativesRankingLoss for it"
-        if tuple(self.directions) != ("query_to_doc",):
-            raise ValueError(
-                f"f2llm {name}: directions={tuple(self.directions)!r} is not supported, only ('query_to_doc',){hint}"
-            )
-        if self.hardness_mode is not None and self.hardness_strength > 0.0:
-            raise ValueError(
-                f"f2llm {name}: hardness_mode={self.hardness_mode!r} with hardness_strength={self.hardness_strength} "
-                f"is not supported{hint}"
-            )
+        """Refuse a similarity this loss cannot compute (checked again at every forward: the sentence-transformers
+        class lets it be reassigned). Every direction, partition mode and hardness mode is implemented."""
         if self._normalizes() is None:
             fct = getattr(self.similarity_fct, "__name__", repr(self.similarity_fct))
             raise ValueError(
-                f"f2llm {name}: similarity_fct={fct} is not supported, only sentence_transformers.util.cos_sim or "
-                f"dot_score{hint}"
+                f"f2llm {type(self).__name__}: similarity_fct={fct} is not supported: only a function equal to "
+                "sentence_transformers.util.cos_sim or dot_score (or a functools.partial / wrapper of one) is; pass "
+                "one of them, or use sentence_transformers.losses.CachedMultipleNegativesRankingLoss for this one"
             )
 
     def _normalizes(self) -> bool | None:
-        """True for cos_sim, False for dot_score, None for any other similarity."""
-        if self.similarity_fct is cos_sim:
-            return True
-        if self.similarity_fct is dot_score:
-            return False
-        return None
+        """True for a cos_sim, False for a dot_score, None for any other similarity (see :func:`_similarity_kind`)."""
+        fct = self.similarity_fct
+        key = id(fct)
+        cached = self.__dict__.get("_similarity_cache")
+        if cached is None or cached[0] != key or cached[1] is not fct:
+            cached = (key, fct, _similarity_kind(fct))
+            self.__dict__["_similarity_cache"] = cached
+        return cached[2]
+
+    def _custom_embed(self) -> bool:
+        """Whether ``embed_minibatch`` is overridden (by a subclass, or assigned on the instance): then it embeds
+        every mini-batch, in both passes, instead of the packed forward."""
+        return "embed_minibatch" in vars(self) or type(self).embed_minibatch is not _CachedLossMixin.embed_minibatch
 
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:
@@ -397,28 +486,128 @@ class CachedMultipleNegativesRankingLoss(_STCachedMultipleNegativesRankingLoss):
     def calculate_loss(
         self, reps: list[list[Tensor]], labels: Tensor | None = None, *, with_backward: bool = False
     ) -> Tensor:
-        """The in-batch InfoNCE of the anchors (``reps[0]``) against every candidate column (``reps[1:]``), from the
-        per-mini-batch embeddings; with ``with_backward``, back-propagated to them and returned detached.
+        """sentence-transformers' loss of the anchors (``reps[0]``) against every candidate column (``reps[1:]``),
+        from the per-mini-batch embeddings; with ``with_backward``, back-propagated to them and returned detached.
 
-        Candidates are the positives then each negative column, of every rank with ``gather_across_devices`` (gathered
-        with gradient); anchor i's target is its own positive. Labels are unused.
+        Candidates are the positives then each negative column, of every rank with ``gather_across_devices``
+        (gathered with gradient); anchor i's target is its own positive. Labels are unused. Computed in float32
+        whatever autocast is on; the returned loss has the dtype sentence-transformers' would (autocast's).
         """
         queries = torch.cat(reps[0])
-        docs = torch.cat([torch.cat(column) for column in reps[1:]])
+        columns = [torch.cat(column) for column in reps[1:]]
+        out_dtype = _autocast_dtype(queries.device) or torch.float32
         with torch.autocast(queries.device.type, enabled=False):  # the loss in float32, whatever autocast is on
-            queries, docs = queries.float(), docs.float()
+            queries, columns = queries.float(), [c.float() for c in columns]
             if self._normalizes():
-                queries, docs = F.normalize(queries, dim=-1), F.normalize(docs, dim=-1)
-            targets = torch.arange(queries.shape[0], device=queries.device)
-            if self.gather_across_devices and distributed.world_size() > 1:
-                sizes = distributed.all_gather_sizes(docs.shape[0], docs.device)
-                docs = distributed.all_gather_with_grad(docs, sizes=sizes)
-                targets = targets + sum(sizes[: distributed.rank()])
-            loss = infonce(queries, docs, targets, temperature=1.0 / self.scale, validate=False)
+                queries, columns = F.normalize(queries, dim=-1), [F.normalize(c, dim=-1) for c in columns]
+            batch = _Batch.gather(queries, columns, gather=self.gather_across_devices)
+            fused = not (
+                {"query_to_query", "doc_to_doc"} & set(self.directions)
+                or (self.hardness_mode is not None and self.hardness_strength > 0.0)
+            )
+            if fused:
+                loss = self._fused_loss(batch)
+                if with_backward:
+                    loss.backward()
+                    loss = loss.detach()
+            else:
+                loss = self._masked_loss(batch, with_backward)
+        return loss.to(out_dtype) if out_dtype != torch.float32 else loss
+
+    def _fused_loss(self, batch: _Batch) -> Tensor:
+        """query_to_doc, and doc_to_query, with no row-specific logit: :func:`f2llm.kernels.infonce`, no score
+        matrix.
+
+        ``per_direction`` averages the two directions' losses (the same positive score, q_i . d_i, in both);
+        ``joint`` is one softmax over both: row i is [q_i, d_i] and the candidates are [d_j, 0] and [0, q_j], so
+        one fused InfoNCE on the concatenated 2D-dim vectors scores q_i . d_j and d_i . q_j in one denominator.
+        """
+        temperature = 1.0 / self.scale
+        partial_infonce = functools.partial(infonce, temperature=temperature, validate=False)
+        if "doc_to_query" not in self.directions:
+            return partial_infonce(batch.queries, batch.docs, batch.targets)
+        if self.partition_mode == "per_direction":
+            return 0.5 * (
+                partial_infonce(batch.queries, batch.docs, batch.targets)
+                + partial_infonce(batch.positives, batch.all_queries, batch.targets)
+            )
+        rows = torch.cat([batch.queries, batch.positives], dim=1)
+        zeros_d = batch.docs.new_zeros(batch.docs.shape)
+        zeros_q = batch.all_queries.new_zeros(batch.all_queries.shape)
+        candidates = torch.cat(
+            [torch.cat([batch.docs, zeros_d], dim=1), torch.cat([zeros_q, batch.all_queries], dim=1)]
+        )
+        return partial_infonce(rows, candidates, batch.targets)
+
+    def _masked_loss(self, batch: _Batch, with_backward: bool) -> Tensor:
+        """query_to_query, doc_to_doc or hardness weighting: logits that differ per row (a row's own query or
+        documents masked out, its own documents' hardness penalty), computed on [mini_batch_size, N] blocks.
+
+        Why not the fused op: its candidates are shared by every row, so what it can score is a low-rank
+        q_i . c_j; masking or re-weighting the pairs (i, own(i)) is an identity-shaped (full-rank) change that no
+        extra score block expresses, and subtracting them from a fused log-sum-exp cancels catastrophically (the
+        masked self-similarity is a row's largest score). So these options score each block of rows in PyTorch:
+        memory [mini_batch_size, N], as sentence-transformers', never [B, N]. With ``with_backward`` each block is
+        back-propagated to detached copies of the (gathered, normalized) embeddings, and those gradients once
+        through the gather and normalization.
+        """
+        roots = [batch.all_queries, *batch.all_columns]
+        leaves = [r.detach().requires_grad_(r.requires_grad) for r in roots] if with_backward else roots
+        all_queries, all_columns = leaves[0], leaves[1:]
+        docs = torch.cat(all_columns)
+        n_world, n_local, offset = all_queries.shape[0], batch.targets.shape[0], batch.offset
+        n_columns = len(all_columns)
+        total = torch.zeros((), device=docs.device)
+        for begin in range(0, n_local, self.mini_batch_size):
+            rows = torch.arange(offset + begin, offset + min(begin + self.mini_batch_size, n_local), device=docs.device)
+            part = self._block_losses(all_queries, all_columns[0], docs, rows, n_world, n_columns).sum() / n_local
+            if with_backward and part.requires_grad:
+                part.backward()
+                part = part.detach()
+            total = total + part
         if with_backward:
-            loss.backward()
-            loss = loss.detach()
-        return loss
+            pairs = [(r, leaf.grad) for r, leaf in zip(roots, leaves, strict=True) if leaf.grad is not None]
+            if pairs and any(r.requires_grad for r, _ in pairs):
+                torch.autograd.backward(
+                    [r for r, _ in pairs if r.requires_grad], [g for r, g in pairs if r.requires_grad]
+                )
+        return total
+
+    def _block_losses(
+        self, all_queries: Tensor, positives: Tensor, docs: Tensor, rows: Tensor, n_world: int, n_columns: int
+    ) -> Tensor:
+        """Per-row losses of the rows ``rows`` (indices into the gathered batch): sentence-transformers' logits,
+        similarity * scale, hardness penalty (not scaled, detached) on query_to_doc, own pairs masked."""
+        q, d = all_queries[rows], positives[rows]
+        local = torch.arange(rows.shape[0], device=docs.device)
+        own = torch.zeros(rows.shape[0], n_world, dtype=torch.bool, device=docs.device)
+        own[local, rows] = True
+        own_docs = own.repeat(1, n_columns)  # row i's positive and its own hard negatives
+        sim = q @ docs.T
+        blocks = {"query_to_doc": sim * self.scale}
+        if self.hardness_mode is not None and self.hardness_strength > 0.0:
+            if self.hardness_mode == "hard_negatives":
+                penalized = own_docs.clone()
+                penalized[:, :n_world] = False
+            elif self.hardness_mode == "in_batch_negatives":
+                penalized = ~own_docs
+            else:  # all_negatives: every logit but the positive
+                penalized = ~own_docs
+                penalized[:, n_world:] = True
+            penalty = torch.where(penalized, self.hardness_strength * sim.detach(), 0.0)
+            blocks["query_to_doc"] = blocks["query_to_doc"] + penalty
+        if "query_to_query" in self.directions:
+            blocks["query_to_query"] = (q @ all_queries.T * self.scale).masked_fill(own, -torch.inf)
+        if "doc_to_query" in self.directions:
+            blocks["doc_to_query"] = d @ all_queries.T * self.scale
+        if "doc_to_doc" in self.directions:
+            blocks["doc_to_doc"] = (d @ docs.T * self.scale).masked_fill(own_docs, -torch.inf)
+        positive = blocks["query_to_doc"][local, rows]
+        if self.partition_mode == "joint":
+            log_z = torch.logsumexp(torch.cat(list(blocks.values()), dim=1), dim=1)
+        else:
+            log_z = torch.stack([torch.logsumexp(b, dim=1) for b in blocks.values()]).mean(0)
+        return log_z - positive
 
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
@@ -427,19 +616,21 @@ class CachedMultipleNegativesRankingLoss(_STCachedMultipleNegativesRankingLoss):
             raise ValueError(f"Expected at least 2 inputs, got {len(sentence_features)}")
         self._check_supported()
         st_model = _unwrap(self.model)
-        plan, reason = _packed_model(st_model)
+        # An overridden embed_minibatch is the user's forward: it embeds every mini-batch (no packing).
+        custom = self._custom_embed()
+        plan, reason = (None, "") if custom else _packed_model(st_model)
         for features in sentence_features if plan is not None else ():
             reason = _unpackable_features(features, plan)
             if reason:
                 plan = None
                 break
-        if plan is None:
+        if plan is None and not custom:
             self._warn_once(
                 f"f2llm CachedMultipleNegativesRankingLoss: cannot pack this model ({reason}); embedding with "
                 "sentence-transformers' padded forward instead"
             )
         device = _plan_device(plan) if plan is not None else st_model.device
-        chunks = [self._mini_batches(features, plan) for features in sentence_features]
+        chunks = [self._mini_batches(features, plan, custom) for features in sentence_features]
         # The padded forward goes through DDP: its gradients sync in the last mini-batch's backward only, the others
         # run under no_sync. The packed forward bypasses DDP's reducer: _replay all-reduces after the last one.
         ddp = self.model if isinstance(self.model, DistributedDataParallel) else None
@@ -470,9 +661,10 @@ class CachedMultipleNegativesRankingLoss(_STCachedMultipleNegativesRankingLoss):
         loss.register_hook(functools.partial(self._replay, step=step))
         return loss
 
-    def _mini_batches(self, features: dict[str, Tensor], plan: _PackedModel | None) -> list[Any]:
+    def _mini_batches(self, features: dict[str, Tensor], plan: _PackedModel | None, custom: bool = False) -> list[Any]:
         """A column's mini-batches: ``mini_batch_size`` texts, or greedily up to ``mini_batch_num_tokens`` real
-        tokens (a longer text alone), as sentence-transformers splits them; packed, or sliced feature dicts."""
+        tokens (a longer text alone), as sentence-transformers splits them; packed, sliced feature dicts, or (for an
+        overridden ``embed_minibatch``) the ranges it is called with."""
         n = _get_batch_size(features)
         if self.mini_batch_num_tokens is None:
             ranges = [(b, min(b + self.mini_batch_size, n)) for b in range(0, n, self.mini_batch_size)]
@@ -486,6 +678,8 @@ class CachedMultipleNegativesRankingLoss(_STCachedMultipleNegativesRankingLoss):
             groups = chunk_by_tokens([range(int(length)) for length in lengths], self.mini_batch_num_tokens)
             bounds = np.cumsum([0] + [len(g) for g in groups]).tolist()
             ranges = list(itertools.pairwise(bounds))
+        if custom:
+            return [_Range(features, begin, end) for begin, end in ranges]
         if plan is not None:
             return _pack_column(features, ranges, plan, self.pack_row_tokens)
         return [_create_minibatch(features, begin, end) for begin, end in ranges]
@@ -495,6 +689,18 @@ class CachedMultipleNegativesRankingLoss(_STCachedMultipleNegativesRankingLoss):
     ) -> Tensor:
         """A mini-batch's embeddings, under the autocast of the forward (the same in both passes)."""
         with autocast():
+            if isinstance(chunk, _Range):
+                # The user's embed_minibatch, with sentence-transformers' keywords. Its own RNG replay is off: the
+                # gradient cache replays every mini-batch's RNG state around this call in pass 2.
+                reps, _ = self.embed_minibatch(
+                    sentence_feature=chunk.features,
+                    begin=chunk.begin,
+                    end=chunk.end,
+                    with_grad=torch.is_grad_enabled(),
+                    copy_random_state=False,
+                    random_state=None,
+                )
+                return reps
             if plan is not None:
                 return _embed_packed(plan, chunk)
             # A copy: the model's modules write their outputs into the dict they get, and pass 2 reuses the chunk.
