@@ -1,9 +1,22 @@
 """sentence-transformers users get f2llm's engine in one import.
 
-    from f2llm.integrations.sentence_transformers import CachedMultipleNegativesRankingLoss
+    from f2llm.integrations.sentence_transformers import (
+        CachedMultipleNegativesRankingLoss,
+        MultipleNegativesRankingLoss,
+    )
 
     loss = CachedMultipleNegativesRankingLoss(model, mini_batch_size=64)   # sentence-transformers' arguments
+    # or, no gradient cache (one forward with gradients over the batch): MultipleNegativesRankingLoss(model)
     SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss).train()
+
+``MultipleNegativesRankingLoss`` is the drop-in for sentence-transformers' class of that name (it subclasses it; same
+arguments, loss and gradients): no gradient cache, the texts of every column packed together into one forward with
+gradients (as below), and the very loss computation of the cached class (``_FusedLossMixin``: the fused InfoNCE, the
+masked directions and hardness on the whole batch at once). A forward replaced on the model's instance (as
+``MatryoshkaLoss`` does) or an unpackable model is embedded with sentence-transformers' padded forward. Under
+DistributedDataParallel the packed forward bypasses DDP's reducer: the gradients are all-reduced once the backward has
+finished (not inside ``no_sync``). The rest of this docstring describes ``CachedMultipleNegativesRankingLoss``; all of
+it but the gradient cache applies to both.
 
 Same name, constructor, inputs and loss as sentence-transformers 6.x's ``CachedMultipleNegativesRankingLoss`` (it
 subclasses it): columns (anchor, positive, negative_1, ..., negative_n); each anchor is scored against the positives
@@ -53,6 +66,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import itertools
 import logging
 from collections.abc import Callable, Iterable, Sequence
@@ -64,6 +78,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import tqdm
+from sentence_transformers.base.losses.merged_forward import embed_columns
 from sentence_transformers.sentence_transformer.losses.cached_multiple_negatives_ranking import (
     CachedLossMixin as _CachedLossMixin,
 )
@@ -73,6 +88,9 @@ from sentence_transformers.sentence_transformer.losses.cached_multiple_negatives
 from sentence_transformers.sentence_transformer.losses.cached_multiple_negatives_ranking import (
     _create_minibatch,
     _get_batch_size,
+)
+from sentence_transformers.sentence_transformer.losses.multiple_negatives_ranking import (
+    MultipleNegativesRankingLoss as _STMultipleNegativesRankingLoss,
 )
 from sentence_transformers.util import cos_sim, dot_score
 from torch import Tensor
@@ -87,7 +105,7 @@ from f2llm.kernels import infonce
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CachedMultipleNegativesRankingLoss"]
+__all__ = ["CachedMultipleNegativesRankingLoss", "MultipleNegativesRankingLoss"]
 
 # sentence-transformers' Pooling mode -> f2llm.kernels.pool's.
 _POOLING_MODES = {"mean": "mean", "cls": "first", "lasttoken": "last"}
@@ -213,33 +231,71 @@ class _PackedChunk:
     token_type_ids: Tensor | None  # [R, W]; None: all zero (the transformer's default)
 
 
-def _pack_column(
-    features: dict[str, Tensor], ranges: Sequence[tuple[int, int]], plan: _PackedModel, row_tokens: int
-) -> list[_PackedChunk]:
-    """Every mini-batch of a column of tokenized texts as packed rows of at least ``row_tokens`` tokens."""
-    device = _plan_device(plan)
+def _column_texts(features: dict[str, Tensor]) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """A column's texts, unpadded: token ids per text, and token type ids per text (None when all zero)."""
     mask = features["attention_mask"].bool().cpu()
     lengths = mask.sum(1).numpy()
     if lengths.size and lengths.min() == 0:
-        raise ValueError(f"CachedMultipleNegativesRankingLoss: text(s) {np.flatnonzero(lengths == 0)[:10]} are empty")
+        raise ValueError(f"f2llm loss: text(s) {np.flatnonzero(lengths == 0)[:10]} of a column are empty")
     bounds = np.cumsum(lengths)[:-1]
     texts = np.split(features["input_ids"].cpu()[mask].numpy(), bounds)
     token_types = features.get("token_type_ids")
     types = None
     if isinstance(token_types, Tensor) and bool(token_types.any()):
         types = np.split(token_types.cpu()[mask].numpy(), bounds)
-    chunks = []
-    for begin, end in ranges:
-        batch = pack_sequences(texts[begin:end], max(row_tokens, int(lengths[begin:end].max())), plan.pad_token_id)
-        grid_types = None
-        if types is not None:
-            order = np.argsort(batch.text_position.numpy())  # stream slot -> text
-            stream = np.concatenate([types[begin + i] for i in order.tolist()])
-            flat = np.zeros(batch.input_ids.numel(), dtype=np.int64)
-            flat[batch.token_index.numpy() if batch.token_index is not None else slice(None)] = stream
-            grid_types = torch.from_numpy(flat.reshape(batch.input_ids.shape)).to(device)
-        chunks.append(_PackedChunk(batch.to(device), grid_types))
-    return chunks
+    return texts, types
+
+
+def _pack_texts(
+    texts: Sequence[np.ndarray], types: Sequence[np.ndarray] | None, plan: _PackedModel, row_tokens: int
+) -> _PackedChunk:
+    """Texts (and their token type ids) packed into rows of at least ``row_tokens`` tokens, on the model's device."""
+    device = _plan_device(plan)
+    batch = pack_sequences(list(texts), max(row_tokens, max(len(t) for t in texts)), plan.pad_token_id)
+    grid_types = None
+    if types is not None:
+        order = np.argsort(batch.text_position.numpy())  # stream slot -> text
+        stream = np.concatenate([types[i] for i in order.tolist()])
+        flat = np.zeros(batch.input_ids.numel(), dtype=np.int64)
+        flat[batch.token_index.numpy() if batch.token_index is not None else slice(None)] = stream
+        grid_types = torch.from_numpy(flat.reshape(batch.input_ids.shape)).to(device)
+    return _PackedChunk(batch.to(device), grid_types)
+
+
+def _pack_column(
+    features: dict[str, Tensor], ranges: Sequence[tuple[int, int]], plan: _PackedModel, row_tokens: int
+) -> list[_PackedChunk]:
+    """Every mini-batch of a column of tokenized texts as packed rows of at least ``row_tokens`` tokens."""
+    texts, types = _column_texts(features)
+    return [
+        _pack_texts(texts[begin:end], None if types is None else types[begin:end], plan, row_tokens)
+        for begin, end in ranges
+    ]
+
+
+def _pack_columns(features_list: Sequence[dict[str, Tensor]], plan: _PackedModel, row_tokens: int) -> _PackedChunk:
+    """The texts of every column, column after column, packed together (one forward for the whole batch)."""
+    texts: list[np.ndarray] = []
+    types: list[np.ndarray] = []
+    any_types = False
+    for features in features_list:
+        column_texts, column_types = _column_texts(features)
+        texts += column_texts
+        any_types |= column_types is not None
+        types += column_types if column_types is not None else [np.zeros_like(t) for t in column_texts]
+    return _pack_texts(texts, types if any_types else None, plan, row_tokens)
+
+
+def _packing_plan(
+    st_model: torch.nn.Module, sentence_features: Sequence[dict[str, Any]]
+) -> tuple[_PackedModel | None, str]:
+    """(how to run ``st_model`` packed on these columns, "") or (None, why they cannot be)."""
+    plan, reason = _packed_model(st_model)
+    for features in sentence_features if plan is not None else ():
+        reason = _unpackable_features(features, plan)
+        if reason:
+            return None, reason
+    return plan, reason
 
 
 def _plan_device(plan: _PackedModel) -> torch.device:
@@ -408,47 +464,19 @@ class _Step:
     packed: bool  # False: sentence-transformers' padded forward
 
 
-class CachedMultipleNegativesRankingLoss(_STCachedMultipleNegativesRankingLoss):
-    """sentence-transformers' ``CachedMultipleNegativesRankingLoss`` on f2llm's gradient cache, packing and InfoNCE.
+class _FusedLossMixin:
+    """The loss of both drop-ins, from the embeddings: sentence-transformers' MultipleNegativesRankingLoss options
+    (read from ``scale``, ``similarity_fct``, ``directions``, ``partition_mode``, ``hardness_mode``,
+    ``hardness_strength``, ``gather_across_devices``) on :func:`f2llm.kernels.infonce` where it can express them."""
 
-    Same arguments as sentence-transformers 6.x's class (see the module docstring for the few it refuses). Extra
-    attribute: ``pack_row_tokens``, the width of a packed row (at least the mini-batch's longest text): wider rows
-    waste less on row padding but attend over more (masked) positions.
-    """
-
-    pack_row_tokens: int = 64
-
-    def __init__(
-        self,
-        model: Any,
-        scale: float = 20.0,
-        similarity_fct: Callable[[Tensor, Tensor], Tensor] = cos_sim,
-        mini_batch_size: int = 32,
-        mini_batch_num_tokens: int | None = None,
-        gather_across_devices: bool = False,
-        directions: tuple[str, ...] = ("query_to_doc",),
-        partition_mode: str = "joint",
-        show_progress_bar: bool = False,
-        hardness_mode: str | None = None,
-        hardness_strength: float = 0.0,
-    ) -> None:
-        super().__init__(
-            model,
-            scale=scale,
-            similarity_fct=similarity_fct,
-            mini_batch_size=mini_batch_size,
-            mini_batch_num_tokens=mini_batch_num_tokens,
-            gather_across_devices=gather_across_devices,
-            directions=directions,
-            partition_mode=partition_mode,
-            show_progress_bar=show_progress_bar,
-            hardness_mode=hardness_mode,
-            hardness_strength=hardness_strength,
-        )
-        if not (isinstance(mini_batch_size, int) and mini_batch_size > 0):
-            raise ValueError(f"mini_batch_size must be a positive integer, got {mini_batch_size!r}")
-        self._check_supported()
-        self._warned: set[str] = set()
+    _warned: set[str]
+    scale: float
+    similarity_fct: Callable[[Tensor, Tensor], Tensor]
+    gather_across_devices: bool
+    directions: tuple[str, ...]
+    partition_mode: str
+    hardness_mode: str | None
+    hardness_strength: float
 
     # ------------------------------------------------------------------------------------------------ options
     def _check_supported(self) -> None:
@@ -459,7 +487,7 @@ class CachedMultipleNegativesRankingLoss(_STCachedMultipleNegativesRankingLoss):
             raise ValueError(
                 f"f2llm {type(self).__name__}: similarity_fct={fct} is not supported: only a function equal to "
                 "sentence_transformers.util.cos_sim or dot_score (or a functools.partial / wrapper of one) is; pass "
-                "one of them, or use sentence_transformers.losses.CachedMultipleNegativesRankingLoss for this one"
+                "one of them, or use sentence-transformers' own loss for this one"
             )
 
     def _normalizes(self) -> bool | None:
@@ -472,29 +500,24 @@ class CachedMultipleNegativesRankingLoss(_STCachedMultipleNegativesRankingLoss):
             self.__dict__["_similarity_cache"] = cached
         return cached[2]
 
-    def _custom_embed(self) -> bool:
-        """Whether ``embed_minibatch`` is overridden (by a subclass, or assigned on the instance): then it embeds
-        every mini-batch, in both passes, instead of the packed forward."""
-        return "embed_minibatch" in vars(self) or type(self).embed_minibatch is not _CachedLossMixin.embed_minibatch
-
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:
             self._warned.add(message)
             logger.warning(message)
 
     # ------------------------------------------------------------------------------------------------ loss
-    def calculate_loss(
-        self, reps: list[list[Tensor]], labels: Tensor | None = None, *, with_backward: bool = False
+    def _embeddings_loss(
+        self, queries: Tensor, columns: list[Tensor], *, with_backward: bool = False, block_rows: int | None = None
     ) -> Tensor:
-        """sentence-transformers' loss of the anchors (``reps[0]``) against every candidate column (``reps[1:]``),
-        from the per-mini-batch embeddings; with ``with_backward``, back-propagated to them and returned detached.
+        """sentence-transformers' loss of the anchors ``queries`` [B, D] against every candidate column ``columns``
+        (positives, then each negative column; [B, D] each), the one computation of both drop-ins; with
+        ``with_backward``, back-propagated to the embeddings and returned detached.
 
         Candidates are the positives then each negative column, of every rank with ``gather_across_devices``
-        (gathered with gradient); anchor i's target is its own positive. Labels are unused. Computed in float32
-        whatever autocast is on; the returned loss has the dtype sentence-transformers' would (autocast's).
+        (gathered with gradient); anchor i's target is its own positive. Computed in float32 whatever autocast is
+        on; the returned loss has the dtype sentence-transformers' would (autocast's). The directions and hardness
+        options the fused op cannot express are scored ``block_rows`` rows at a time (all at once: None).
         """
-        queries = torch.cat(reps[0])
-        columns = [torch.cat(column) for column in reps[1:]]
         out_dtype = _autocast_dtype(queries.device) or torch.float32
         with torch.autocast(queries.device.type, enabled=False):  # the loss in float32, whatever autocast is on
             queries, columns = queries.float(), [c.float() for c in columns]
@@ -511,7 +534,7 @@ class CachedMultipleNegativesRankingLoss(_STCachedMultipleNegativesRankingLoss):
                     loss.backward()
                     loss = loss.detach()
             else:
-                loss = self._masked_loss(batch, with_backward)
+                loss = self._masked_loss(batch, with_backward, block_rows or max(1, batch.targets.shape[0]))
         return loss.to(out_dtype) if out_dtype != torch.float32 else loss
 
     def _fused_loss(self, batch: _Batch) -> Tensor:
@@ -539,15 +562,15 @@ class CachedMultipleNegativesRankingLoss(_STCachedMultipleNegativesRankingLoss):
         )
         return partial_infonce(rows, candidates, batch.targets)
 
-    def _masked_loss(self, batch: _Batch, with_backward: bool) -> Tensor:
+    def _masked_loss(self, batch: _Batch, with_backward: bool, block_rows: int) -> Tensor:
         """query_to_query, doc_to_doc or hardness weighting: logits that differ per row (a row's own query or
-        documents masked out, its own documents' hardness penalty), computed on [mini_batch_size, N] blocks.
+        documents masked out, its own documents' hardness penalty), computed on [block_rows, N] blocks.
 
         Why not the fused op: its candidates are shared by every row, so what it can score is a low-rank
         q_i . c_j; masking or re-weighting the pairs (i, own(i)) is an identity-shaped (full-rank) change that no
         extra score block expresses, and subtracting them from a fused log-sum-exp cancels catastrophically (the
         masked self-similarity is a row's largest score). So these options score each block of rows in PyTorch:
-        memory [mini_batch_size, N], as sentence-transformers', never [B, N]. With ``with_backward`` each block is
+        memory [block_rows, N], as sentence-transformers', never [B, N]. With ``with_backward`` each block is
         back-propagated to detached copies of the (gathered, normalized) embeddings, and those gradients once
         through the gather and normalization.
         """
@@ -558,8 +581,8 @@ class CachedMultipleNegativesRankingLoss(_STCachedMultipleNegativesRankingLoss):
         n_world, n_local, offset = all_queries.shape[0], batch.targets.shape[0], batch.offset
         n_columns = len(all_columns)
         total = torch.zeros((), device=docs.device)
-        for begin in range(0, n_local, self.mini_batch_size):
-            rows = torch.arange(offset + begin, offset + min(begin + self.mini_batch_size, n_local), device=docs.device)
+        for begin in range(0, n_local, block_rows):
+            rows = torch.arange(offset + begin, offset + min(begin + block_rows, n_local), device=docs.device)
             part = self._block_losses(all_queries, all_columns[0], docs, rows, n_world, n_columns).sum() / n_local
             if with_backward and part.requires_grad:
                 part.backward()
@@ -609,6 +632,73 @@ class CachedMultipleNegativesRankingLoss(_STCachedMultipleNegativesRankingLoss):
             log_z = torch.stack([torch.logsumexp(b, dim=1) for b in blocks.values()]).mean(0)
         return log_z - positive
 
+
+class CachedMultipleNegativesRankingLoss(_FusedLossMixin, _STCachedMultipleNegativesRankingLoss):
+    """sentence-transformers' ``CachedMultipleNegativesRankingLoss`` on f2llm's gradient cache, packing and InfoNCE.
+
+    Same arguments as sentence-transformers 6.x's class (see the module docstring for the few it refuses). Extra
+    attribute: ``pack_row_tokens``, the width of a packed row (at least the mini-batch's longest text): wider rows
+    waste less on row padding but attend over more (masked) positions.
+    """
+
+    pack_row_tokens: int = 64
+
+    def __init__(
+        self,
+        model: Any,
+        scale: float = 20.0,
+        similarity_fct: Callable[[Tensor, Tensor], Tensor] = cos_sim,
+        mini_batch_size: int = 32,
+        mini_batch_num_tokens: int | None = None,
+        gather_across_devices: bool = False,
+        directions: tuple[str, ...] = ("query_to_doc",),
+        partition_mode: str = "joint",
+        show_progress_bar: bool = False,
+        hardness_mode: str | None = None,
+        hardness_strength: float = 0.0,
+    ) -> None:
+        super().__init__(
+            model,
+            scale=scale,
+            similarity_fct=similarity_fct,
+            mini_batch_size=mini_batch_size,
+            mini_batch_num_tokens=mini_batch_num_tokens,
+            gather_across_devices=gather_across_devices,
+            directions=directions,
+            partition_mode=partition_mode,
+            show_progress_bar=show_progress_bar,
+            hardness_mode=hardness_mode,
+            hardness_strength=hardness_strength,
+        )
+        if not (isinstance(mini_batch_size, int) and mini_batch_size > 0):
+            raise ValueError(f"mini_batch_size must be a positive integer, got {mini_batch_size!r}")
+        self._check_supported()
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------------------------------------ options
+    def _custom_embed(self) -> bool:
+        """Whether ``embed_minibatch`` is overridden (by a subclass, or assigned on the instance): then it embeds
+        every mini-batch, in both passes, instead of the packed forward."""
+        return "embed_minibatch" in vars(self) or type(self).embed_minibatch is not _CachedLossMixin.embed_minibatch
+
+    # ------------------------------------------------------------------------------------------------ loss
+    def calculate_loss(
+        self, reps: list[list[Tensor]], labels: Tensor | None = None, *, with_backward: bool = False
+    ) -> Tensor:
+        """sentence-transformers' loss of the anchors (``reps[0]``) against every candidate column (``reps[1:]``),
+        from the per-mini-batch embeddings; with ``with_backward``, back-propagated to them and returned detached.
+
+        Candidates are the positives then each negative column, of every rank with ``gather_across_devices``
+        (gathered with gradient); anchor i's target is its own positive. Labels are unused. Computed in float32
+        whatever autocast is on; the returned loss has the dtype sentence-transformers' would (autocast's).
+        """
+        return self._embeddings_loss(
+            torch.cat(reps[0]),
+            [torch.cat(column) for column in reps[1:]],
+            with_backward=with_backward,
+            block_rows=self.mini_batch_size,
+        )
+
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
         sentence_features = list(sentence_features)
@@ -618,12 +708,7 @@ class CachedMultipleNegativesRankingLoss(_STCachedMultipleNegativesRankingLoss):
         st_model = _unwrap(self.model)
         # An overridden embed_minibatch is the user's forward: it embeds every mini-batch (no packing).
         custom = self._custom_embed()
-        plan, reason = (None, "") if custom else _packed_model(st_model)
-        for features in sentence_features if plan is not None else ():
-            reason = _unpackable_features(features, plan)
-            if reason:
-                plan = None
-                break
+        plan, reason = (None, "") if custom else _packing_plan(st_model, sentence_features)
         if plan is None and not custom:
             self._warn_once(
                 f"f2llm CachedMultipleNegativesRankingLoss: cannot pack this model ({reason}); embedding with "
@@ -734,3 +819,85 @@ class CachedMultipleNegativesRankingLoss(_STCachedMultipleNegativesRankingLoss):
             )
         if ddp is not None and step.packed and ddp.require_backward_grad_sync:
             _all_reduce_gradients(ddp)
+
+
+class MultipleNegativesRankingLoss(_FusedLossMixin, _STMultipleNegativesRankingLoss):
+    """sentence-transformers' ``MultipleNegativesRankingLoss`` on f2llm's packing and InfoNCE.
+
+    Same arguments, loss and gradients as sentence-transformers 6.x's class (it subclasses it): one forward with
+    gradients over the whole batch, no gradient cache. The texts of every column are packed together and embedded
+    in one forward (see the module docstring for what packs; anything else goes through sentence-transformers'
+    padded forward), and :meth:`compute_loss_from_embeddings` is :class:`CachedMultipleNegativesRankingLoss`'s loss
+    computation. Extra attribute: ``pack_row_tokens``, the width of a packed row (at least the longest text).
+    """
+
+    pack_row_tokens: int = 64
+
+    def __init__(
+        self,
+        model: Any,
+        scale: float = 20.0,
+        similarity_fct: Callable[[Tensor, Tensor], Tensor] = cos_sim,
+        gather_across_devices: bool = False,
+        directions: tuple[str, ...] = ("query_to_doc",),
+        partition_mode: str = "joint",
+        hardness_mode: str | None = None,
+        hardness_strength: float = 0.0,
+    ) -> None:
+        super().__init__(
+            model,
+            scale=scale,
+            similarity_fct=similarity_fct,
+            gather_across_devices=gather_across_devices,
+            directions=directions,
+            partition_mode=partition_mode,
+            hardness_mode=hardness_mode,
+            hardness_strength=hardness_strength,
+        )
+        self._check_supported()
+        self._warned: set[str] = set()
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
+        sentence_features = list(sentence_features)
+        if len(sentence_features) < 2:
+            raise ValueError(f"Expected at least 2 inputs, got {len(sentence_features)}")
+        self._check_supported()
+        st_model = _unwrap(self.model)
+        # A forward replaced on the instance (MatryoshkaLoss's ForwardDecorator, say) must see every column: only
+        # accelerate's mixed-precision wrapper, which the packed forward reproduces, is not such a replacement.
+        forward = vars(st_model).get("forward")
+        if forward is not None and not ("_original_forward" in vars(st_model) and inspect.ismethod(forward)):
+            plan, reason = None, "its forward is replaced on the instance"
+        else:
+            plan, reason = _packing_plan(st_model, sentence_features)
+        if plan is None:
+            self._warn_once(
+                f"f2llm MultipleNegativesRankingLoss: cannot pack this model ({reason}); embedding with "
+                "sentence-transformers' padded forward instead"
+            )
+            return self.compute_loss_from_embeddings(embed_columns(self.model, sentence_features), labels)
+        chunk = _pack_columns(sentence_features, plan, self.pack_row_tokens)
+        with _autocast_of(st_model, _plan_device(plan))():
+            embeddings = _embed_packed(plan, chunk)
+        sizes = [_get_batch_size(features) for features in sentence_features]
+        loss = self.compute_loss_from_embeddings(list(embeddings.split(sizes)), labels)
+        # The packed forward bypasses DDP's reducer: the gradients are averaged over the ranks after the backward.
+        ddp = self.model if isinstance(self.model, DistributedDataParallel) else None
+        if ddp is not None and loss.requires_grad:
+            loss.register_hook(functools.partial(_sync_after_backward, ddp=ddp))
+        return loss
+
+    def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None = None) -> Tensor:
+        """sentence-transformers' loss of the anchors (``embeddings[0]``) against every candidate column
+        (``embeddings[1:]``), computed as :class:`CachedMultipleNegativesRankingLoss` does. Labels are unused."""
+        if len(embeddings) < 2:
+            raise ValueError(f"Expected at least 2 embeddings, got {len(embeddings)}")
+        self._check_supported()
+        return self._embeddings_loss(embeddings[0], list(embeddings[1:]))
+
+
+def _sync_after_backward(grad: Tensor, ddp: DistributedDataParallel) -> None:
+    """The packed loss's backward hook: all-reduce the gradients once the backward has finished (as DDP's reducer
+    would), unless inside ``no_sync``."""
+    if ddp.require_backward_grad_sync:
+        torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_all_reduce_gradients, ddp))
