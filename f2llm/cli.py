@@ -1,4 +1,5 @@
-"""The ``f2llm`` command: ``f2llm train``, ``f2llm evaluate``, ``f2llm mine``, ``f2llm encode``, ``f2llm merge``.
+"""The ``f2llm`` command: ``f2llm train``, ``f2llm prepare``, ``f2llm evaluate``, ``f2llm mine``, ``f2llm encode``,
+``f2llm merge``.
 
 Each subcommand is registered by an ``add_<name>_parser(subparsers)`` function that sets ``func`` on its parser;
 adding a subcommand means writing one such function and listing it in :data:`SUBCOMMANDS`. Heavy libraries
@@ -387,6 +388,87 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# prepare
+# ----------------------------------------------------------------------------------------------------------
+def add_prepare_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "prepare",
+        help="tokenize a training config's data into its cache (what f2llm train does first), on every core",
+        description="Validate and tokenize every source of a training config's data.paths into data.cache_dir, "
+        "exactly as f2llm train would (same tokenizer identity and settings: the training run that follows finds "
+        "every source cached). Runs on every core of the machine; under torchrun the ranks split the sources "
+        "(torchrun --nproc-per-node N -m f2llm.cli prepare --config ...; each rank uses its share of the cores). "
+        "Prints, per source, its rows, distinct texts, seconds and cache bytes.",
+    )
+    parser.add_argument("--config", required=True, help="a YAML file, or a shipped config's name (as for f2llm train)")
+    parser.add_argument("overrides", nargs="*", help="key.path=value overrides, as for f2llm train")
+    parser.add_argument(
+        "--num-proc", type=int, default=None, help="tokenizing processes per rank (default: the rank's share of cores)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run_prepare)
+
+
+def training_text_tokenizer(name_or_path: str, max_length: int) -> Any:
+    """The :class:`f2llm.data.TextTokenizer` that training builds for ``model.name_or_path`` (the Encoder's rule:
+    EOS appended for decoders), without loading the weights."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from f2llm.data import TextTokenizer, is_decoder_model_type
+
+    decoder = is_decoder_model_type(AutoConfig.from_pretrained(name_or_path).model_type)
+    return TextTokenizer(AutoTokenizer.from_pretrained(name_or_path), max_length, append_eos=decoder)
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    import os
+    import time
+
+    from f2llm.config import load_config
+    from f2llm.data.readers import cache_summary, load_sources
+
+    if args.num_proc is not None and args.num_proc < 1:
+        raise UsageError(f"--num-proc must be >= 1, got {args.num_proc}")
+    config = load_config(args.config, args.overrides)
+    tokenizer = training_text_tokenizer(config.model.name_or_path, config.model.max_length)
+    # torchrun's variables; no process group is needed: the ranks meet through the cache's file locks.
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    started = time.perf_counter()
+    sources = load_sources(
+        config.data.paths,
+        tokenizer,
+        config.data.cache_dir,
+        overrides=config.data.sources,
+        seed=config.data.seed,
+        validation_fraction=config.data.validation_fraction,
+        num_negatives=config.data.num_negatives,
+        max_rows=config.data.max_rows_per_source,
+        rank=rank,
+        world_size=world_size,
+        num_proc=args.num_proc,
+        show_progress=False if args.no_progress else None,
+    )
+    seconds = time.perf_counter() - started
+    where = f"rank {rank}: " if world_size > 1 else ""
+    print(f"{where}{'source':<32} {'rows':>10} {'texts':>10} {'seconds':>9} {'cache MB':>9}  built by")
+    total_rows = total_bytes = 0
+    for source in sources:
+        s = cache_summary(source)
+        total_rows += s["rows"]
+        total_bytes += s["bytes"]
+        by = "this process" if not s["cache_hit"] else "cached"
+        print(
+            f"{where}{s['name']:<32} {s['rows']:>10} {s['texts'] or 0:>10} {s['seconds'] or 0:>9.1f} "
+            f"{s['bytes'] / 2**20:>9.1f}  {by}"
+        )
+    print(
+        f"{where}{len(sources)} sources, {total_rows} rows, {total_bytes / 2**20:.1f} MB in {config.data.cache_dir}, "
+        f"{seconds:.1f} s"
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
 # merge
 # ----------------------------------------------------------------------------------------------------------
 def add_merge_parser(subparsers: Any) -> None:
@@ -423,7 +505,7 @@ def run_merge(args: argparse.Namespace) -> int:
 # Entry point
 # ----------------------------------------------------------------------------------------------------------
 SUBCOMMANDS: list[Callable[[Any], None]] = [
-    add_evaluate_parser, add_mine_parser, add_encode_parser, add_train_parser, add_merge_parser,
+    add_evaluate_parser, add_mine_parser, add_encode_parser, add_prepare_parser, add_train_parser, add_merge_parser,
 ]  # fmt: skip
 
 

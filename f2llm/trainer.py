@@ -155,7 +155,7 @@ class Trainer:
                 where=config.model.name_or_path,
             )  # fmt: skip
 
-        sources = training_sources(config, encoder.text_tokenizer)
+        sources = training_sources(config, encoder.text_tokenizer, runtime.rank, runtime.world_size)
         sampling = dict(
             world_size=runtime.world_size,
             rank=runtime.rank,
@@ -481,9 +481,12 @@ class Trainer:
         self.checkpoints.publish(folder, write)
 
 
-def training_sources(config: TrainConfig, tokenizer: TextTokenizer) -> list[TokenizedSource]:
+def training_sources(
+    config: TrainConfig, tokenizer: TextTokenizer, rank: int = 0, world_size: int = 1
+) -> list[TokenizedSource]:
     """The sources of ``config.data``, tokenized with ``tokenizer`` (cached under data.cache_dir), at most
-    data.max_rows_per_source rows of each (a sample seeded by data.seed), split into training and held-out rows."""
+    data.max_rows_per_source rows of each (a sample seeded by data.seed), split into training and held-out rows.
+    ``rank`` of ``world_size`` ranks builds its share of the caches first (f2llm.data.readers.load_sources)."""
     return load_sources(
         config.data.paths,
         tokenizer,
@@ -493,6 +496,8 @@ def training_sources(config: TrainConfig, tokenizer: TextTokenizer) -> list[Toke
         validation_fraction=config.data.validation_fraction,
         num_negatives=config.data.num_negatives,
         max_rows=config.data.max_rows_per_source,
+        rank=rank,
+        world_size=world_size,
     )
 
 

@@ -19,6 +19,8 @@ from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
+from f2llm._tokenize_worker import EncoderSpec, FastEncoder, clip_text
+
 
 def is_decoder_model_type(model_type: str) -> bool:
     """True for decoder-only LLMs: the model type has a causal-LM class and no masked-LM class.
@@ -56,14 +58,29 @@ class TextTokenizer:
         self._clip_chars = 4 * (max_length + 1) * max(16, longest)
         # A private copy of the Rust tokenizer with fixed truncation: transformers rewrites the shared backend's
         # truncation on every call, and the copy's encode_batch_fast (no offsets) is ~1.7x faster than a call.
-        self._backend = None
+        # The copy's rule (f2llm._tokenize_worker) is what the data preparation's worker processes run too.
+        self._backend: FastEncoder | None = None
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None:
-            self._backend = Tokenizer.from_str(backend.to_str())
-            self._backend.no_padding()
-            self._backend.enable_truncation(
-                max_length - 1 if append_eos else max_length, direction=tokenizer.truncation_side
+            copy = Tokenizer.from_str(backend.to_str())
+            copy.no_padding()
+            copy.enable_truncation(max_length - 1 if append_eos else max_length, direction=tokenizer.truncation_side)
+            self._backend = FastEncoder(
+                EncoderSpec(
+                    definition=copy.to_str(),
+                    add_special_tokens=not append_eos,
+                    eos_token_id=tokenizer.eos_token_id if append_eos else None,
+                    clip_chars=self._clip_chars,
+                    truncation_side=tokenizer.truncation_side,
+                )
             )
+
+    def worker_spec(self) -> EncoderSpec | None:
+        """What a worker process needs to tokenize exactly as this tokenizer does (f2llm.data.prepare's pool), or
+        None when it cannot: no Rust backend, or a subclass that changes ``__call__`` (its rule is its own)."""
+        if self._backend is None or type(self).__call__ is not TextTokenizer.__call__:
+            return None
+        return self._backend.spec
 
     @property
     def eos_token_id(self) -> int | None:
@@ -81,32 +98,21 @@ class TextTokenizer:
         """Token ids of each text, at most ``max_length`` each."""
         if not texts:
             return []
-        texts = [t if len(t) <= self._clip_chars else self._clip(t) for t in texts]
-        special = not self.append_eos
         if self._backend is not None:
-            ids = [e.ids for e in self._backend.encode_batch_fast(texts, add_special_tokens=special)]
-        else:
-            ids = self.tokenizer(
-                texts,
-                add_special_tokens=special,
-                truncation=True,
-                max_length=self.max_length - 1 if self.append_eos else self.max_length,
-                return_attention_mask=False,
-            )["input_ids"]
+            return self._backend(texts)
+        texts = [clip_text(t, self._clip_chars, self.tokenizer.truncation_side) for t in texts]
+        ids = self.tokenizer(
+            texts,
+            add_special_tokens=not self.append_eos,
+            truncation=True,
+            max_length=self.max_length - 1 if self.append_eos else self.max_length,
+            return_attention_mask=False,
+        )["input_ids"]
         if self.append_eos:
             eos = self.tokenizer.eos_token_id
             for row in ids:
                 row.append(eos)
         return ids
-
-    def _clip(self, text: str) -> str:
-        """The part of an over-long text that truncation keeps, cut at a whitespace (see __init__)."""
-        limit = self._clip_chars
-        if self.tokenizer.truncation_side == "left":
-            cut = text.find(" ", len(text) - limit)
-            return text[cut if 0 <= cut < len(text) - limit // 2 else len(text) - limit :]
-        cut = text.rfind(" ", 0, limit)
-        return text[: cut if cut > limit // 2 else limit]
 
     def identity(self) -> str:
         """Hash of everything that decides the ids: vocabulary, normalization, special tokens, rule, max_length."""

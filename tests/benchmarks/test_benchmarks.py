@@ -57,3 +57,14 @@ def test_bench_gradcache_memory_quick(tmp_path: Path) -> None:
     small, large = json.loads((tmp_path / "gradcache_memory_cpu.json").read_text())["rows"]
     assert large["queries"] == 2 * small["queries"] and large["chunks"] == 2 * small["chunks"]
     assert large["peak_extra_mib"] < 1.5 * small["peak_extra_mib"]
+
+
+@pytest.mark.slow
+def test_bench_prepare_quick(tmp_path: Path) -> None:
+    """f2llm's data preparation and the official v2 script's method side by side (2,000 rows): same ids."""
+    run_benchmark("bench_prepare.py", "--quick", out=tmp_path)
+    result = json.loads((tmp_path / "prepare.json").read_text())
+    assert [r["side"] for r in result["rows"]] == ["official", "f2llm", "f2llm-rust-threads"]
+    assert all(r["texts_per_s_per_core"] > 0 and r["peak_rss_mb"] > 0 for r in result["rows"])
+    assert result["summary"]["rows_checked_equal"] == 200
+    assert result["summary"]["projection_full_v2"]["f2llm_hours"] > 0

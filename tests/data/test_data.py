@@ -426,8 +426,13 @@ def test_resume_gives_the_same_batches(sources) -> None:
         assert [(b.epoch, b.step, b.source, b.rows.tolist(), b.negative_columns) for b in head + rest] == [
             (b.epoch, b.step, b.source, b.rows.tolist(), b.negative_columns) for b in full
         ]
-    with pytest.raises(ValueError, match="saved world_size=2 differs"):
+    # Another number of ranks with the same global batch resumes; another global batch is refused.
+    F2LLMBatchSampler(sources, 2, world_size=4, rank=3, seed=5, epochs=3).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"global batch is 8 queries \(4 per rank x 2 ranks\), this run's 16"):
         F2LLMBatchSampler(sources, 4, world_size=4, seed=5).load_state_dict(state)
+    # A checkpoint written before the global batch was recorded: its per-rank batch x ranks.
+    older = {k: v for k, v in state.items() if k not in ("global_batch_size", "applied_last_batch")}
+    F2LLMBatchSampler(sources, 8, seed=5, epochs=3).load_state_dict(older)
 
 
 def test_epochs_reshuffle(sources) -> None:

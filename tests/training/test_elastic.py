@@ -116,6 +116,20 @@ def test_resume_with_another_global_batch_is_refused_before_any_step(
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step-00000002"]
 
 
+@pytest.mark.slow
+def test_a_per_process_warmup_is_not_resumed_on_other_ranks(workdir: Path, two_ranks: Path, tmp_path: Path) -> None:
+    """optim.warmup: per_process (the official v1 loop's schedule) counts processes: the same run on 1 rank would
+    follow another learning-rate schedule, so its resume there is refused, naming the setting."""
+    resumed = from_step_2(two_ranks, tmp_path / "resumed")
+    result = subprocess.run(
+        train_command(workdir, resumed, *SETTINGS, "optim.warmup=per_process"),
+        capture_output=True, text=True, timeout=HANG_BOUND,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "optim.warmup: per_process ties the learning-rate schedule" in result.stderr, result.stderr[-3000:]
+    assert "resume on 2 ranks, or train with optim.warmup: steps" in result.stderr
+
+
 def test_the_global_batches_do_not_depend_on_the_number_of_ranks(workdir: Path) -> None:
     """Over two epochs, the slices of W ranks (W = 2, 4) put side by side are the one-rank batches: the same source,
     rows in the same order, the same negative columns and token ids."""
