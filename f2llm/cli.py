@@ -425,7 +425,8 @@ def run_prepare(args: argparse.Namespace) -> int:
     import time
 
     from f2llm.config import load_config
-    from f2llm.data.readers import cache_summary, load_sources
+    from f2llm.data.readers import cache_summary
+    from f2llm.trainer import training_sources
 
     if args.num_proc is not None and args.num_proc < 1:
         raise UsageError(f"--num-proc must be >= 1, got {args.num_proc}")
@@ -434,19 +435,8 @@ def run_prepare(args: argparse.Namespace) -> int:
     # torchrun's variables; no process group is needed: the ranks meet through the cache's file locks.
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     started = time.perf_counter()
-    sources = load_sources(
-        config.data.paths,
-        tokenizer,
-        config.data.cache_dir,
-        overrides=config.data.sources,
-        seed=config.data.seed,
-        validation_fraction=config.data.validation_fraction,
-        num_negatives=config.data.num_negatives,
-        max_rows=config.data.max_rows_per_source,
-        rank=rank,
-        world_size=world_size,
-        num_proc=args.num_proc,
-        show_progress=False if args.no_progress else None,
+    sources = training_sources(  # the very caches f2llm train reads
+        config, tokenizer, rank, world_size, num_proc=args.num_proc, show_progress=False if args.no_progress else None
     )
     seconds = time.perf_counter() - started
     where = f"rank {rank}: " if world_size > 1 else ""

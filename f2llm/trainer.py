@@ -482,11 +482,12 @@ class Trainer:
 
 
 def training_sources(
-    config: TrainConfig, tokenizer: TextTokenizer, rank: int = 0, world_size: int = 1
+    config: TrainConfig, tokenizer: TextTokenizer, rank: int = 0, world_size: int = 1, **building: Any
 ) -> list[TokenizedSource]:
     """The sources of ``config.data``, tokenized with ``tokenizer`` (cached under data.cache_dir), at most
     data.max_rows_per_source rows of each (a sample seeded by data.seed), split into training and held-out rows.
-    ``rank`` of ``world_size`` ranks builds its share of the caches first (f2llm.data.readers.load_sources)."""
+    ``rank`` of ``world_size`` ranks builds its share of the caches first; ``building``: how the caches are built
+    (``num_proc``, ``show_progress`` of f2llm.data.readers.load_sources), never what they hold."""
     return load_sources(
         config.data.paths,
         tokenizer,
@@ -498,6 +499,7 @@ def training_sources(
         max_rows=config.data.max_rows_per_source,
         rank=rank,
         world_size=world_size,
+        **building,
     )
 
 
