@@ -1,8 +1,8 @@
 """f2llm's engine behind other libraries' interfaces.
 
-* :mod:`f2llm.integrations.sentence_transformers`: ``CachedMultipleNegativesRankingLoss`` and
-  ``MultipleNegativesRankingLoss``, drop-ins for sentence-transformers' losses of those names (sequence packing,
-  fused InfoNCE; the cached one with f2llm's gradient cache).
+* :mod:`f2llm.integrations.sentence_transformers`: ``CachedMultipleNegativesRankingLoss``,
+  ``MultipleNegativesRankingLoss`` and ``CachedGISTEmbedLoss``, drop-ins for sentence-transformers' losses of those
+  names (sequence packing, fused InfoNCE where it applies; the cached ones on f2llm's gradient cache).
 
 Each submodule imports its library on import; this package itself imports nothing.
 """

@@ -1,12 +1,14 @@
 """sentence-transformers users get f2llm's engine in one import.
 
     from f2llm.integrations.sentence_transformers import (
+        CachedGISTEmbedLoss,
         CachedMultipleNegativesRankingLoss,
         MultipleNegativesRankingLoss,
     )
 
     loss = CachedMultipleNegativesRankingLoss(model, mini_batch_size=64)   # sentence-transformers' arguments
     # or, no gradient cache (one forward with gradients over the batch): MultipleNegativesRankingLoss(model)
+    # or, in-batch negatives selected by a guide model: CachedGISTEmbedLoss(model, guide, mini_batch_size=64)
     SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss).train()
 
 ``MultipleNegativesRankingLoss`` is the drop-in for sentence-transformers' class of that name (it subclasses it; same
@@ -17,6 +19,13 @@ masked directions and hardness on the whole batch at once). A forward replaced o
 DistributedDataParallel the packed forward bypasses DDP's reducer: the gradients are all-reduced once the backward has
 finished (not inside ``no_sync``). The rest of this docstring describes ``CachedMultipleNegativesRankingLoss``; all of
 it but the gradient cache applies to both.
+
+``CachedGISTEmbedLoss`` is the drop-in for sentence-transformers' class of that name (it subclasses it; same
+arguments, loss and gradients): the trained model runs the gradient cache and packing below; the guide model is
+embedded without gradients, packed too where it can be (after re-tokenization when sentence-transformers' would
+re-tokenize); the guide's per-row masks (``margin_strategy``, ``margin``, ``contrast_anchors``,
+``contrast_positives``) are applied to cosine logits computed ``mini_batch_size`` rows at a time in PyTorch, as the
+masked options below are (:func:`_blockwise_loss`), in float32.
 
 Same name, constructor, inputs and loss as sentence-transformers 6.x's ``CachedMultipleNegativesRankingLoss`` (it
 subclasses it): columns (anchor, positive, negative_1, ..., negative_n); each anchor is scored against the positives
@@ -79,6 +88,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import tqdm
 from sentence_transformers.base.losses.merged_forward import embed_columns
+from sentence_transformers.sentence_transformer.losses.cached_gist_embed import (
+    CachedGISTEmbedLoss as _STCachedGISTEmbedLoss,
+)
 from sentence_transformers.sentence_transformer.losses.cached_multiple_negatives_ranking import (
     CachedLossMixin as _CachedLossMixin,
 )
@@ -92,7 +104,7 @@ from sentence_transformers.sentence_transformer.losses.cached_multiple_negatives
 from sentence_transformers.sentence_transformer.losses.multiple_negatives_ranking import (
     MultipleNegativesRankingLoss as _STMultipleNegativesRankingLoss,
 )
-from sentence_transformers.util import cos_sim, dot_score
+from sentence_transformers.util import batch_to_device, cos_sim, dot_score
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -105,7 +117,7 @@ from f2llm.kernels import infonce
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CachedMultipleNegativesRankingLoss", "MultipleNegativesRankingLoss"]
+__all__ = ["CachedGISTEmbedLoss", "CachedMultipleNegativesRankingLoss", "MultipleNegativesRankingLoss"]
 
 # sentence-transformers' Pooling mode -> f2llm.kernels.pool's.
 _POOLING_MODES = {"mean": "mean", "cls": "first", "lasttoken": "last"}
@@ -324,6 +336,14 @@ def _embed_packed(plan: _PackedModel, chunk: _PackedChunk) -> Tensor:
     return pool_packed(hidden, batch, plan.pooling, plan.normalize)
 
 
+def _embed_chunk(model: torch.nn.Module, plan: _PackedModel | None, chunk: Any) -> Tensor:
+    """A mini-batch's sentence embeddings: packed (``plan``), else the model's padded forward on its features."""
+    if plan is not None:
+        return _embed_packed(plan, chunk)
+    # A copy: the model's modules write their outputs into the dict they get, and pass 2 reuses the chunk.
+    return model(dict(chunk))["sentence_embedding"]
+
+
 # ------------------------------------------------------------------------------------------------ the loss's inputs
 def _similarity_kind(fct: Callable[[Tensor, Tensor], Tensor]) -> bool | None:
     """True when ``fct`` is cos_sim, False when dot_score, None otherwise: by identity, through functools.partial
@@ -464,12 +484,48 @@ class _Step:
     packed: bool  # False: sentence-transformers' padded forward
 
 
-class _FusedLossMixin:
+def _blockwise_loss(
+    roots: list[Tensor],
+    n_rows: int,
+    block_rows: int,
+    block_losses: Callable[[list[Tensor], int, int], Tensor],
+    with_backward: bool,
+) -> Tensor:
+    """The mean over ``n_rows`` rows of per-row losses computed ``block_rows`` rows at a time:
+    ``block_losses(leaves, begin, end)`` gives rows [begin, end)'s from ``leaves``, the tensors ``roots`` (detached
+    copies of them with ``with_backward``). With ``with_backward`` each block is back-propagated to those detached
+    copies (memory of one block, never all rows' logits), then their gradients once through whatever computed the
+    roots (gather, normalization); the loss is returned detached."""
+    leaves = [r.detach().requires_grad_(r.requires_grad) for r in roots] if with_backward else roots
+    total = torch.zeros((), device=roots[0].device)
+    for begin in range(0, n_rows, block_rows):
+        part = block_losses(leaves, begin, min(begin + block_rows, n_rows)).sum() / n_rows
+        if with_backward and part.requires_grad:
+            part.backward()
+            part = part.detach()
+        total = total + part
+    if with_backward:
+        pairs = [(r, leaf.grad) for r, leaf in zip(roots, leaves, strict=True) if leaf.grad is not None]
+        pairs = [(r, g) for r, g in pairs if r.requires_grad]
+        if pairs:
+            torch.autograd.backward([r for r, _ in pairs], [g for _, g in pairs])
+    return total
+
+
+class _Warnings:
+    _warned: set[str]
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            logger.warning(message)
+
+
+class _FusedLossMixin(_Warnings):
     """The loss of both drop-ins, from the embeddings: sentence-transformers' MultipleNegativesRankingLoss options
     (read from ``scale``, ``similarity_fct``, ``directions``, ``partition_mode``, ``hardness_mode``,
     ``hardness_strength``, ``gather_across_devices``) on :func:`f2llm.kernels.infonce` where it can express them."""
 
-    _warned: set[str]
     scale: float
     similarity_fct: Callable[[Tensor, Tensor], Tensor]
     gather_across_devices: bool
@@ -499,11 +555,6 @@ class _FusedLossMixin:
             cached = (key, fct, _similarity_kind(fct))
             self.__dict__["_similarity_cache"] = cached
         return cached[2]
-
-    def _warn_once(self, message: str) -> None:
-        if message not in self._warned:
-            self._warned.add(message)
-            logger.warning(message)
 
     # ------------------------------------------------------------------------------------------------ loss
     def _embeddings_loss(
@@ -574,27 +625,15 @@ class _FusedLossMixin:
         back-propagated to detached copies of the (gathered, normalized) embeddings, and those gradients once
         through the gather and normalization.
         """
+        n_world, offset, n_columns = batch.all_queries.shape[0], batch.offset, len(batch.all_columns)
+
+        def block(leaves: list[Tensor], begin: int, end: int) -> Tensor:
+            all_queries, all_columns = leaves[0], leaves[1:]
+            rows = torch.arange(offset + begin, offset + end, device=all_queries.device)
+            return self._block_losses(all_queries, all_columns[0], torch.cat(all_columns), rows, n_world, n_columns)
+
         roots = [batch.all_queries, *batch.all_columns]
-        leaves = [r.detach().requires_grad_(r.requires_grad) for r in roots] if with_backward else roots
-        all_queries, all_columns = leaves[0], leaves[1:]
-        docs = torch.cat(all_columns)
-        n_world, n_local, offset = all_queries.shape[0], batch.targets.shape[0], batch.offset
-        n_columns = len(all_columns)
-        total = torch.zeros((), device=docs.device)
-        for begin in range(0, n_local, block_rows):
-            rows = torch.arange(offset + begin, offset + min(begin + block_rows, n_local), device=docs.device)
-            part = self._block_losses(all_queries, all_columns[0], docs, rows, n_world, n_columns).sum() / n_local
-            if with_backward and part.requires_grad:
-                part.backward()
-                part = part.detach()
-            total = total + part
-        if with_backward:
-            pairs = [(r, leaf.grad) for r, leaf in zip(roots, leaves, strict=True) if leaf.grad is not None]
-            if pairs and any(r.requires_grad for r, _ in pairs):
-                torch.autograd.backward(
-                    [r for r, _ in pairs if r.requires_grad], [g for r, g in pairs if r.requires_grad]
-                )
-        return total
+        return _blockwise_loss(roots, batch.targets.shape[0], block_rows, block, with_backward)
 
     def _block_losses(
         self, all_queries: Tensor, positives: Tensor, docs: Tensor, rows: Tensor, n_world: int, n_columns: int
@@ -633,85 +672,41 @@ class _FusedLossMixin:
         return log_z - positive
 
 
-class CachedMultipleNegativesRankingLoss(_FusedLossMixin, _STCachedMultipleNegativesRankingLoss):
-    """sentence-transformers' ``CachedMultipleNegativesRankingLoss`` on f2llm's gradient cache, packing and InfoNCE.
-
-    Same arguments as sentence-transformers 6.x's class (see the module docstring for the few it refuses). Extra
-    attribute: ``pack_row_tokens``, the width of a packed row (at least the mini-batch's longest text): wider rows
-    waste less on row padding but attend over more (masked) positions.
-    """
+class _GradientCacheMixin(_Warnings):
+    """The gradient-cached forward of the cached drop-ins: mini-batches (packed, padded, or an overridden
+    ``embed_minibatch``'s ranges), pass 1 and pass 2 on :class:`f2llm.gradcache.GradientCache`. Reads ``model``,
+    ``mini_batch_size``, ``mini_batch_num_tokens``, ``show_progress_bar``."""
 
     pack_row_tokens: int = 64
-
-    def __init__(
-        self,
-        model: Any,
-        scale: float = 20.0,
-        similarity_fct: Callable[[Tensor, Tensor], Tensor] = cos_sim,
-        mini_batch_size: int = 32,
-        mini_batch_num_tokens: int | None = None,
-        gather_across_devices: bool = False,
-        directions: tuple[str, ...] = ("query_to_doc",),
-        partition_mode: str = "joint",
-        show_progress_bar: bool = False,
-        hardness_mode: str | None = None,
-        hardness_strength: float = 0.0,
-    ) -> None:
-        super().__init__(
-            model,
-            scale=scale,
-            similarity_fct=similarity_fct,
-            mini_batch_size=mini_batch_size,
-            mini_batch_num_tokens=mini_batch_num_tokens,
-            gather_across_devices=gather_across_devices,
-            directions=directions,
-            partition_mode=partition_mode,
-            show_progress_bar=show_progress_bar,
-            hardness_mode=hardness_mode,
-            hardness_strength=hardness_strength,
-        )
-        if not (isinstance(mini_batch_size, int) and mini_batch_size > 0):
-            raise ValueError(f"mini_batch_size must be a positive integer, got {mini_batch_size!r}")
-        self._check_supported()
-        self._warned: set[str] = set()
+    _st_embed_minibatch: Callable[..., Any]  # the sentence-transformers class's own embed_minibatch
+    model: Any
+    mini_batch_size: int
+    mini_batch_num_tokens: int | None
+    show_progress_bar: bool
+    embed_minibatch: Callable[..., Any]
 
     # ------------------------------------------------------------------------------------------------ options
     def _custom_embed(self) -> bool:
         """Whether ``embed_minibatch`` is overridden (by a subclass, or assigned on the instance): then it embeds
         every mini-batch, in both passes, instead of the packed forward."""
-        return "embed_minibatch" in vars(self) or type(self).embed_minibatch is not _CachedLossMixin.embed_minibatch
-
-    # ------------------------------------------------------------------------------------------------ loss
-    def calculate_loss(
-        self, reps: list[list[Tensor]], labels: Tensor | None = None, *, with_backward: bool = False
-    ) -> Tensor:
-        """sentence-transformers' loss of the anchors (``reps[0]``) against every candidate column (``reps[1:]``),
-        from the per-mini-batch embeddings; with ``with_backward``, back-propagated to them and returned detached.
-
-        Candidates are the positives then each negative column, of every rank with ``gather_across_devices``
-        (gathered with gradient); anchor i's target is its own positive. Labels are unused. Computed in float32
-        whatever autocast is on; the returned loss has the dtype sentence-transformers' would (autocast's).
-        """
-        return self._embeddings_loss(
-            torch.cat(reps[0]),
-            [torch.cat(column) for column in reps[1:]],
-            with_backward=with_backward,
-            block_rows=self.mini_batch_size,
-        )
+        # Read through the class: through the instance, the stored function would come back as a bound method.
+        return "embed_minibatch" in vars(self) or type(self).embed_minibatch is not type(self)._st_embed_minibatch
 
     # ------------------------------------------------------------------------------------------------ forward
-    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
-        sentence_features = list(sentence_features)
-        if len(sentence_features) < 2:
-            raise ValueError(f"Expected at least 2 inputs, got {len(sentence_features)}")
-        self._check_supported()
+    def _cached_forward(
+        self, sentence_features: list[dict[str, Tensor]], loss_of: Callable[[list[list[Tensor]], bool], Tensor]
+    ) -> Tensor:
+        """The gradient-cached training step of ``loss_of(reps, with_backward)``, the loss of every column's
+        embeddings (``reps[c][0]``: column c's, [n_texts, D]; with ``with_backward``, back-propagated to them):
+        pass 1 embeds every mini-batch without gradients, the loss caches d(loss)/d(embeddings), pass 2 runs in the
+        backward of the returned loss."""
         st_model = _unwrap(self.model)
         # An overridden embed_minibatch is the user's forward: it embeds every mini-batch (no packing).
         custom = self._custom_embed()
         plan, reason = (None, "") if custom else _packing_plan(st_model, sentence_features)
         if plan is None and not custom:
             self._warn_once(
-                f"f2llm CachedMultipleNegativesRankingLoss: cannot pack this model ({reason}); embedding with "
+                f"f2llm {type(self).__name__}: cannot pack this model ({reason}); embedding with "
                 "sentence-transformers' padded forward instead"
             )
         device = _plan_device(plan) if plan is not None else st_model.device
@@ -733,10 +728,10 @@ class CachedMultipleNegativesRankingLoss(_FusedLossMixin, _STCachedMultipleNegat
             reps.append([emb.detach().requires_grad_()])
             states.append(column_states)
         if not torch.is_grad_enabled():
-            return self.calculate_loss(reps, labels)
+            return loss_of(reps, False)
 
         # The loss and its gradient w.r.t. every embedding: the cache.
-        loss = self.calculate_loss(reps, labels, with_backward=True).detach().requires_grad_()
+        loss = loss_of(reps, True).detach().requires_grad_()
         grads = [column[0].grad for column in reps]
         unused = [str(i) for i, g in enumerate(grads) if g is None]
         if unused:
@@ -777,19 +772,16 @@ class CachedMultipleNegativesRankingLoss(_FusedLossMixin, _STCachedMultipleNegat
             if isinstance(chunk, _Range):
                 # The user's embed_minibatch, with sentence-transformers' keywords. Its own RNG replay is off: the
                 # gradient cache replays every mini-batch's RNG state around this call in pass 2.
-                reps, _ = self.embed_minibatch(
+                reps = self.embed_minibatch(
                     sentence_feature=chunk.features,
                     begin=chunk.begin,
                     end=chunk.end,
                     with_grad=torch.is_grad_enabled(),
                     copy_random_state=False,
                     random_state=None,
-                )
+                )[0]  # the model's embeddings (sentence-transformers' returns them first)
                 return reps
-            if plan is not None:
-                return _embed_packed(plan, chunk)
-            # A copy: the model's modules write their outputs into the dict they get, and pass 2 reuses the chunk.
-            return self.model(dict(chunk))["sentence_embedding"]
+            return _embed_chunk(self.model, plan, chunk)
 
     def _progress(self, items: list[Any], desc: str) -> Iterable[Any]:
         return tqdm.tqdm(items, desc=desc, disable=not self.show_progress_bar) if self.show_progress_bar else items
@@ -819,6 +811,79 @@ class CachedMultipleNegativesRankingLoss(_FusedLossMixin, _STCachedMultipleNegat
             )
         if ddp is not None and step.packed and ddp.require_backward_grad_sync:
             _all_reduce_gradients(ddp)
+
+
+class CachedMultipleNegativesRankingLoss(_FusedLossMixin, _GradientCacheMixin, _STCachedMultipleNegativesRankingLoss):
+    """sentence-transformers' ``CachedMultipleNegativesRankingLoss`` on f2llm's gradient cache, packing and InfoNCE.
+
+    Same arguments as sentence-transformers 6.x's class (see the module docstring for the few it refuses). Extra
+    attribute: ``pack_row_tokens``, the width of a packed row (at least the mini-batch's longest text): wider rows
+    waste less on row padding but attend over more (masked) positions.
+    """
+
+    pack_row_tokens: int = 64
+    _st_embed_minibatch = _CachedLossMixin.embed_minibatch
+
+    def __init__(
+        self,
+        model: Any,
+        scale: float = 20.0,
+        similarity_fct: Callable[[Tensor, Tensor], Tensor] = cos_sim,
+        mini_batch_size: int = 32,
+        mini_batch_num_tokens: int | None = None,
+        gather_across_devices: bool = False,
+        directions: tuple[str, ...] = ("query_to_doc",),
+        partition_mode: str = "joint",
+        show_progress_bar: bool = False,
+        hardness_mode: str | None = None,
+        hardness_strength: float = 0.0,
+    ) -> None:
+        super().__init__(
+            model,
+            scale=scale,
+            similarity_fct=similarity_fct,
+            mini_batch_size=mini_batch_size,
+            mini_batch_num_tokens=mini_batch_num_tokens,
+            gather_across_devices=gather_across_devices,
+            directions=directions,
+            partition_mode=partition_mode,
+            show_progress_bar=show_progress_bar,
+            hardness_mode=hardness_mode,
+            hardness_strength=hardness_strength,
+        )
+        if not (isinstance(mini_batch_size, int) and mini_batch_size > 0):
+            raise ValueError(f"mini_batch_size must be a positive integer, got {mini_batch_size!r}")
+        self._check_supported()
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------------------------------------ loss
+    def calculate_loss(
+        self, reps: list[list[Tensor]], labels: Tensor | None = None, *, with_backward: bool = False
+    ) -> Tensor:
+        """sentence-transformers' loss of the anchors (``reps[0]``) against every candidate column (``reps[1:]``),
+        from the per-mini-batch embeddings; with ``with_backward``, back-propagated to them and returned detached.
+
+        Candidates are the positives then each negative column, of every rank with ``gather_across_devices``
+        (gathered with gradient); anchor i's target is its own positive. Labels are unused. Computed in float32
+        whatever autocast is on; the returned loss has the dtype sentence-transformers' would (autocast's).
+        """
+        return self._embeddings_loss(
+            torch.cat(reps[0]),
+            [torch.cat(column) for column in reps[1:]],
+            with_backward=with_backward,
+            block_rows=self.mini_batch_size,
+        )
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
+        sentence_features = list(sentence_features)
+        if len(sentence_features) < 2:
+            raise ValueError(f"Expected at least 2 inputs, got {len(sentence_features)}")
+        self._check_supported()
+        return self._cached_forward(
+            sentence_features,
+            lambda reps, with_backward: self.calculate_loss(reps, labels, with_backward=with_backward),
+        )
 
 
 class MultipleNegativesRankingLoss(_FusedLossMixin, _STMultipleNegativesRankingLoss):
@@ -901,3 +966,161 @@ def _sync_after_backward(grad: Tensor, ddp: DistributedDataParallel) -> None:
     would), unless inside ``no_sync``."""
     if ddp.require_backward_grad_sync:
         torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_all_reduce_gradients, ddp))
+
+
+class CachedGISTEmbedLoss(_GradientCacheMixin, _STCachedGISTEmbedLoss):
+    """sentence-transformers' ``CachedGISTEmbedLoss`` on f2llm's gradient cache and packing.
+
+    Same arguments, loss and gradients as sentence-transformers 6.x's class (it subclasses it): anchor i is scored
+    (cosine similarity / ``temperature``) against every positive (of every rank with ``gather_across_devices``),
+    every negative column's texts, and, with ``contrast_anchors`` / ``contrast_positives``, the other anchors (this
+    rank's) / positives; a candidate whose guide similarity exceeds the guide's anchor-positive similarity (less
+    ``margin``, or less ``|similarity| * margin`` with ``margin_strategy="relative"``) is masked out, the positive
+    never. The trained model runs the gradient cache of :class:`CachedMultipleNegativesRankingLoss` (packed where
+    it can be); the guide is embedded without gradients, packed too where it can be (re-tokenized first, as
+    sentence-transformers does, when its tokenizer or shorter ``max_seq_length`` requires). The guide's masks
+    differ per row, so the loss is computed in PyTorch ``mini_batch_size`` rows at a time (never the whole
+    [B, N] score matrix), in float32 whatever autocast is on. An overridden ``embed_minibatch`` embeds the model's
+    mini-batches (its first output); the guide is still embedded here. Extra attribute: ``pack_row_tokens``.
+    """
+
+    pack_row_tokens: int = 64
+    _st_embed_minibatch = _STCachedGISTEmbedLoss.embed_minibatch
+
+    def __init__(
+        self,
+        model: Any,
+        guide: Any,
+        temperature: float = 0.01,
+        mini_batch_size: int = 32,
+        mini_batch_num_tokens: int | None = None,
+        show_progress_bar: bool = False,
+        margin_strategy: str = "absolute",
+        margin: float = 0.0,
+        contrast_anchors: bool = True,
+        contrast_positives: bool = True,
+        gather_across_devices: bool = False,
+    ) -> None:
+        super().__init__(
+            model,
+            guide,
+            temperature=temperature,
+            mini_batch_size=mini_batch_size,
+            mini_batch_num_tokens=mini_batch_num_tokens,
+            show_progress_bar=show_progress_bar,
+            margin_strategy=margin_strategy,
+            margin=margin,
+            contrast_anchors=contrast_anchors,
+            contrast_positives=contrast_positives,
+            gather_across_devices=gather_across_devices,
+        )
+        if not (isinstance(mini_batch_size, int) and mini_batch_size > 0):
+            raise ValueError(f"mini_batch_size must be a positive integer, got {mini_batch_size!r}")
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
+        sentence_features = list(sentence_features)
+        if len(sentence_features) < 2:
+            raise ValueError(f"Expected at least 2 inputs, got {len(sentence_features)}")
+
+        def loss_of(reps: list[list[Tensor]], with_backward: bool) -> Tensor:
+            # The guide after the model's pass 1, as sentence-transformers embeds it after the model's mini-batch.
+            guided = [[g] for g in self._guide_embeddings(sentence_features)]
+            return self.calculate_loss(reps, guided, with_backward=with_backward)
+
+        return self._cached_forward(sentence_features, loss_of)
+
+    def _guide_embeddings(self, sentence_features: list[dict[str, Tensor]]) -> list[Tensor]:
+        """Every column's guide embeddings, without gradients, ``mini_batch_size`` texts (or the token budget) at a
+        time: packed where the guide and its inputs allow, else its padded forward."""
+        guide = _unwrap(self.guide)
+        columns = [self._guide_features(features, guide) for features in sentence_features]
+        plan, reason = _packing_plan(guide, columns)
+        if plan is None:
+            self._warn_once(
+                f"f2llm {type(self).__name__}: cannot pack the guide ({reason}); embedding it with "
+                "sentence-transformers' padded forward instead"
+            )
+        autocast = _autocast_of(guide, _plan_device(plan) if plan is not None else guide.device)
+        with torch.no_grad(), autocast():
+            return [
+                torch.cat([_embed_chunk(guide, plan, chunk) for chunk in self._mini_batches(features, plan)])
+                for features in columns
+            ]
+
+    def _guide_features(self, features: dict[str, Tensor], guide: torch.nn.Module) -> dict[str, Tensor]:
+        """A column's inputs for the guide: the model's, or (``must_retokenize``) its texts decoded and tokenized by
+        the guide, as sentence-transformers does."""
+        if not self.must_retokenize:
+            return features
+        input_ids = features["input_ids"]
+        if "cu_seq_lens_q" in features:  # flattened inputs: one row, texts delimited by cumulative lengths
+            flat = input_ids[0].tolist()
+            bounds = features["cu_seq_lens_q"].tolist()
+            input_ids = [flat[begin:end] for begin, end in itertools.pairwise(bounds)]
+        decoded = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+        return batch_to_device(guide.preprocess(decoded), guide.device)
+
+    # ------------------------------------------------------------------------------------------------ loss
+    def calculate_loss(
+        self, reps: list[list[Tensor]], reps_guided: list[list[Tensor]], *, with_backward: bool = False
+    ) -> Tensor:
+        """sentence-transformers' loss from the model's and the guide's per-mini-batch embeddings (anchors, positives,
+        negative columns); with ``with_backward``, back-propagated to the model's and returned detached."""
+        if len(reps) != len(reps_guided):
+            raise ValueError("reps and reps_guided must have the same length")
+        anchors = torch.cat(reps[0])
+        with torch.autocast(anchors.device.type, enabled=False):  # the loss in float32, whatever autocast is on
+            model = _Batch.gather(
+                _unit(anchors), [_unit(torch.cat(c)) for c in reps[1:]], gather=self.gather_across_devices
+            )
+            with torch.no_grad():
+                guide = _Batch.gather(
+                    _unit(torch.cat(reps_guided[0])),
+                    [_unit(torch.cat(c)) for c in reps_guided[1:]],
+                    gather=self.gather_across_devices,
+                )
+            block = functools.partial(self._block_losses, guide=guide, offset=model.offset)
+            roots = [model.queries, *model.all_columns]
+            return _blockwise_loss(roots, model.queries.shape[0], self.mini_batch_size, block, with_backward)
+
+    def _block_losses(self, leaves: list[Tensor], begin: int, end: int, guide: _Batch, offset: int) -> Tensor:
+        """Per-row losses of this rank's anchors [begin, end): logits cosine / temperature, the candidates the guide
+        rates above the row's threshold masked (its positive and, for anchors and positives, itself excepted /
+        masked)."""
+        anchors, columns = leaves[0], leaves[1:]
+        device = anchors.device
+        local = torch.arange(end - begin, device=device)
+        rows = local + offset + begin  # the anchors' positives in the gathered candidates
+        guide_anchors, guide_columns = guide.queries[begin:end], guide.all_columns
+        guide_positive = (guide_anchors * guide_columns[0][rows]).sum(-1, keepdim=True)
+        if self.margin_strategy == "absolute":
+            threshold = guide_positive - self.margin
+        else:
+            threshold = guide_positive - guide_positive.abs() * self.margin
+
+        def masked(sim: Tensor, guide_sim: Tensor, own: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
+            mask = guide_sim > threshold
+            if keep is not None:
+                mask[local, keep] = False
+            if own is not None:
+                mask[local, own] = True
+            return sim.masked_fill(mask, -torch.inf)
+
+        q = anchors[begin:end]
+        scores = [masked(q @ columns[0].T, guide_anchors @ guide_columns[0].T, keep=rows)]
+        if self.contrast_anchors:
+            scores.append(masked(q @ anchors.T, guide_anchors @ guide.queries.T, own=local + begin))
+        if self.contrast_positives:
+            guide_sim = guide_columns[0][rows] @ guide_columns[0].T
+            scores.append(masked(columns[0][rows] @ columns[0].T, guide_sim, own=rows))
+        for column, guide_column in zip(columns[1:], guide_columns[1:], strict=True):
+            scores.append(masked(q @ column.T, guide_anchors @ guide_column.T))
+        logits = torch.cat(scores, dim=1) / self.temperature
+        return torch.logsumexp(logits, dim=1) - logits[local, rows]
+
+
+def _unit(embeddings: Tensor) -> Tensor:
+    """Float32 unit vectors: the cosine similarities of sentence-transformers' GIST losses as dot products."""
+    return F.normalize(embeddings.float(), dim=-1)
