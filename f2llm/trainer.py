@@ -58,7 +58,7 @@ from f2llm.loss import F2LLMLoss, LossOutput
 from f2llm.metrics import MetricLogger, peak_memory_mib, plot_loss_curve
 from f2llm.recompute import RecomputePolicy, recompute_policy
 
-__all__ = ["NonFiniteError", "Runtime", "Trainer", "WarmupCosine", "init_runtime", "train"]
+__all__ = ["NonFiniteError", "Trainer", "WarmupCosine", "train"]
 
 # One step's aux output: the loss's parts (total, hard, in-batch) and, when distilling, the kd term (else None).
 StepLoss = tuple[LossOutput, torch.Tensor | None]
