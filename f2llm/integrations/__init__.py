@@ -1,8 +1,9 @@
 """f2llm's engine behind other libraries' interfaces.
 
 * :mod:`f2llm.integrations.sentence_transformers`: ``CachedMultipleNegativesRankingLoss``,
-  ``MultipleNegativesRankingLoss`` and ``CachedGISTEmbedLoss``, drop-ins for sentence-transformers' losses of those
-  names (sequence packing, fused InfoNCE where it applies; the cached ones on f2llm's gradient cache).
+  ``MultipleNegativesRankingLoss``, ``CachedGISTEmbedLoss`` and ``MatryoshkaLoss``, drop-ins for
+  sentence-transformers' losses of those names (sequence packing, fused InfoNCE where it applies, every Matryoshka
+  dimension in one pass; the cached ones on f2llm's gradient cache).
 
 Each submodule imports its library on import; this package itself imports nothing.
 """

@@ -3,12 +3,14 @@
     from f2llm.integrations.sentence_transformers import (
         CachedGISTEmbedLoss,
         CachedMultipleNegativesRankingLoss,
+        MatryoshkaLoss,
         MultipleNegativesRankingLoss,
     )
 
     loss = CachedMultipleNegativesRankingLoss(model, mini_batch_size=64)   # sentence-transformers' arguments
     # or, no gradient cache (one forward with gradients over the batch): MultipleNegativesRankingLoss(model)
     # or, in-batch negatives selected by a guide model: CachedGISTEmbedLoss(model, guide, mini_batch_size=64)
+    # every embedding prefix trained, in one fused pass: MatryoshkaLoss(model, loss, [384, 256, 128, 64])
     SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss).train()
 
 ``MultipleNegativesRankingLoss`` is the drop-in for sentence-transformers' class of that name (it subclasses it; same
@@ -19,6 +21,14 @@ masked directions and hardness on the whole batch at once). A forward replaced o
 DistributedDataParallel the packed forward bypasses DDP's reducer: the gradients are all-reduced once the backward has
 finished (not inside ``no_sync``). The rest of this docstring describes ``CachedMultipleNegativesRankingLoss``; all of
 it but the gradient cache applies to both.
+
+``MatryoshkaLoss`` is the drop-in for sentence-transformers' class of that name (it subclasses it; same arguments,
+loss and gradients): around ``CachedMultipleNegativesRankingLoss`` or ``MultipleNegativesRankingLoss`` the model
+embeds once and every dimension's loss comes out of one :func:`f2llm.kernels.infonce` call with
+``matryoshka_dims`` (sentence-transformers' class calls the inner loss once per dimension; wrapped in it, f2llm's
+losses still give its numbers, and say once that f2llm's class would fuse them). The options the fused op cannot
+express are computed dimension by dimension inside f2llm's loss; any other inner loss is left to
+sentence-transformers' loop.
 
 ``CachedGISTEmbedLoss`` is the drop-in for sentence-transformers' class of that name (it subclasses it; same
 arguments, loss and gradients): the trained model runs the gradient cache and packing below; the guide model is
@@ -48,6 +58,10 @@ What runs inside is f2llm's:
 * under DistributedDataParallel, the gradients are averaged over the ranks once, after the last mini-batch (the
   packed forward calls the transformer directly, not through DDP's forward, so the reducer is bypassed and this
   module all-reduces them itself; inside the trainer's ``no_sync`` (gradient accumulation) it does not).
+* under DeepSpeed ZeRO-1/2 (``SentenceTransformerTrainingArguments(deepspeed=...)``), whose hooks reduce each
+  parameter's gradient once per ``engine.backward``, pass 2's mini-batches accumulate their gradients unreduced and
+  every gradient is reduced once, after the last one (:func:`_zero_reduce_once`); the trainer's ZeRO-2 runs end at
+  the weights of its DDP runs (tests/integrations/test_st_deepspeed.py).
 
 Packing needs the module stack ``Transformer -> Pooling -> [Normalize]`` on text, pooling ``mean``, ``cls`` or
 ``lasttoken``, a BERT / RoBERTa encoder (sdpa or eager attention) or a Qwen2/Qwen3/Llama/Mistral decoder, and
@@ -78,7 +92,9 @@ import functools
 import inspect
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Sequence
+import random
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +117,8 @@ from sentence_transformers.sentence_transformer.losses.cached_multiple_negatives
     _create_minibatch,
     _get_batch_size,
 )
+from sentence_transformers.sentence_transformer.losses.matryoshka import CachedLossDecorator, ForwardDecorator
+from sentence_transformers.sentence_transformer.losses.matryoshka import MatryoshkaLoss as _STMatryoshkaLoss
 from sentence_transformers.sentence_transformer.losses.multiple_negatives_ranking import (
     MultipleNegativesRankingLoss as _STMultipleNegativesRankingLoss,
 )
@@ -114,10 +132,16 @@ from f2llm.data import EncoderBatch, pack_sequences
 from f2llm.encoder import pool_packed
 from f2llm.gradcache import GradientCache, RngState, chunk_by_tokens
 from f2llm.kernels import infonce
+from f2llm.kernels.matryoshka import Levels
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CachedGISTEmbedLoss", "CachedMultipleNegativesRankingLoss", "MultipleNegativesRankingLoss"]
+__all__ = [
+    "CachedGISTEmbedLoss",
+    "CachedMultipleNegativesRankingLoss",
+    "MatryoshkaLoss",
+    "MultipleNegativesRankingLoss",
+]
 
 # sentence-transformers' Pooling mode -> f2llm.kernels.pool's.
 _POOLING_MODES = {"mean": "mean", "cls": "first", "lasttoken": "last"}
@@ -131,6 +155,10 @@ _ENCODER_ATTENTION = ("sdpa", "eager")
 # excludes the prompt, which then disables packing).
 _TEXT_FEATURES = frozenset({"input_ids", "attention_mask", "token_type_ids", "modality", "prompt_length"})
 _GRAD_BUCKET_BYTES = 25 * 2**20  # DDP's default bucket size
+_LOOPED_MATRYOSHKA = (
+    "f2llm loss: wrapped in sentence-transformers' MatryoshkaLoss, it is computed once per dimension; "
+    "f2llm.integrations.sentence_transformers.MatryoshkaLoss (same arguments) computes every dimension in one pass"
+)
 
 
 # ------------------------------------------------------------------------------------------------ the packed model
@@ -148,10 +176,16 @@ class _PackedModel:
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The SentenceTransformer inside a DDP and / or torch.compile wrapper."""
-    if isinstance(model, DistributedDataParallel):
+    """The SentenceTransformer inside a DDP or DeepSpeed and / or torch.compile wrapper."""
+    if isinstance(model, DistributedDataParallel) or _is_deepspeed_engine(model):
         model = model.module
     return getattr(model, "_orig_mod", model)
+
+
+def _is_deepspeed_engine(model: Any) -> bool:
+    """Whether ``model`` is a DeepSpeed engine (looked up, not imported: only a DeepSpeed run has one)."""
+    engine = getattr(sys.modules.get("deepspeed"), "DeepSpeedEngine", None)
+    return engine is not None and isinstance(model, engine)
 
 
 def _packed_model(st_model: torch.nn.Module) -> tuple[_PackedModel | None, str]:
@@ -411,6 +445,39 @@ class _Batch:
         targets = torch.arange(offset, offset + n, device=queries.device)
         return cls(queries, columns[0], all_queries, all_columns, targets, offset)
 
+    def detached(self) -> tuple[_Batch, list[tuple[Tensor, Tensor]]]:
+        """The batch on detached copies of its tensors (leaves requiring grad where the originals do; a tensor in
+        two fields stays one), and the (original, copy) pairs to back-propagate the copies' gradients through."""
+        copies: dict[int, tuple[Tensor, Tensor]] = {}
+
+        def leaf(x: Tensor) -> Tensor:
+            if id(x) not in copies:
+                copies[id(x)] = (x, x.detach().requires_grad_(x.requires_grad))
+            return copies[id(x)][1]
+
+        batch = _Batch(
+            leaf(self.queries),
+            leaf(self.positives),
+            leaf(self.all_queries),
+            [leaf(c) for c in self.all_columns],
+            self.targets,
+            self.offset,
+        )
+        return batch, list(copies.values())
+
+    def prefix(self, dim: int) -> _Batch:
+        """The batch at one Matryoshka level: every embedding cut to its first ``dim`` coordinates and normalized
+        again (sentence-transformers' ``shrink``)."""
+
+        def cut(x: Tensor) -> Tensor:
+            return F.normalize(x[:, :dim], dim=-1)
+
+        columns = [cut(c) for c in self.all_columns]
+        positives = columns[0] if self.positives is self.all_columns[0] else cut(self.positives)
+        queries = cut(self.queries)
+        all_queries = queries if self.all_queries is self.queries else cut(self.all_queries)
+        return _Batch(queries, positives, all_queries, columns, self.targets, self.offset)
+
 
 # ------------------------------------------------------------------------------------------------ the training step
 def _autocast_of(st_model: torch.nn.Module, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
@@ -456,6 +523,31 @@ def _all_reduce_gradients(ddp: DistributedDataParallel) -> None:
                 offset += g.numel()
 
 
+@contextlib.contextmanager
+def _zero_reduce_once(model: torch.nn.Module) -> Iterator[None]:
+    """Pass 2 under DeepSpeed ZeRO-1/2: every parameter's gradient reduced once, after the last mini-batch.
+
+    ZeRO-1/2 reduce a parameter's gradient in its post-accumulate hook, at most once per ``engine.backward`` (a second
+    reduction asserts "Gradient computed twice for this partition"), and pass 2 runs a backward per mini-batch inside
+    that one. Within the context the gradients accumulate in place, unreduced (``ds_grad_is_ready = False``,
+    DeepSpeed's protocol for a computation split into a loop of backwards); on leaving, one more backward adds zero to
+    every trainable parameter, so that the hooks reduce each accumulated gradient once, whichever mini-batches it came
+    from (ZeRO fills a missing gradient with zeros in any case). The engine's own backward finishes the reduction
+    afterwards, as after any backward.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.ds_grad_is_ready = False
+    try:
+        yield
+    finally:
+        for p in params:
+            p.ds_grad_is_ready = True
+    if params:
+        zero = torch.zeros(())
+        torch.autograd.backward(params, [zero.to(p.device, p.dtype).expand_as(p) for p in params])
+
+
 def _backward_if_trainable(surrogate: Tensor) -> None:
     """Pass 2's backward: a frozen model gives embeddings, hence a surrogate, without grad: nothing to back-propagate
     (``surrogate.backward()`` would raise)."""
@@ -490,8 +582,9 @@ def _blockwise_loss(
     block_rows: int,
     block_losses: Callable[[list[Tensor], int, int], Tensor],
     with_backward: bool,
+    weight: float = 1.0,
 ) -> Tensor:
-    """The mean over ``n_rows`` rows of per-row losses computed ``block_rows`` rows at a time:
+    """``weight`` times the mean over ``n_rows`` rows of per-row losses computed ``block_rows`` rows at a time:
     ``block_losses(leaves, begin, end)`` gives rows [begin, end)'s from ``leaves``, the tensors ``roots`` (detached
     copies of them with ``with_backward``). With ``with_backward`` each block is back-propagated to those detached
     copies (memory of one block, never all rows' logits), then their gradients once through whatever computed the
@@ -500,6 +593,8 @@ def _blockwise_loss(
     total = torch.zeros((), device=roots[0].device)
     for begin in range(0, n_rows, block_rows):
         part = block_losses(leaves, begin, min(begin + block_rows, n_rows)).sum() / n_rows
+        if weight != 1.0:
+            part = part * weight
         if with_backward and part.requires_grad:
             part.backward()
             part = part.detach()
@@ -533,6 +628,9 @@ class _FusedLossMixin(_Warnings):
     partition_mode: str
     hardness_mode: str | None
     hardness_strength: float
+    # Matryoshka levels (dims descending, weights) of the current forward, set by f2llm's MatryoshkaLoss; None: one
+    # level at the full size.
+    _matryoshka: Levels | None = None
 
     # ------------------------------------------------------------------------------------------------ options
     def _check_supported(self) -> None:
@@ -570,34 +668,79 @@ class _FusedLossMixin(_Warnings):
         options the fused op cannot express are scored ``block_rows`` rows at a time (all at once: None).
         """
         out_dtype = _autocast_dtype(queries.device) or torch.float32
+        levels = self._matryoshka
         with torch.autocast(queries.device.type, enabled=False):  # the loss in float32, whatever autocast is on
             queries, columns = queries.float(), [c.float() for c in columns]
-            if self._normalizes():
+            if levels is not None:
+                # Each level normalizes its own prefix (sentence-transformers' shrink), whatever the similarity;
+                # the widest level is the fused op's full size.
+                width = levels[0][0]
+                queries, columns = queries[:, :width], [c[:, :width] for c in columns]
+            elif self._normalizes():
                 queries, columns = F.normalize(queries, dim=-1), [F.normalize(c, dim=-1) for c in columns]
             batch = _Batch.gather(queries, columns, gather=self.gather_across_devices)
-            fused = not (
-                {"query_to_query", "doc_to_doc"} & set(self.directions)
-                or (self.hardness_mode is not None and self.hardness_strength > 0.0)
-            )
-            if fused:
-                loss = self._fused_loss(batch)
+            block_rows = block_rows or max(1, batch.targets.shape[0])
+            if levels is None:
+                loss = self._level_loss(batch, with_backward, block_rows)
+            elif self._fusable(levels):
+                loss = self._fused_loss(batch, levels)  # every level in one pass of the fused op
                 if with_backward:
                     loss.backward()
                     loss = loss.detach()
-            else:
-                loss = self._masked_loss(batch, with_backward, block_rows or max(1, batch.targets.shape[0]))
+            else:  # options the fused op cannot express: level by level, as sentence-transformers' MatryoshkaLoss
+                # Each level back-propagates into detached copies of the gathered embeddings, and those gradients
+                # go once through the gather (a collective) and the cut.
+                leaves, pairs = batch.detached() if with_backward else (batch, [])
+                loss = torch.zeros((), device=queries.device)
+                for dim, weight in zip(*levels, strict=True):
+                    loss = loss + self._level_loss(leaves.prefix(dim), with_backward, block_rows, weight)
+                grads = [(root, leaf.grad) for root, leaf in pairs if leaf.grad is not None and root.requires_grad]
+                if grads:
+                    torch.autograd.backward([r for r, _ in grads], [g for _, g in grads])
         return loss.to(out_dtype) if out_dtype != torch.float32 else loss
 
-    def _fused_loss(self, batch: _Batch) -> Tensor:
+    def _fusable(self, levels: Levels | None = None) -> bool:
+        """Whether the options leave every row's logits a plain q . c over shared candidates (the fused op), and
+        the fused op can take these Matryoshka ``levels`` (positive weights; not the joint doc_to_query softmax,
+        whose concatenated rows' prefixes are not the embeddings' prefixes)."""
+        plain = not (
+            {"query_to_query", "doc_to_doc"} & set(self.directions)
+            or (self.hardness_mode is not None and self.hardness_strength > 0.0)
+        )
+        if levels is None or not plain:
+            return plain
+        joint = "doc_to_query" in self.directions and self.partition_mode == "joint"
+        return not joint and min(levels[1]) > 0.0
+
+    def _level_loss(self, batch: _Batch, with_backward: bool, block_rows: int, weight: float = 1.0) -> Tensor:
+        """``weight`` times the loss of ``batch`` (one similarity, no Matryoshka levels): the fused op where the
+        options allow, else blocks of ``block_rows`` rows; with ``with_backward``, back-propagated and detached."""
+        if not self._fusable():
+            return self._masked_loss(batch, with_backward, block_rows, weight)
+        loss = self._fused_loss(batch)
+        if weight != 1.0:
+            loss = loss * weight
+        if with_backward:
+            loss.backward()
+            loss = loss.detach()
+        return loss
+
+    def _fused_loss(self, batch: _Batch, levels: Levels | None = None) -> Tensor:
         """query_to_doc, and doc_to_query, with no row-specific logit: :func:`f2llm.kernels.infonce`, no score
         matrix.
 
         ``per_direction`` averages the two directions' losses (the same positive score, q_i . d_i, in both);
         ``joint`` is one softmax over both: row i is [q_i, d_i] and the candidates are [d_j, 0] and [0, q_j], so
         one fused InfoNCE on the concatenated 2D-dim vectors scores q_i . d_j and d_i . q_j in one denominator.
+        With Matryoshka ``levels`` (dims, weights) the fused op computes every level in one pass (each level's
+        prefixes normalized inside it); ``joint`` with doc_to_query cannot take them (a prefix of [q_i, d_i] is
+        not the two prefixes) and is computed level by level by the caller.
         """
         temperature = 1.0 / self.scale
-        partial_infonce = functools.partial(infonce, temperature=temperature, validate=False)
+        kwargs: dict[str, Any] = {"temperature": temperature, "validate": False}
+        if levels is not None:
+            kwargs.update(matryoshka_dims=levels[0], matryoshka_weights=levels[1])
+        partial_infonce = functools.partial(infonce, **kwargs)
         if "doc_to_query" not in self.directions:
             return partial_infonce(batch.queries, batch.docs, batch.targets)
         if self.partition_mode == "per_direction":
@@ -605,6 +748,8 @@ class _FusedLossMixin(_Warnings):
                 partial_infonce(batch.queries, batch.docs, batch.targets)
                 + partial_infonce(batch.positives, batch.all_queries, batch.targets)
             )
+        if levels is not None:
+            raise ValueError("the joint doc_to_query loss takes no Matryoshka levels (computed level by level)")
         rows = torch.cat([batch.queries, batch.positives], dim=1)
         zeros_d = batch.docs.new_zeros(batch.docs.shape)
         zeros_q = batch.all_queries.new_zeros(batch.all_queries.shape)
@@ -613,7 +758,7 @@ class _FusedLossMixin(_Warnings):
         )
         return partial_infonce(rows, candidates, batch.targets)
 
-    def _masked_loss(self, batch: _Batch, with_backward: bool, block_rows: int) -> Tensor:
+    def _masked_loss(self, batch: _Batch, with_backward: bool, block_rows: int, weight: float = 1.0) -> Tensor:
         """query_to_query, doc_to_doc or hardness weighting: logits that differ per row (a row's own query or
         documents masked out, its own documents' hardness penalty), computed on [block_rows, N] blocks.
 
@@ -633,7 +778,7 @@ class _FusedLossMixin(_Warnings):
             return self._block_losses(all_queries, all_columns[0], torch.cat(all_columns), rows, n_world, n_columns)
 
         roots = [batch.all_queries, *batch.all_columns]
-        return _blockwise_loss(roots, batch.targets.shape[0], block_rows, block, with_backward)
+        return _blockwise_loss(roots, batch.targets.shape[0], block_rows, block, with_backward, weight)
 
     def _block_losses(
         self, all_queries: Tensor, positives: Tensor, docs: Tensor, rows: Tensor, n_world: int, n_columns: int
@@ -701,6 +846,13 @@ class _GradientCacheMixin(_Warnings):
         pass 1 embeds every mini-batch without gradients, the loss caches d(loss)/d(embeddings), pass 2 runs in the
         backward of the returned loss."""
         st_model = _unwrap(self.model)
+        if _is_deepspeed_engine(self.model) and self.model.zero_optimization_stage() > 2:
+            # Pass 2's backwards inside one engine backward are made to reduce once for ZeRO-1/2 (_zero_reduce_once);
+            # ZeRO-3's partitioned parameters and its own reduction are not covered.
+            raise ValueError(
+                f"f2llm {type(self).__name__}: DeepSpeed ZeRO stage {self.model.zero_optimization_stage()} is not "
+                "supported by the gradient-cached losses; use ZeRO stage 1 or 2 (zero_optimization.stage)"
+            )
         # An overridden embed_minibatch is the user's forward: it embeds every mini-batch (no packing).
         custom = self._custom_embed()
         plan, reason = (None, "") if custom else _packing_plan(st_model, sentence_features)
@@ -802,7 +954,10 @@ class _GradientCacheMixin(_Warnings):
             for begin, end in itertools.pairwise(bounds):
                 yield from self._progress(pairs[begin:end], "Replay mini-batches")
 
-        with torch.enable_grad():  # a backward hook runs with grad mode off
+        engine = self.model if _is_deepspeed_engine(self.model) else None
+        zero = engine is not None and engine.zero_optimization_stage() in (1, 2)
+        reduce_once = _zero_reduce_once(_unwrap(self.model)) if zero else contextlib.nullcontext()
+        with torch.enable_grad(), reduce_once:  # a backward hook runs with grad mode off
             step.cache.backward_chunks(
                 [c for column in step.chunks for c in column],
                 [s for column in step.states for s in column],
@@ -880,6 +1035,8 @@ class CachedMultipleNegativesRankingLoss(_FusedLossMixin, _GradientCacheMixin, _
         if len(sentence_features) < 2:
             raise ValueError(f"Expected at least 2 inputs, got {len(sentence_features)}")
         self._check_supported()
+        if isinstance(vars(self).get("calculate_loss"), CachedLossDecorator):
+            self._warn_once(_LOOPED_MATRYOSHKA)
         return self._cached_forward(
             sentence_features,
             lambda reps, with_backward: self.calculate_loss(reps, labels, with_backward=with_backward),
@@ -928,10 +1085,16 @@ class MultipleNegativesRankingLoss(_FusedLossMixin, _STMultipleNegativesRankingL
             raise ValueError(f"Expected at least 2 inputs, got {len(sentence_features)}")
         self._check_supported()
         st_model = _unwrap(self.model)
-        # A forward replaced on the instance (MatryoshkaLoss's ForwardDecorator, say) must see every column: only
-        # accelerate's mixed-precision wrapper, which the packed forward reproduces, is not such a replacement.
+        # A forward replaced on the instance (MatryoshkaLoss's ForwardDecorator, say) must see every column. Not
+        # replacements: accelerate's mixed-precision wrapper, which the packed forward reproduces, and the model's
+        # own forward stored on the instance (sentence-transformers' MatryoshkaLoss restores it so).
         forward = vars(st_model).get("forward")
-        if forward is not None and not ("_original_forward" in vars(st_model) and inspect.ismethod(forward)):
+        if isinstance(forward, ForwardDecorator):
+            self._warn_once(_LOOPED_MATRYOSHKA)
+        method = inspect.ismethod(forward)
+        own = method and forward.__self__ is st_model and forward.__func__ is type(st_model).forward
+        accelerate = method and "_original_forward" in vars(st_model)
+        if forward is not None and not (own or accelerate):
             plan, reason = None, "its forward is replaced on the instance"
         else:
             plan, reason = _packing_plan(st_model, sentence_features)
@@ -1124,3 +1287,60 @@ class CachedGISTEmbedLoss(_GradientCacheMixin, _STCachedGISTEmbedLoss):
 def _unit(embeddings: Tensor) -> Tensor:
     """Float32 unit vectors: the cosine similarities of sentence-transformers' GIST losses as dot products."""
     return F.normalize(embeddings.float(), dim=-1)
+
+
+class MatryoshkaLoss(_STMatryoshkaLoss):
+    """sentence-transformers' ``MatryoshkaLoss``, every dimension in one pass of f2llm's fused loss.
+
+    Same arguments and loss as sentence-transformers 6.x's class (it subclasses it): ``sum_k w_k loss(embeddings cut
+    to d_k and normalized again)`` over ``matryoshka_dims`` (a random ``n_dims_per_step`` of them per step, drawn
+    from Python's ``random`` as theirs are). Around f2llm's :class:`CachedMultipleNegativesRankingLoss` or
+    :class:`MultipleNegativesRankingLoss` the model embeds once (one gradient cache, one packed forward) and the
+    loss of every dimension comes out of one :func:`f2llm.kernels.infonce` call over the widest prefix
+    (``matryoshka_dims``: each level's prefixes normalized inside, no per-dimension copy of the embeddings, no
+    per-dimension [B, N] scores); sentence-transformers' class instead calls the inner loss once per dimension. The
+    options the fused op cannot express (query_to_query, doc_to_doc, hardness weighting, the joint doc_to_query
+    softmax, a weight <= 0) are computed dimension by dimension inside f2llm's loss. Around any other loss it is
+    sentence-transformers' class unchanged.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        loss: torch.nn.Module,
+        matryoshka_dims: Sequence[int],
+        matryoshka_weights: Sequence[float] | Sequence[int] | None = None,
+        n_dims_per_step: int = -1,
+    ) -> None:
+        super().__init__(model, loss, matryoshka_dims, matryoshka_weights, n_dims_per_step)
+        if isinstance(loss, _FusedLossMixin) and isinstance(vars(loss).get("calculate_loss"), CachedLossDecorator):
+            # The parent wrapped the cached loss's calculate_loss in its per-dimension loop; f2llm's loss takes the
+            # levels itself (forward below).
+            del loss.calculate_loss
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
+        if not isinstance(self.loss, _FusedLossMixin):
+            return super().forward(sentence_features, labels)
+        with self.step_levels():
+            return self.loss(sentence_features, labels)
+
+    @contextlib.contextmanager
+    def step_levels(self) -> Iterator[Levels]:
+        """Within it, the wrapped f2llm loss computes this step's Matryoshka levels: every (dim, weight), or a
+        random ``n_dims_per_step`` of them (the same draw as sentence-transformers'); yields (dims, weights)."""
+        if not isinstance(self.loss, _FusedLossMixin):
+            raise TypeError(f"step_levels needs an f2llm loss inside, not {type(self.loss).__name__}")
+        indices = range(len(self.matryoshka_dims))
+        if 0 < self.n_dims_per_step < len(indices):
+            indices = random.sample(indices, self.n_dims_per_step)
+        weights: dict[int, float] = {}
+        for i in indices:  # a dim listed twice is one level with the summed weight
+            dim = int(self.matryoshka_dims[i])
+            weights[dim] = weights.get(dim, 0.0) + float(self.matryoshka_weights[i])
+        dims = sorted(weights, reverse=True)
+        levels = (tuple(dims), tuple(weights[d] for d in dims))
+        self.loss._matryoshka = levels
+        try:
+            yield levels
+        finally:
+            self.loss._matryoshka = None
