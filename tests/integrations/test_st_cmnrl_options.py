@@ -25,14 +25,19 @@ from torch import Tensor
 
 from f2llm.integrations import sentence_transformers as integration
 from f2llm.integrations.sentence_transformers import CachedMultipleNegativesRankingLoss
-from tests.integrations.st_helpers import assert_same, features, gradients, grads_rel, loss_and_grads, rel, tiny_model
+from tests.integrations.st_helpers import (
+    ANCHORS,
+    NEGATIVES,
+    POSITIVES,
+    assert_same,
+    features,
+    gradients,
+    grads_rel,
+    loss_and_grads,
+    rel,
+    tiny_model,
+)
 
-ANCHORS = ["a man sleeps", "two dogs run in a field", "the sky is blue", "she plays the violin", "rain", "a red car",
-           "kids build a sand castle"]  # fmt: skip
-POSITIVES = ["someone is asleep", "animals are outside", "a clear day", "music is played", "it is wet",
-             "a vehicle", "children at the beach"]  # fmt: skip
-NEGATIVES = ["a man runs a marathon", "the cats sleep indoors", "a storm at night", "nobody makes a sound",
-             "a dry desert", "a blue bicycle", "adults in an office"]  # fmt: skip
 # Texts of very different lengths, so a token budget gives uneven mini-batches.
 VARIED_A = ["a", "an anchor with quite a few more words in it than the others", "c and d", "final anchor", "e", "f g"]
 VARIED_B = ["short", "a positive that also has a much longer surface form here", "p", "another positive", "q r", "s"]

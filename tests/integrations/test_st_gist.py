@@ -28,19 +28,23 @@ from torch import Tensor
 from f2llm.distributed import free_port
 from f2llm.integrations import sentence_transformers as integration
 from f2llm.integrations.sentence_transformers import CachedGISTEmbedLoss
+from tests.integrations.st_helpers import (
+    ANCHORS,
+    NEGATIVES,
+    POSITIVES,
+    features,
+    gradients,
+    grads_rel,
+    loss_and_grads,
+    rel,
+    tiny_model,
+)
 from tests.integrations.st_helpers import assert_same as assert_equal_to_reference
-from tests.integrations.st_helpers import features, gradients, grads_rel, loss_and_grads, rel, tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 WORLD = 2
 RANK_ROWS = 3  # rows per rank in the 2-rank test: mini-batches of 2 give uneven blocks
 
-ANCHORS = ["a man sleeps", "two dogs run in a field", "the sky is blue", "she plays the violin", "rain", "a red car",
-           "kids build a sand castle"]  # fmt: skip
-POSITIVES = ["someone is asleep", "animals are outside", "a clear day", "music is played", "it is wet",
-             "a vehicle", "children at the beach"]  # fmt: skip
-NEGATIVES = ["a man runs a marathon", "the cats sleep indoors", "a storm at night", "nobody makes a sound",
-             "a dry desert", "a blue bicycle", "adults in an office"]  # fmt: skip
 PAIRS = (ANCHORS, POSITIVES)
 TRIPLETS = (ANCHORS, POSITIVES, NEGATIVES)
 

@@ -22,14 +22,16 @@ from sentence_transformers.sentence_transformer import losses as st_losses
 from sentence_transformers.util import dot_score
 
 from f2llm.integrations import sentence_transformers as integration
-from tests.integrations.st_helpers import assert_same, features, loss_and_grads, tiny_model
+from tests.integrations.st_helpers import (
+    ANCHORS,
+    NEGATIVES,
+    POSITIVES,
+    assert_same,
+    features,
+    loss_and_grads,
+    tiny_model,
+)
 
-ANCHORS = ["a man sleeps", "two dogs run in a field", "the sky is blue", "she plays the violin", "rain", "a red car",
-           "kids build a sand castle"]  # fmt: skip
-POSITIVES = ["someone is asleep", "animals are outside", "a clear day", "music is played", "it is wet",
-             "a vehicle", "children at the beach"]  # fmt: skip
-NEGATIVES = ["a man runs a marathon", "the cats sleep indoors", "a storm at night", "nobody makes a sound",
-             "a dry desert", "a blue bicycle", "adults in an office"]  # fmt: skip
 TRIPLETS = (ANCHORS, POSITIVES, NEGATIVES)
 DIMS = [32, 16, 8]  # the tiny model's width is 32
 
