@@ -500,24 +500,27 @@ def derived_budget_bytes(state: TrainingState, memory_gb: float = GPU_MEMORY_GB)
 
 
 def recompute_policy_of(
-    encoder: Encoder, mode: bool | str, budget: int | None, compute_dtype: torch.dtype, source: str | None = None
+    memory: ActivationMemory,
+    mode: bool | str,
+    budget: int | None,
+    compute_dtype: torch.dtype,
+    source: str | None = None,
 ) -> RecomputePolicy:
     """The trainer's RecomputePolicy of a row: ``mode`` True / False / "auto", the library's activation estimate
-    (``ActivationMemory``; measured for ``encoder``'s weights dtype) for ``compute_dtype`` (bf16 on CUDA and for
-    --flops) against ``budget`` bytes; ``source`` says where the budget comes from."""
+    (``memory``, of the row's encoder as loaded: measured for its weights dtype) for ``compute_dtype`` (bf16 on CUDA
+    and for --flops) against ``budget`` bytes; ``source`` says where the budget comes from."""
     if source is None:
         source = f"an {GPU_MEMORY_GB:g} GB GPU less {STATE_BYTES_PER_PARAM} B per parameter"
     if budget is not None:
         source = f"{budget / 2**30:.1f} GiB: {source}"
-    memory = ActivationMemory(encoder)
     saving = memory.layer_saving(compute_dtype) if budget is not None else None
     return RecomputePolicy(mode, budget, lambda n: memory.bytes(n, compute_dtype), source, saving)
 
 
-def chunk_tokens_fitting(encoder: Encoder, budget: int, compute_dtype: torch.dtype) -> int:
+def chunk_tokens_fitting(memory: ActivationMemory, budget: int, compute_dtype: torch.dtype) -> int:
     """The gradient cache's chunk size (real tokens, a multiple of 1024, 2% left for packed rows' padding tails)
-    whose forward fits ``budget`` without checkpointing (by the library's estimate)."""
-    fixed, per_token = ActivationMemory(encoder).profile(compute_dtype)
+    whose forward fits ``budget`` without checkpointing (by the library's estimate ``memory``)."""
+    fixed, per_token = memory.profile(compute_dtype)
     return max(MAX_LENGTH, int(0.98 * (budget - fixed) / per_token) // 1024 * 1024)
 
 
@@ -766,7 +769,7 @@ def count_step(
     config = row_config(variant, settings, chunk_tokens, budget)
 
     def policy_of(encoder: Encoder) -> RecomputePolicy:
-        return recompute_policy_of(encoder, mode(variant), budget, torch.bfloat16)
+        return recompute_policy_of(ActivationMemory(encoder), mode(variant), budget, torch.bfloat16)
 
     return count_train_step(model, variant, batch, config, policy_of)
 
@@ -872,8 +875,9 @@ def run_flops(settings: Settings, model_names: list[str], out: Path) -> list[dic
         model = build_backbone(dims, "meta", COUNT_ATTENTION)
         budget = activation_budget_bytes(model, settings.memory_gb)
         probe = make_encoder(model, True, settings.max_length)
-        fixed, per_token = ActivationMemory(probe).profile(torch.bfloat16)
-        chunk = settings.gc_chunk_tokens or chunk_tokens_fitting(probe, budget, torch.bfloat16)
+        memory = ActivationMemory(probe)
+        fixed, per_token = memory.profile(torch.bfloat16)
+        chunk = settings.gc_chunk_tokens or chunk_tokens_fitting(memory, budget, torch.bfloat16)
         models_meta[label] = {
             "params": sum(p.numel() for p in model.parameters()), "matmul_params": matmul_params(model),
             "state_gb": state_bytes(model) / 1e9, "activation_budget_gb": budget / 1e9,
@@ -1029,7 +1033,7 @@ def count_config(
     checkpointing = config.model.gradient_checkpointing
 
     def policy_of(encoder: Encoder) -> RecomputePolicy:
-        return recompute_policy_of(estimator or encoder, checkpointing, budget, compute, source)
+        return recompute_policy_of(ActivationMemory(estimator or encoder), checkpointing, budget, compute, source)
 
     pool = scifact_lengths(1.0)
     cap = config.model.max_length
@@ -1178,10 +1182,11 @@ class Bench:
         set_attention(self.model, attention)
         encoder = make_encoder(self.model, variant.fused, settings.max_length)
         compute = torch.bfloat16 if settings.device == "cuda" else torch.float32
-        policy = recompute_policy_of(encoder, mode(variant), self.budget, compute)
+        memory = ActivationMemory(encoder)  # one measurement per row: the policy's and the chunk size's
+        policy = recompute_policy_of(memory, mode(variant), self.budget, compute)
         chunk_tokens = None
         if variant.gc_queries is not None:
-            chunk_tokens = settings.gc_chunk_tokens or chunk_tokens_fitting(encoder, self.budget, compute)
+            chunk_tokens = settings.gc_chunk_tokens or chunk_tokens_fitting(memory, self.budget, compute)
         policy.activation_bytes(0)  # the policy's estimate, measured (on meta) before the timed steps
         observer = StepObserver(encoder)
         hook = encoder.register_forward_pre_hook(observer)

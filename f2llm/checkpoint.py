@@ -99,20 +99,28 @@ class CheckpointWriter:
             for old in list_checkpoints(self.root)[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
 
-        return self.publish(self.root / f"step-{step:08d}", write, after=rotate)
+        # Any step's temporary: a killed job's save of another step than this one must go too.
+        return self.publish(self.root / f"step-{step:08d}", write, after=rotate, stale="step-*")
 
-    def publish(self, final: Path, write: Callable[[Path], None], after: Callable[[], None] | None = None) -> Path:
+    def publish(
+        self,
+        final: Path,
+        write: Callable[[Path], None],
+        after: Callable[[], None] | None = None,
+        stale: str | None = None,
+    ) -> Path:
         """Write the folder ``final`` from every rank, all or nothing: each rank's ``write(folder)`` fills a
         temporary sibling (``.tmp-NAME``), which rank 0 fsyncs and renames to ``final`` (replacing an older one)
         once every rank has written; then ``after()`` on rank 0. A job killed or failing halfway never leaves a
-        partial folder where a complete one is expected. Used for checkpoints and for the final model."""
+        partial folder where a complete one is expected. Used for checkpoints and for the final model. Temporary
+        siblings ``.tmp-STALE`` (a glob; default ``final``'s name) left by a job killed mid-save are removed first."""
         tmp = final.with_name(f".tmp-{final.name}")
         error = None
         if self.rank == 0:
             try:
                 final.parent.mkdir(parents=True, exist_ok=True)
-                for stale in final.parent.glob(f".tmp-{'step-*' if final.parent == self.root else final.name}"):
-                    shutil.rmtree(stale, ignore_errors=True)  # left by a job killed mid-save
+                for leftover in final.parent.glob(f".tmp-{stale or final.name}"):
+                    shutil.rmtree(leftover, ignore_errors=True)
                 tmp.mkdir()
             except Exception as e:
                 error = e

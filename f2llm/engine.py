@@ -233,7 +233,9 @@ class Engine(ABC):
     def save(self, folder: Path, main: bool) -> None: ...
 
     @abstractmethod
-    def load(self, folder: Path) -> None: ...
+    def load(self, folder: Path, saved_world_size: int) -> None:
+        """Load the checkpoint in ``folder``, written by ``saved_world_size`` ranks (its trainer state's count; the
+        trainer has called :meth:`check_resume_world_size` first when that differs from this run's)."""
 
     def check_resume_world_size(self, folder: Path, saved_world_size: int) -> None:
         """Refuse (before anything is loaded) a checkpoint written by ``saved_world_size`` ranks that this engine
@@ -406,7 +408,7 @@ class DDPEngine(Engine):
                 )
             save_state(self.optimizer.state_dict(), folder / "optimizer.pt")
 
-    def load(self, folder: Path) -> None:
+    def load(self, folder: Path, saved_world_size: int) -> None:
         from safetensors.torch import load_file, load_model
 
         expected = TRAINABLE_FILE if self.config.model.lora is not None else "model.safetensors"
@@ -562,23 +564,21 @@ class DeepSpeedEngine(Engine):
                 "(ZeRO-0/1/2/3 checkpoints without NVMe offload, and engine: ddp ones, load on any number of ranks)"
             )
 
-    def load(self, folder: Path) -> None:
+    def load(self, folder: Path, saved_world_size: int) -> None:
         use_weights_only_loading(self.ds)
         # The schedule is rebuilt from the current config (set_schedule_step), not restored. A LoRA checkpoint
         # holds no frozen weights, hence a non-strict module load.
         lora = self.config.model.lora is not None
-        saved_world = len(list((folder / "deepspeed").glob("*zero_pp_rank_*_optim_states.pt")))
-        if self.stage == 0 or saved_world in (0, self.world_size):
+        if self.stage == 0 or saved_world_size == self.world_size:
             self.ds.load_checkpoint(
                 str(folder), tag="deepspeed", load_lr_scheduler_states=False, load_module_strict=not lora
             )
             return
-        self.check_resume_world_size(folder, saved_world)
         # Written by another number of ranks: DeepSpeed refuses to repartition ZeRO state itself, but loads a
         # universal checkpoint (each parameter's fp32 weights and AdamW moments whole) on any number. Its universal
         # load restores the weights from those fp32 copies (no module load: the LoRA case needs no strictness) and
         # the frozen weights of a LoRA run stay those name_or_path loaded.
-        with deepspeed_universal_checkpoint(folder, "deepspeed", saved_world) as tag:
+        with deepspeed_universal_checkpoint(folder, "deepspeed", saved_world_size) as tag:
             self.ds._config.load_universal_checkpoint = True
             try:
                 self.ds.load_checkpoint(

@@ -376,7 +376,7 @@ class Trainer:
                     f"loop's): resume on {saved_world} ranks, or train with optim.warmup: steps"
                 )
             self.engine.check_resume_world_size(path, saved_world)
-        self.engine.load(path)
+        self.engine.load(path, saved_world)
         self.step = int(state["step"])
         self.engine.set_schedule_step(self.step)
         rng = path / f"rng-rank{self.runtime.rank}.pt"

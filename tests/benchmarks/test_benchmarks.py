@@ -68,3 +68,14 @@ def test_bench_prepare_quick(tmp_path: Path) -> None:
     assert all(r["texts_per_s_per_core"] > 0 and r["peak_rss_mb"] > 0 for r in result["rows"])
     assert result["summary"]["rows_checked_equal"] == 200
     assert result["summary"]["projection_full_v2"]["f2llm_hours"] > 0
+
+
+@pytest.mark.slow
+def test_bench_st_matryoshka_quick(tmp_path: Path) -> None:
+    """The three ways of computing MatryoshkaLoss's loss part run, each in its own process, and give one loss."""
+    run_benchmark("bench_st_matryoshka.py", "--quick", "--cpu", out=tmp_path)
+    rows = json.loads((tmp_path / "st_matryoshka_cpu.json").read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["sentence-transformers", "st-loop-f2llm-loss", "f2llm"]
+    losses = [r["loss"] for r in rows]
+    assert max(losses) - min(losses) < 1e-5 * abs(losses[0]) and losses[0] > 1.0
+    assert all(r["loss_s"] > 0 for r in rows)
