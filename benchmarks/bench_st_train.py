@@ -1,9 +1,15 @@
 """End to end with sentence-transformers' trainer: its losses vs f2llm's drop-ins, one epoch of the demo's data each.
 
 Commands (from the repository root):
-    python benchmarks/bench_st_train.py --out benchmarks/results/cpu/2026-12-05      # 1 round, about 35 min on 2 cores
-    python benchmarks/bench_st_train.py --rounds 2 --out DIR                         # medians of 2 fresh-process pairs
-    python benchmarks/bench_st_train.py --quick                                      # smoke test: 24 + 24 rows, ~2 min
+    python benchmarks/bench_st_train.py --out benchmarks/results/cpu/2026-12-05   # 1 round (see the cost below)
+    python benchmarks/bench_st_train.py --tasks stsb --out DIR                    # STS only: ~40 min, the trainings
+    python benchmarks/bench_st_train.py --rounds 2 --out DIR                      # medians of 2 fresh-process pairs
+    python benchmarks/bench_st_train.py --quick                                   # smoke test: 24 + 24 rows, ~5 min
+
+Cost, measured on a 2-core machine shared with other jobs (2026-12-05): building the data once, 45 min (mining
+encodes SciFact's 5,183 abstracts at 256 tokens; cached under ``--work`` afterwards); each of the four trainings
+about 8 min; scoring each trained model 25-30 min on one thread, nearly all of it encoding the same 5,183 abstracts
+for SciFact (``--eval-threads 2`` on a quiet machine, or ``--tasks stsb``, cuts it).
 
 What users run: ``SentenceTransformerTrainer(model, args, train_dataset, loss).train()`` on all-MiniLM-L6-v2 (packaged),
 once with sentence-transformers' loss and once with f2llm's drop-in of the same name
@@ -14,15 +20,15 @@ once with sentence-transformers' loss and once with f2llm's drop-in of the same 
 * ``MultipleNegativesRankingLoss``, batch 32 (the demo's global batch): one forward with gradients per column.
 
 Data: the CPU demo's (``f2llm.demo.build_training_data``, built once under ``--work`` and reused): SciFact train
-claims -> cited abstracts with hard negatives mined by the base model (``f2llm mine``'s filters; mining encodes the
-5,183 abstracts, about 3 min on a quiet 2-core machine), and a seeded subset of SNLI (premise -> entailment, the
-contradiction as hard negative). Each row keeps one negative, the first (hardest) mined one for SciFact, so both
-sources have the columns (anchor, positive, negative); they train as a ``DatasetDict`` {scifact, snli} with the
-proportional multi-dataset sampler (each batch from one source, as the demo's homogeneous per-source batches) and the
-no-duplicates batch sampler (SNLI repeats premises, SciFact claims cite several abstracts: a duplicate would be its own
-in-batch negative). Sized to a 2-core machine, the default trains on seeded subsets, 300 of the 822 SciFact rows and
-300 SNLI rows (the demo: all 822 and 1,000): SciFact's abstracts, nearly all cut at 128 tokens, are nine tenths of the
-tokens. ``--scifact-rows 0 --snli-rows 1000`` trains on the demo's full data (about 3x the training time).
+claims -> cited abstracts with hard negatives mined by the base model (``f2llm mine``'s filters; 822 of the 919 rows
+keep 24 negatives), and a seeded subset of SNLI (premise -> entailment, the contradiction as hard negative). Each row
+keeps one negative, the first (hardest) mined one for SciFact, so both sources have the columns (anchor, positive,
+negative); they train as a ``DatasetDict`` {scifact, snli} with the proportional multi-dataset sampler (each batch
+from one source, as the demo's homogeneous per-source batches) and the no-duplicates batch sampler (SNLI repeats
+premises, SciFact claims cite several abstracts: a duplicate would be its own in-batch negative). Sized to a 2-core
+machine, the default trains on seeded subsets, 300 of the 822 SciFact rows and 300 SNLI rows (the demo: all 822 and
+1,000): SciFact's abstracts, nearly all cut at 128 tokens, are nine tenths of the tokens. ``--scifact-rows 0
+--snli-rows 1000`` trains on the demo's full data (about 3x the training time).
 
 Training settings follow the demo's config (``train/configs/demo-cpu.yaml``) where they map: max_seq_length 128,
 lr 5e-5, AdamW betas (0.9, 0.98), weight decay 0.01, warmup over 1/12 of the steps (the demo's 5 of 60), cosine
@@ -370,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += [st, ours]
         last = loss_name == args.losses[-1]
         write_results(args.out, name, rows, columns, title, meta=meta, quiet=not last, extra={"summary": summary})
-    _append_notes(args.out / f"{name}.md", summary, meta)
+        # After every pair, so that a run stopped early still says what it measured and what it did not.
+        _append_notes(args.out / f"{name}.md", summary, meta, pending=args.losses[p + 1 :])
     return 0
 
 
@@ -401,7 +408,7 @@ def _verdict(ours: dict) -> dict:
     }
 
 
-def _append_notes(path: Path, summary: dict, meta: dict) -> None:
+def _append_notes(path: Path, summary: dict, meta: dict, pending: list[str]) -> None:
     """How to read the table, and each target's verdict, below write_results' table."""
     lines = [
         "",
@@ -410,8 +417,8 @@ def _append_notes(path: Path, summary: dict, meta: dict) -> None:
         "resident set (`ru_maxrss`, model and libraries included); `peak_extra_mib` the peak during "
         "`trainer.train()` over the resident set before it; ratios f2llm / sentence-transformers; `d_*_pts` "
         "f2llm's score minus sentence-transformers' x 100; `eval_s` saving + scoring (not in the ratios). "
-        f"One process per row, {meta['threads']} torch thread(s) while training, on a shared machine "
-        "(other jobs were running: single-run times carry their noise).",
+        f"One process per row, {meta['threads']} torch thread(s) while training, {meta['rounds']} round(s), on a "
+        "shared machine (other jobs were running: single-run wall times carry their noise, CPU times less so).",
         "",
         f"Targets: time <= {TARGET['time']}x, peak memory <= {TARGET['memory']}x, scores within "
         f"{TARGET['score_points']} points.",
@@ -426,8 +433,9 @@ def _append_notes(path: Path, summary: dict, meta: dict) -> None:
         lines.append(
             f"- {loss_name}: time {v['time_ratio']:.2f}x ({met(v['time_met'])}), peak RSS {v['rss_ratio']:.2f}x "
             f"({met(v['memory_met'])}), peak extra {v['extra_ratio']:.2f}x ({met(v['memory_extra_met'])}), "
-            f"largest score change {score} ({met(v['scores_met'])})"
+            f"largest score change {score} ({met(v['scores_met'])}), CPU time {v['cpu_ratio']:.2f}x"
         )
+    lines += [f"- {loss_name}: not measured (the run stopped before this pair)" for loss_name in pending]
     with path.open("a") as f:
         f.write("\n".join(lines) + "\n")
 
