@@ -111,6 +111,11 @@ class ModelConfig:
     activation_budget_gb: float | None = None  # GiB of saved activations one forward may keep (auto only)
     liger: bool | None = None  # None: on for CUDA
     lora: LoraConfig | None = None  # None: full fine-tuning; a mapping (even {}): LoRA adapters only
+    # ML-Embed's depth Matryoshka: the layers whose last-token (pooled) embeddings get the whole loss, e.g. [1, 2, 4,
+    # 6] (layer k = the output of the k-th layer; the last layer is the full model and always trains). "ml-embed":
+    # its rule, 1, 2, 4, 8, 16, 24, 32, 40, 48 up to the depth plus the last. Every exit's loss (Matryoshka levels
+    # included) is summed and divided by the number of exits, as ML-Embed's total. None: the last layer only.
+    layer_exits: Literal["ml-embed"] | list[int] | None = None
 
 
 @dataclass
@@ -400,6 +405,18 @@ def validate(config: TrainConfig, base: Path | None = None) -> None:
         raise ConfigError(
             f"loss.matryoshka_dims must be a non-empty list of positive ints (prefix dimensions, e.g. [64, 128, 256]; "
             f"the full one is added), got {dims}; use null to turn Matryoshka off"
+        )
+    exits = config.model.layer_exits
+    if isinstance(exits, list):
+        if not exits or any(k <= 0 for k in exits) or len(set(exits)) != len(exits):
+            raise ConfigError(
+                f"model.layer_exits must be distinct layer numbers >= 1 (1 = the first layer's output, e.g. [1, 2, 4, "
+                f"6]), 'ml-embed', or null, got {exits}"
+            )
+    if exits is not None and config.distill is not None:
+        raise ConfigError(
+            "model.layer_exits and distill are both set: distillation against a teacher's exits is not supported; "
+            "set distill: null or model.layer_exits: null"
         )
     if config.dist_timeout_minutes <= 0:
         raise ConfigError(f"dist_timeout_minutes must be > 0, got {config.dist_timeout_minutes}")

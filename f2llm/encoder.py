@@ -24,6 +24,10 @@ The default attention of a decoder on CUDA is flash_attention_2 when the flash-a
 ``"f2llm_varlen"`` when torch has ``varlen_attn`` (torch >= 2.13), else sdpa (see
 :func:`default_attn_implementation`).
 
+Layer exits (ML-Embed's depth Matryoshka, :meth:`Encoder.set_layer_exits`): one forward yields the pooled embedding of
+every exit layer, ``[n, E, D]``, an intermediate exit of a decoder through the model's final norm, as ML-Embed trains
+them; inference (:meth:`Encoder.encode`) embeds with the last layer.
+
 Recompute (activation checkpointing) can be switched per forward and per layer (:meth:`Encoder.recompute`);
 f2llm.recompute estimates what a forward with grad keeps for backward and decides which forwards recompute.
 
@@ -35,12 +39,14 @@ read, giving the same embeddings (f2llm.export).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -75,14 +81,28 @@ def _default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def pool_packed(hidden: torch.Tensor, batch: EncoderBatch, mode: Pooling, normalize: bool) -> torch.Tensor:
-    """Float32 embeddings [batch.num_texts, D] of a packed batch's last hidden states, in collation order."""
+# ML-Embed's exits (its model.py): these layers where the model has them, plus the last.
+ML_EMBED_EXITS = (1, 2, 4, 8, 16, 24, 32, 40, 48)
+
+
+def ml_embed_exits(num_layers: int) -> tuple[int, ...]:
+    """ML-Embed's layer exits of a model with ``num_layers`` layers, ascending: (1, 2, 4, 8, 16, 24, 32, 40, 48) up
+    to the depth, and the last layer (Qwen3-0.6B, 28 layers: 1, 2, 4, 8, 16, 24, 28)."""
+    return tuple(sorted({k for k in ML_EMBED_EXITS if k <= num_layers} | {num_layers}))
+
+
+def pool_packed(
+    hidden: torch.Tensor,
+    batch: EncoderBatch,
+    mode: Pooling,
+    normalize: bool,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Embeddings [batch.num_texts, D] (float32) of a packed batch's hidden states, in collation order."""
     hidden = hidden.reshape(-1, hidden.shape[-1])
     if batch.token_index is not None:
         hidden = hidden.index_select(0, batch.token_index)
-    emb = pool(
-        hidden, cu_seqlens=batch.cu_seqlens, mode=mode, normalize=normalize, validate=False, out_dtype=torch.float32
-    )
+    emb = pool(hidden, cu_seqlens=batch.cu_seqlens, mode=mode, normalize=normalize, validate=False, out_dtype=out_dtype)
     return emb.index_select(0, batch.text_position)
 
 
@@ -134,6 +154,8 @@ class Encoder(nn.Module):
         self.pooling: Pooling = pooling
         self.normalize = normalize
         self.query_instruction = query_instruction
+        # Layers whose embeddings training computes (set_layer_exits); None: the last layer's only.
+        self.layer_exits: tuple[int, ...] | None = None
         self.text_tokenizer = TextTokenizer(tokenizer, max_length, append_eos=self.is_decoder)
         # BERT-like models carry a pooler head ([CLS] -> dense -> tanh) that embeddings never use: frozen, it gets
         # no optimizer state and DDP does not wait for its gradients (which would never come).
@@ -301,44 +323,46 @@ class Encoder(nn.Module):
     # ------------------------------------------------------------------------------------------------------
     # Forward
     # ------------------------------------------------------------------------------------------------------
-    def forward(self, batch: EncoderBatch, normalize: bool | None = None) -> torch.Tensor:
-        """Float32 embeddings ``[batch.num_texts, D]`` in the order the texts were collated, with autograd.
+    def forward(self, batch: EncoderBatch, normalize: bool | None = None, exits: bool = True) -> torch.Tensor:
+        """Float32 embeddings ``[batch.num_texts, D]`` in the order the texts were collated, with autograd; with
+        :attr:`layer_exits` set (and ``exits``), ``[batch.num_texts, E, D]``: the embedding of every exit, in
+        :attr:`layer_exits` order, from the same forward.
 
         Float32 whatever the backbone computes in: the pooling kernel works in float32, and the loss and the
         gradient cache's d(loss)/d(embedding) keep that precision instead of a bf16 rounding of it.
         ``normalize``: L2-normalize the pooled vectors (None: as the encoder was built; distillation compares raw
-        ones, False).
+        ones, False). ``exits=False``: the last layer's embeddings only (inference).
         """
         normalize = self.normalize if normalize is None else normalize
+        layer_exits = self.layer_exits if exits else None
         batch = batch.to(self.device, non_blocking=True)
         positions = batch.position_ids + self.position_offset if self.position_offset else batch.position_ids
         kwargs: dict[str, Any] = {"use_cache": False} if self.is_decoder else {}
+        if layer_exits is not None:
+            kwargs["output_hidden_states"] = True
         if self.is_decoder and uses_varlen_kernel(self.attn_implementation):
-            return self._forward_varlen(batch, positions, kwargs, normalize)
-        if not batch.packed:
-            hidden = self.model(
+            out, pool_of = self._forward_varlen(batch, positions, kwargs)
+        elif not batch.packed:
+            out = self.model(
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions, **kwargs
-            ).last_hidden_state
-            return pool(
-                hidden,
-                batch.attention_mask,
-                mode=self.pooling,
-                normalize=normalize,
-                validate=False,
-                out_dtype=torch.float32,
             )
-
-        if not self.is_decoder:
-            weights = next(self.model.parameters()).dtype
-            kwargs["attention_mask"] = packed_encoder_mask(batch.position_ids, self.attn_implementation, weights)
-        hidden = self.model(input_ids=batch.input_ids, position_ids=positions, **kwargs).last_hidden_state
-        return pool_packed(hidden, batch, self.pooling, normalize)
+            pool_of = functools.partial(pool, attention_mask=batch.attention_mask, mode=self.pooling, validate=False)
+        else:
+            if not self.is_decoder:
+                weights = next(self.model.parameters()).dtype
+                kwargs["attention_mask"] = packed_encoder_mask(batch.position_ids, self.attn_implementation, weights)
+            out = self.model(input_ids=batch.input_ids, position_ids=positions, **kwargs)
+            pool_of = functools.partial(pool_packed, batch=batch, mode=self.pooling)
+        if layer_exits is None:
+            return pool_of(out.last_hidden_state, normalize=normalize, out_dtype=torch.float32)
+        return self._exit_embeddings(out, pool_of, layer_exits, normalize)
 
     def _forward_varlen(
-        self, batch: EncoderBatch, positions: torch.Tensor, kwargs: dict[str, Any], normalize: bool
-    ) -> torch.Tensor:
+        self, batch: EncoderBatch, positions: torch.Tensor, kwargs: dict[str, Any]
+    ) -> tuple[Any, Callable[..., torch.Tensor]]:
         """A decoder with a varlen kernel, padded or packed batch: the [R, W] grid flattened into one row, whose
-        segments (every text, every run of padding) and longest segment the collator computed on the host."""
+        segments (every text, every run of padding) and longest segment the collator computed on the host.
+        Returns the model's output and the pooling of a hidden state of it."""
         if batch.attn_cu_seqlens is not None:
             cu, longest = batch.attn_cu_seqlens, batch.attn_max_seqlen
         else:  # a batch built by hand: segments from the position ids (two host syncs)
@@ -350,19 +374,80 @@ class Encoder(nn.Module):
         if takes_prepared_masks(type(self.model)):
             kwargs["attention_mask"] = no_masks(self.model.config)
         R, W = batch.input_ids.shape
-        hidden = self.model(
-            input_ids=batch.input_ids.reshape(1, -1), position_ids=positions.reshape(1, -1), **kwargs
-        ).last_hidden_state
+        out = self.model(input_ids=batch.input_ids.reshape(1, -1), position_ids=positions.reshape(1, -1), **kwargs)
         if batch.packed:
-            return pool_packed(hidden, batch, self.pooling, normalize)
-        return pool(
-            hidden.reshape(R, W, -1),
-            batch.attention_mask,
-            mode=self.pooling,
-            normalize=normalize,
-            validate=False,
-            out_dtype=torch.float32,
-        )
+            return out, functools.partial(pool_packed, batch=batch, mode=self.pooling)
+
+        def pool_grid(hidden: torch.Tensor, **options: Any) -> torch.Tensor:
+            return pool(hidden.reshape(R, W, -1), batch.attention_mask, mode=self.pooling, validate=False, **options)
+
+        return out, pool_grid
+
+    # ------------------------------------------------------------------------------------------------------
+    # Layer exits (ML-Embed's depth Matryoshka)
+    # ------------------------------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    def final_norm(self) -> nn.Module | None:
+        """The norm a pre-norm decoder applies after its last layer (``model.norm``: Qwen3, Llama, Mistral...),
+        which an intermediate exit goes through too; None for BERT-like (post-LN) encoders, whose every layer
+        output is already normalized. Raises when a decoder has none f2llm can find."""
+        if not self.is_decoder:
+            return None
+        backbone = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        norm = getattr(backbone, "norm", None)
+        if not isinstance(norm, nn.Module):
+            raise ValueError(
+                f"model.layer_exits: {type(backbone).__name__} ({self.model.config.model_type}) has no final norm "
+                "module `norm`, which intermediate exits go through; this model family cannot train layer exits"
+            )
+        return norm
+
+    def set_layer_exits(self, exits: Sequence[int] | str | None) -> None:
+        """Train the embeddings of these layers (1 = the first layer's output, ``num_layers`` = the last), or
+        ``"ml-embed"``: ML-Embed's rule (:func:`ml_embed_exits`); None: the last layer only. Exits are checked
+        against the model's depth here, before any step."""
+        if exits is None:
+            self.layer_exits = None
+            return
+        if isinstance(exits, str):
+            if exits != "ml-embed":
+                raise ValueError(f"model.layer_exits: {exits!r} is not a list of layers or 'ml-embed'")
+            exits = ml_embed_exits(self.num_layers)
+        layers = list(exits)
+        bad = [k for k in layers if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_layers]
+        if not layers or bad:
+            raise ValueError(
+                f"model.layer_exits: {bad or layers} not layers of {self.model.config.model_type} "
+                f"({self.num_layers} layers: exits are 1..{self.num_layers}, the last being the full model)"
+            )
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"model.layer_exits lists a layer more than once: {layers}")
+        if min(layers) < self.num_layers:
+            self.final_norm()  # raises where intermediate exits cannot get the final norm
+        self.layer_exits = tuple(sorted(layers))
+
+    def _exit_embeddings(
+        self, out: Any, pool_of: Callable[..., torch.Tensor], layer_exits: Sequence[int], normalize: bool
+    ) -> torch.Tensor:
+        """``[n, E, D]``: every exit's hidden state (``out.hidden_states[k]``: the output of layer k) pooled as the
+        last layer's is; an intermediate exit of a decoder through the final norm first (ML-Embed's rule), applied to
+        the pooled tokens only when pooling picks one token (the norm is per token: the same values)."""
+        norm = self.final_norm()
+        embeddings = []
+        for k in layer_exits:
+            if k == self.num_layers or norm is None:
+                hidden = out.last_hidden_state if k == self.num_layers else out.hidden_states[k]
+                embeddings.append(pool_of(hidden, normalize=normalize, out_dtype=torch.float32))
+            elif self.pooling == "mean":
+                embeddings.append(pool_of(norm(out.hidden_states[k]), normalize=normalize, out_dtype=torch.float32))
+            else:
+                hidden = out.hidden_states[k]
+                token = norm(pool_of(hidden, normalize=False, out_dtype=hidden.dtype)).float()
+                embeddings.append(F.normalize(token, dim=-1) if normalize else token)
+        return torch.stack(embeddings, 1)
 
     # ------------------------------------------------------------------------------------------------------
     # Inference
@@ -401,7 +486,7 @@ class Encoder(nn.Module):
                 for start in tqdm(range(0, len(ids), batch_size), desc="encode", disable=not show_progress):
                     index = order[start : start + batch_size]
                     batch = pad_sequences([ids[i] for i in index], self.text_tokenizer.pad_token_id)
-                    out[index] = self(batch, normalize).float().cpu().numpy()
+                    out[index] = self(batch, normalize, exits=False).float().cpu().numpy()
         finally:
             self.train(was_training)
         return out

@@ -64,7 +64,8 @@ class F2LLMLoss(nn.Module):
 
         hard = sum_n w_n hard(d_n)      in_batch = sum_n w_n in_batch(d_n)      total = hard + in_batch
 
-    (summed, not averaged). Each term is one fused call over all levels (f2llm.kernels with ``matryoshka_dims``), not
+    (summed, not averaged). With layer exits (``[B, E, D]`` inputs, ML-Embed), each term is the mean over the exits
+    of the exit's term. Each term is one fused call over all levels (f2llm.kernels with ``matryoshka_dims``), not
     a loop; the in-batch term gathers the positives once, at full D, and truncates inside the op.
 
     Each rank's terms are means over its local queries. With equal local batch sizes and DDP-style gradient
@@ -139,19 +140,38 @@ class F2LLMLoss(nn.Module):
     def forward(
         self, query_emb: torch.Tensor, pos_emb: torch.Tensor, neg_emb: torch.Tensor, in_batch: bool
     ) -> LossOutput:
-        """``query_emb`` [B, D], ``pos_emb`` [B, D], ``neg_emb`` [B, k, D] (k >= 0) -> :class:`LossOutput`."""
-        if query_emb.dim() != 2 or pos_emb.shape != query_emb.shape:
+        """``query_emb`` [B, D], ``pos_emb`` [B, D], ``neg_emb`` [B, k, D] (k >= 0) -> :class:`LossOutput`.
+
+        Layer exits (ML-Embed's depth Matryoshka): ``query_emb`` [B, E, D], ``pos_emb`` [B, E, D], ``neg_emb``
+        [B, k, E, D], the embeddings of E exits; each term is then the mean over the exits of that exit's term
+        (ML-Embed's ``(in_batch + hard) / len(outputs)``). The hard term of every exit and level is one fused call
+        (a query's exits are independent queries of the same group op); the in-batch term gathers every exit's
+        positives at once, then scores each exit against its own (one fused call per exit, every level in it).
+        """
+        exits = query_emb.dim() == 3
+        if query_emb.dim() not in (2, 3) or pos_emb.shape != query_emb.shape:
             raise ValueError(
-                f"F2LLMLoss: query_emb and pos_emb must both be [B, D], got {tuple(query_emb.shape)} and "
-                f"{tuple(pos_emb.shape)}"
+                f"F2LLMLoss: query_emb and pos_emb must both be [B, D] (or [B, E, D] with layer exits), got "
+                f"{tuple(query_emb.shape)} and {tuple(pos_emb.shape)}"
             )
-        B, D = query_emb.shape
-        if neg_emb.dim() != 3 or neg_emb.shape[0] != B or neg_emb.shape[2] != D:
-            raise ValueError(f"F2LLMLoss: neg_emb must be [B, k, D] = [{B}, k, {D}], got {tuple(neg_emb.shape)}")
+        B, D = query_emb.shape[0], query_emb.shape[-1]
+        if neg_emb.dim() != query_emb.dim() + 1 or neg_emb.shape[0] != B or neg_emb.shape[2:] != query_emb.shape[1:]:
+            rest = ", ".join(map(str, query_emb.shape[1:]))
+            layout = "[B, k, E, D]" if exits else "[B, k, D]"
+            raise ValueError(f"F2LLMLoss: neg_emb must be {layout} = [{B}, k, {rest}], got {tuple(neg_emb.shape)}")
         dims, weights = self.levels(D)
         matryoshka = {} if dims is None else dict(matryoshka_dims=dims, matryoshka_weights=weights)
-        docs = torch.cat([pos_emb[:, None], neg_emb], dim=1)
-        hard = grouped_infonce(query_emb, docs, self.temperature, **matryoshka)
+        docs = torch.cat([pos_emb[:, None], neg_emb], dim=1)  # [B, G, D] or [B, G, E, D]
+        if exits:
+            # Exit e of query i is query (i, e) of one grouped call against its own group at exit e: the mean over
+            # B * E queries is the mean over exits of each exit's mean.
+            E = query_emb.shape[1]
+            hard = grouped_infonce(
+                query_emb.reshape(B * E, D), docs.transpose(1, 2).reshape(B * E, docs.shape[1], D), self.temperature,
+                **matryoshka,
+            )  # fmt: skip
+        else:
+            hard = grouped_infonce(query_emb, docs, self.temperature, **matryoshka)
         if not in_batch:
             return LossOutput(hard, hard, torch.zeros((), device=hard.device, dtype=hard.dtype))
         if self.equal_batches:
@@ -163,9 +183,12 @@ class F2LLMLoss(nn.Module):
         all_pos = distributed.all_gather_with_grad(in_batch_pos, self.group, sizes=sizes)
         offset = sum(sizes[: distributed.rank(self.group)])
         targets = torch.arange(offset, offset + B, device=query_emb.device)
-        in_batch_loss = infonce(
-            query_emb, all_pos, targets, self.temperature, mask_margin=self.mask_margin, validate=False, **matryoshka
-        )
+        options = dict(mask_margin=self.mask_margin, validate=False, **matryoshka)
+        if exits:
+            by_exit = zip(query_emb.transpose(0, 1).contiguous(), all_pos.transpose(0, 1).contiguous(), strict=True)
+            in_batch_loss = sum(infonce(q, c, targets, self.temperature, **options) for q, c in by_exit) / E
+        else:
+            in_batch_loss = infonce(query_emb, all_pos, targets, self.temperature, **options)
         return LossOutput(hard + in_batch_loss, hard, in_batch_loss)
 
     def extra_repr(self) -> str:

@@ -147,6 +147,7 @@ class Trainer:
             device=runtime.device,
             compute_dtype=resolve_dtype(config.model.dtype, runtime.device),
         ).train()
+        encoder.set_layer_exits(config.model.layer_exits)  # refused now if the model lacks the layers or a final norm
         lora = None
         if config.model.lora is not None:  # before the engine: its optimizer and DDP / DeepSpeed see the adapters only
             settings = config.model.lora
@@ -203,6 +204,11 @@ class Trainer:
                 print(
                     f"f2llm: LoRA r={config.model.lora.r} on {config.model.lora.target_modules}: {trainable:,} "
                     f"trainable of {total:,} parameters; final/ is the merged model, final/adapter/ the adapter"
+                )
+            if encoder.layer_exits is not None:
+                print(
+                    f"f2llm: layer exits {list(encoder.layer_exits)} of {encoder.num_layers} layers: every exit's "
+                    f"embeddings get the loss, averaged over the {len(encoder.layer_exits)} exits"
                 )
             if config.loss.matryoshka_dims is not None:
                 print(f"f2llm: {trainer.loss_fn.matryoshka_summary(encoder.embedding_dim)}")

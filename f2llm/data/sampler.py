@@ -102,9 +102,10 @@ class TrainingBatch:
 
 def split_embeddings(embeddings: Any, batch_size: int, num_negatives: int) -> tuple[Any, Any, Any]:
     """The one place the batch layout is read: rows ``[0, B)`` are the queries, ``[B, 2B)`` their positives and
-    ``[2B, 2B + B*k)`` the negatives, row-major (query i's at ``2B + [i*k, (i+1)*k)``), returned as [B, k, D]."""
+    ``[2B, 2B + B*k)`` the negatives, row-major (query i's at ``2B + [i*k, (i+1)*k)``), returned as [B, k, D].
+    Rows may carry more axes (layer exits: ``[n, E, D]`` gives [B, E, D], [B, E, D], [B, k, E, D])."""
     B, k = batch_size, num_negatives
-    return embeddings[:B], embeddings[B : 2 * B], embeddings[2 * B :].reshape(B, k, embeddings.shape[-1])
+    return embeddings[:B], embeddings[B : 2 * B], embeddings[2 * B :].reshape(B, k, *embeddings.shape[1:])
 
 
 LAST_BATCH_RULES = ("wrap", "drop", "keep")
