@@ -1,5 +1,5 @@
 """The ``f2llm`` command: ``f2llm train``, ``f2llm prepare``, ``f2llm evaluate``, ``f2llm mine``, ``f2llm encode``,
-``f2llm merge``.
+``f2llm merge``, ``f2llm export``.
 
 Each subcommand is registered by an ``add_<name>_parser(subparsers)`` function that sets ``func`` on its parser;
 adding a subcommand means writing one such function and listing it in :data:`SUBCOMMANDS`. Heavy libraries
@@ -492,10 +492,47 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# export
+# ----------------------------------------------------------------------------------------------------------
+def add_export_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="write one member of a model trained with layer exits / Matryoshka dimensions (first k layers, first d "
+        "coordinates)",
+        description="Write a model folder (weights, tokenizer, sentence-transformers modules, f2llm_config.json) "
+        "holding the first --layers k layers of --model (a folder saved by f2llm, e.g. runs/x/final) and embedding "
+        "with the first --dim d coordinates, L2-normalized after the cut. Its embeddings equal the trained model's "
+        "exit-k embeddings (layer k's output, through the final norm for a decoder, pooled as the model pools) cut "
+        "to d. Encoder.load and sentence_transformers.SentenceTransformer read it as is; transformers.AutoModel "
+        "reads the cut backbone. Give --layers, --dim or both. The source folder, k and d are recorded in its "
+        "f2llm_config.json.",
+    )
+    parser.add_argument("--model", type=Path, required=True, help="a folder saved by f2llm (Encoder.save_pretrained)")
+    parser.add_argument("--out", type=Path, required=True, help="new folder for the member (must not hold files)")
+    parser.add_argument("--layers", type=int, default=None, metavar="K", help="keep the first K layers (default all)")
+    parser.add_argument("--dim", type=int, default=None, metavar="D", help="keep the first D coordinates (default all)")
+    parser.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from f2llm.export import ExportError, export_member, read_f2llm_config
+
+    try:
+        out = export_member(args.model, args.out, layers=args.layers, dim=args.dim)
+    except ExportError as e:
+        raise UsageError(str(e)) from None
+    origin = read_f2llm_config(out)["exported_from"]
+    dim = origin["dim"] if origin["dim"] is not None else "all"
+    print(f"exported {args.model} with {origin['layers']} layers and {dim} dimensions to {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------------------
 SUBCOMMANDS: list[Callable[[Any], None]] = [
     add_evaluate_parser, add_mine_parser, add_encode_parser, add_prepare_parser, add_train_parser, add_merge_parser,
+    add_export_parser,
 ]  # fmt: skip
 
 

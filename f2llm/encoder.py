@@ -107,7 +107,7 @@ def pool_packed(
 
 
 class Encoder(nn.Module):
-    """Text -> L2-normalized embedding ``[D]`` (D = the backbone's hidden size).
+    """Text -> L2-normalized embedding ``[D]`` (D = the backbone's hidden size, or ``dim``).
 
     Build it with :meth:`from_pretrained` (a Hugging Face model) or :meth:`load` (a folder written by
     :meth:`save_pretrained`).
@@ -120,6 +120,8 @@ class Encoder(nn.Module):
         pooling: ``"last"``, ``"mean"`` or ``"first"``.
         normalize: L2-normalize the pooled vector.
         query_instruction: the instruction written as the sentence-transformers ``query`` prompt on save.
+        dim: embeddings keep their first ``dim`` coordinates (a Matryoshka member), cut before the normalization;
+            None: all of them.
     """
 
     def __init__(
@@ -131,6 +133,7 @@ class Encoder(nn.Module):
         max_length: int | None = None,
         normalize: bool = True,
         query_instruction: str | None = None,
+        dim: int | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -151,8 +154,12 @@ class Encoder(nn.Module):
                 f"Encoder: max_length={max_length} exceeds the {limit} positions of {model.config.model_type} "
                 "(config.max_position_embeddings); lower max_length"
             )
+        hidden_size = model.config.hidden_size
+        if dim is not None and not 1 <= dim <= hidden_size:
+            raise ValueError(f"Encoder: dim must be in [1, {hidden_size}] (the hidden size) or None, got {dim}")
         self.pooling: Pooling = pooling
         self.normalize = normalize
+        self.dim = dim
         self.query_instruction = query_instruction
         # Layers whose embeddings training computes (set_layer_exits); None: the last layer's only.
         self.layer_exits: tuple[int, ...] | None = None
@@ -180,6 +187,7 @@ class Encoder(nn.Module):
         query_instruction: str | None = None,
         device: torch.device | str | None = None,
         compute_dtype: torch.dtype | None = None,
+        dim: int | None = None,
     ) -> Encoder:
         """Load a Hugging Face model (no LM head) and its tokenizer.
 
@@ -201,6 +209,7 @@ class Encoder(nn.Module):
             device: None: the current CUDA device if any, else CPU.
             compute_dtype: the dtype the forward computes in when it differs from ``dtype`` (a trainer's autocast
                 over fp32 master weights); None: ``dtype``. Only the default attention depends on it.
+            dim: keep the first ``dim`` coordinates of every embedding, cut before the normalization; None: all.
         """
         device = torch.device(device) if device is not None else _default_device()
         on_cuda = device.type == "cuda"
@@ -227,6 +236,7 @@ class Encoder(nn.Module):
             max_length=max_length,
             normalize=normalize,
             query_instruction=query_instruction,
+            dim=dim,
         )
         if recompute:
             encoder.set_recompute(True)
@@ -238,6 +248,7 @@ class Encoder(nn.Module):
         """Load a folder written by :meth:`save_pretrained`; keyword arguments override :meth:`from_pretrained`'s."""
         saved = read_f2llm_config(path)
         kwargs = {k: saved[k] for k in ("pooling", "max_length", "normalize", "query_instruction")}
+        kwargs["dim"] = saved.get("dim")  # absent from folders saved before dim existed
         kwargs.update(overrides)
         return cls.from_pretrained(path, **kwargs)
 
@@ -254,7 +265,7 @@ class Encoder(nn.Module):
 
     @property
     def embedding_dim(self) -> int:
-        return self.model.config.hidden_size
+        return self.dim if self.dim is not None else self.model.config.hidden_size
 
     @property
     def attn_implementation(self) -> str:
@@ -354,8 +365,17 @@ class Encoder(nn.Module):
             out = self.model(input_ids=batch.input_ids, position_ids=positions, **kwargs)
             pool_of = functools.partial(pool_packed, batch=batch, mode=self.pooling)
         if layer_exits is None:
-            return pool_of(out.last_hidden_state, normalize=normalize, out_dtype=torch.float32)
+            fused = normalize and self.dim is None  # pooling's own normalization, when nothing is cut after it
+            return self._finish(pool_of(out.last_hidden_state, normalize=fused, out_dtype=torch.float32), normalize)
         return self._exit_embeddings(out, pool_of, layer_exits, normalize)
+
+    def _finish(self, emb: torch.Tensor, normalize: bool) -> torch.Tensor:
+        """Pooled vectors -> embeddings: without ``dim``, as pooled (pooling normalized them when asked); with it,
+        the first ``dim`` coordinates of the raw vectors, normalized after the cut so that they have unit length."""
+        if self.dim is None:
+            return emb
+        emb = emb[:, : self.dim]
+        return F.normalize(emb, dim=-1) if normalize else emb
 
     def _forward_varlen(
         self, batch: EncoderBatch, positions: torch.Tensor, kwargs: dict[str, Any]
@@ -400,8 +420,8 @@ class Encoder(nn.Module):
         norm = getattr(backbone, "norm", None)
         if not isinstance(norm, nn.Module):
             raise ValueError(
-                f"model.layer_exits: {type(backbone).__name__} ({self.model.config.model_type}) has no final norm "
-                "module `norm`, which intermediate exits go through; this model family cannot train layer exits"
+                f"{type(backbone).__name__} ({self.model.config.model_type}) has no final norm module `norm`, which "
+                "an intermediate exit goes through"
             )
         return norm
 
@@ -412,6 +432,8 @@ class Encoder(nn.Module):
         if exits is None:
             self.layer_exits = None
             return
+        if self.dim is not None:
+            raise ValueError(f"model.layer_exits: this encoder keeps {self.dim} coordinates (dim); train exits in full")
         if isinstance(exits, str):
             if exits != "ml-embed":
                 raise ValueError(f"model.layer_exits: {exits!r} is not a list of layers or 'ml-embed'")
@@ -426,7 +448,10 @@ class Encoder(nn.Module):
         if len(set(layers)) != len(layers):
             raise ValueError(f"model.layer_exits lists a layer more than once: {layers}")
         if min(layers) < self.num_layers:
-            self.final_norm()  # raises where intermediate exits cannot get the final norm
+            try:
+                self.final_norm()
+            except ValueError as e:
+                raise ValueError(f"model.layer_exits: {e}; this model family cannot train layer exits") from None
         self.layer_exits = tuple(sorted(layers))
 
     def _exit_embeddings(

@@ -264,3 +264,27 @@ def test_lora_trains_the_adapters_of_every_exit(plain: dict, workdir: Path, tmp_
     grads = lora["grads"]
     assert grads and all("lora_" in n for n in grads)
     assert any("layers.0." in n and g.abs().sum() > 0 for n, g in grads.items())
+
+
+def test_an_exported_member_embeds_as_the_trained_exit(plain: dict, tmp_path: Path) -> None:
+    """`f2llm export --layers 2 --dim 32` of a model trained with exits: its embeddings (Encoder.load and
+    sentence-transformers) are the trained model's exit-2 embeddings cut to 32 and normalized."""
+    from sentence_transformers import SentenceTransformer
+
+    from f2llm.export import export_member
+
+    encoder: Encoder = plain["trainer"].encoder
+    encoder.save_pretrained(tmp_path / "trained")
+    export_member(tmp_path / "trained", tmp_path / "member", layers=2, dim=32)
+    texts = ["a short text", "another, somewhat longer text to embed", "x"]
+    batch = pad_sequences(encoder.tokenize(texts), encoder.text_tokenizer.pad_token_id)
+    encoder.eval()
+    with torch.no_grad():
+        exit_2 = encoder(batch, normalize=False)[:, encoder.layer_exits.index(2)]
+    encoder.train()
+    expected = F.normalize(exit_2[:, :32], dim=-1)
+    member = Encoder.load(tmp_path / "member", device="cpu")
+    assert member.num_layers == 2 and member.embedding_dim == 32
+    torch.testing.assert_close(torch.from_numpy(member.encode(texts, show_progress=False)), expected, atol=1e-5, rtol=0)
+    st = SentenceTransformer(str(tmp_path / "member"), device="cpu")
+    torch.testing.assert_close(torch.from_numpy(st.encode(texts)), expected, atol=1e-5, rtol=0)
