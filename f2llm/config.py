@@ -116,6 +116,13 @@ class ModelConfig:
     # its rule, 1, 2, 4, 8, 16, 24, 32, 40, 48 up to the depth plus the last. Every exit's loss (Matryoshka levels
     # included) is summed and divided by the number of exits, as ML-Embed's total. None: the last layer only.
     layer_exits: Literal["ml-embed"] | list[int] | None = None
+    # ML-Embed's embedding rank ("MEL", its r): the token-embedding matrix trains as U @ V from its truncated SVD at
+    # this rank (f2llm.embedding_rank); final/ holds U @ V as the embedding matrix and the factors beside it. null:
+    # the embedding matrix as it is.
+    embedding_rank: int | None = None
+    # ML-Embed's use_mel: each step trains with the first k factors, k drawn from 64, 128, 256, ... below
+    # embedding_rank and embedding_rank itself, with probability proportional to k (the same k on every rank).
+    sample_embedding_rank: bool = False
 
 
 @dataclass
@@ -413,6 +420,15 @@ def validate(config: TrainConfig, base: Path | None = None) -> None:
                 f"model.layer_exits must be distinct layer numbers >= 1 (1 = the first layer's output, e.g. [1, 2, 4, "
                 f"6]), 'ml-embed', or null, got {exits}"
             )
+    rank = config.model.embedding_rank
+    if rank is not None and rank <= 0:
+        raise ConfigError(f"model.embedding_rank must be > 0 (ML-Embed: 512) or null, got {rank}")
+    if config.model.sample_embedding_rank and rank is None:
+        raise ConfigError("model.sample_embedding_rank needs model.embedding_rank (the largest rank, e.g. 512)")
+    if rank is not None and config.model.lora is not None:
+        raise ConfigError(
+            "model.embedding_rank and model.lora are both set: LoRA freezes the embedding factors; set one of them"
+        )
     if exits is not None and config.distill is not None:
         raise ConfigError(
             "model.layer_exits and distill are both set: distillation against a teacher's exits is not supported; "

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from f2llm.data import format_query
+from f2llm.embedding_rank import LowRankEmbedding, materialized_state_dict
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -82,20 +83,25 @@ def save_encoder(
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    if dtype is None or all(p.dtype == dtype for p in encoder.model.parameters()):
-        encoder.model.save_pretrained(path)
-    else:
+    # Low-rank embeddings (model.embedding_rank) are saved as the full matrix U @ V, which every loader reads, with
+    # the factors beside it for a run that continues from this folder.
+    state = materialized_state_dict(encoder.model, dtype)
+    if state is None and dtype is not None and any(p.dtype != dtype for p in encoder.model.parameters()):
         # Converted tensor by tensor on the CPU: no second copy of the model on its device.
         state = {
             k: v.detach().to("cpu", dtype) if v.is_floating_point() else v
             for k, v in encoder.model.state_dict().items()
         }
-        encoder.model.save_pretrained(path, state_dict=state)
+    encoder.model.save_pretrained(path, state_dict=state)
+    if state is not None and dtype is not None:
         # transformers writes the in-memory dtype into config.json; the files hold `dtype`.
         config_file = path / "config.json"
         saved = json.loads(config_file.read_text())
         saved["dtype"] = str(dtype).removeprefix("torch.")
         config_file.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    embedding = encoder.model.get_input_embeddings()
+    if isinstance(embedding, LowRankEmbedding):
+        embedding.save_factors(path, dtype)
     tokenizer = copy.deepcopy(encoder.tokenizer)
     tokenizer.model_max_length = encoder.max_length
     if encoder.is_decoder:

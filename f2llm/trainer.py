@@ -5,7 +5,7 @@ Read top to bottom: :meth:`Trainer.from_config` sets up (process group, encoder,
 
 1. chunks: the sampler gave this rank's share of a global batch, every rank from the same source; its texts
    (queries, positives, negatives) are collated into one chunk, or the gradient cache's chunks (every rank runs
-   the same number);
+   the same number); with sampled embedding ranks (ML-Embed), the step's rank is set first;
 2. teacher targets, when distilling (f2llm.distill), without grad;
 3. embed and backpropagate :meth:`Trainer.loss`, with one forward + backward or with the gradient cache (chosen
    once, when the Trainer is built): :class:`f2llm.loss.F2LLMLoss` (hard negatives always, in-batch negatives
@@ -50,6 +50,7 @@ from f2llm.data import (
 )
 from f2llm.distill import Teacher, build_teacher, distill_loss
 from f2llm.distributed import Runtime, init_runtime
+from f2llm.embedding_rank import LowRankEmbedding, factorize, rank_of_step, sampled_ranks
 from f2llm.encoder import Encoder
 from f2llm.engine import Engine, NonFiniteError, WarmupCosine, build_engine, resolve_dtype, weights_dtype
 from f2llm.gradcache import GradientCache, chunk_by_tokens, split_to_count
@@ -108,6 +109,7 @@ class Trainer:
     recompute: RecomputePolicy | None = None  # None: built from the config on first use (recompute_policy)
     teacher: Teacher | None = None  # distill: the frozen teacher's targets (f2llm.distill)
     lora: LoraAdapter | None = None  # model.lora: the peft adapters the encoder trains
+    low_rank: LowRankEmbedding | None = None  # model.embedding_rank: the factorized token embeddings
     embed_and_backward: EmbedBackward = field(init=False)
 
     def __post_init__(self) -> None:
@@ -148,6 +150,12 @@ class Trainer:
             compute_dtype=resolve_dtype(config.model.dtype, runtime.device),
         ).train()
         encoder.set_layer_exits(config.model.layer_exits)  # refused now if the model lacks the layers or a final norm
+        low_rank = None
+        if config.model.embedding_rank is not None:  # before the engine: its optimizer trains the factors
+            low_rank = factorize(
+                encoder.model, config.model.embedding_rank, config.model.name_or_path,
+                resume_from=config.model.name_or_path if Path(config.model.name_or_path).is_dir() else None,
+            )  # fmt: skip
         lora = None
         if config.model.lora is not None:  # before the engine: its optimizer and DDP / DeepSpeed see the adapters only
             settings = config.model.lora
@@ -191,6 +199,7 @@ class Trainer:
             logger=MetricLogger(out, runtime.main, config.tensorboard),
             checkpoints=CheckpointWriter(out / "checkpoints", config.keep_last, runtime.rank, runtime.any_failed),
             lora=lora,
+            low_rank=low_rank,
         )
         if runtime.main:
             out.mkdir(parents=True, exist_ok=True)
@@ -204,6 +213,13 @@ class Trainer:
                 print(
                     f"f2llm: LoRA r={config.model.lora.r} on {config.model.lora.target_modules}: {trainable:,} "
                     f"trainable of {total:,} parameters; final/ is the merged model, final/adapter/ the adapter"
+                )
+            if low_rank is not None:
+                full = low_rank.max_rank
+                ranks = sampled_ranks(full)[0] if config.model.sample_embedding_rank else (full,)
+                print(
+                    f"f2llm: token embeddings as U @ V at rank {low_rank.max_rank} ({low_rank.num_embeddings} x "
+                    f"{low_rank.embedding_dim}); ranks trained: {list(ranks)}"
                 )
             if encoder.layer_exits is not None:
                 print(
@@ -229,6 +245,7 @@ class Trainer:
         """One optimizer step on this rank's share of a global batch, in the module docstring's seven parts."""
         engine, texts = self.engine, batch.sequences()
         lr = engine.lr  # the rate this step's update uses
+        self.set_embedding_rank(self.step)  # model.sample_embedding_rank: this step's rank, the same in every pass
         chunks = self.chunks(texts)  # 1
         target = None if self.teacher is None else self.teacher.embed(batch, [c.num_texts for c in chunks])  # 2
         out, kd = self.embed_and_backward(chunks, lambda emb: self.loss(emb, batch, target))  # 3
@@ -249,6 +266,15 @@ class Trainer:
         engine.scheduler.step()  # 7, also after a skipped update: the schedule stays aligned with the data
         kd = None if kd is None else kd.detach()
         return StepResult(detach_loss(out), norm, sum(map(len, texts)), lr, kd=kd, skipped=skipped)
+
+    def set_embedding_rank(self, step: int | None) -> None:
+        """The embedding rank of a training step (a draw of f2llm.embedding_rank.rank_of_step when ranks are
+        sampled), or the full rank (``step`` None: validation, saving)."""
+        if self.low_rank is None:
+            return
+        sample = self.config.model.sample_embedding_rank and step is not None
+        rank = self.low_rank.max_rank
+        self.low_rank.rank = rank_of_step(rank, self.config.seed, step) if sample else rank
 
     def chunks(self, seqs: list[np.ndarray]) -> list[EncoderBatch]:
         """A step's texts collated for its forwards: one chunk, or the gradient cache's chunks, in order, by text
@@ -333,6 +359,7 @@ class Trainer:
         if self.validation is None:
             return None
         self.engine.train(False)
+        self.set_embedding_rank(None)  # validated at the full rank
         totals = torch.zeros(4, dtype=torch.float64)
         try:
             for step in range(self.validation.steps_per_epoch):

@@ -150,6 +150,39 @@ def test_v2_configs_load(size: str) -> None:
     assert (config.data.source_draw, config.data.last_batch) == ("fixed", "keep")
 
 
+# ML-Embed's configs/config.json (3D-ML, Qwen3-0.6B), as shipped; f2llm's name for each setting.
+ML_EMBED_CONFIG = {
+    "train_batch_size": (8, lambda c: c.data.batch_size),
+    "max_seq_length": (1024, lambda c: c.model.max_length),
+    "learning_rate": (1e-5, lambda c: c.optim.lr),
+    "min_lr": (1e-7, lambda c: c.optim.min_lr),
+    "weight_decay": (0.01, lambda c: c.optim.weight_decay),
+    "warmup_steps": (100, lambda c: c.optim.warmup_steps),
+    "train_epochs": (2, lambda c: c.optim.epochs),
+    "num_hard_neg": (7, lambda c: c.data.num_negatives["retrieval"]),
+    "num_hard_neg_clustering": (9, lambda c: c.data.num_negatives["clustering"]),
+    "scheduler_type": ("cosine", lambda c: c.optim.schedule),
+    "checkpointing_steps": (5000, lambda c: c.save_every),
+    "validation_steps": (5000, lambda c: c.validate_every),
+    "use_mrl": (True, lambda c: c.loss.matryoshka_dims == [8, 16, 32, 64, 128, 256, 512]),  # its dims below 1024
+    "use_mll": (True, lambda c: c.model.layer_exits == "ml-embed"),
+    "r": (512, lambda c: c.model.embedding_rank),
+    "use_mel": (False, lambda c: c.model.sample_embedding_rank),  # absent from its config: off
+}
+
+
+def test_ml_embed_config_reproduces_the_shipped_3d_ml_settings() -> None:
+    config = load_config("ml-embed-0.6b")
+    got = {key: read(config) for key, (_, read) in ML_EMBED_CONFIG.items()}
+    assert got == {key: value for key, (value, _) in ML_EMBED_CONFIG.items()}
+    # Its loop is v2's: warmup multiplied by the process count, the fixed source draw, short last batches kept.
+    assert config.optim.warmup == "steps" and (config.data.source_draw, config.data.last_batch) == ("fixed", "keep")
+    assert config.data.num_negatives["classification"] == 1 and (config.save_extra.every, config.save_extra.last) == (
+        500,
+        2500,
+    )
+
+
 def test_deepspeed_json_may_not_set_what_f2llm_owns(tmp_path: Path) -> None:
     ds = tmp_path / "ds.json"
     ds.write_text('{"zero_optimization": {"stage": 2}, "gradient_clipping": 0.5, "optimizer": {"type": "Adam"}}')

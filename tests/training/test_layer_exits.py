@@ -233,19 +233,21 @@ EXIT_RUN = ("model.layer_exits=ml-embed", f"loss.matryoshka_dims={list(DIMS)}".r
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_ranks_zero2_gradient_cache_train_like_one_rank(workdir: Path, tmp_path: Path) -> None:
-    """4 steps with exits + Matryoshka: 2 gloo ranks under DeepSpeed ZeRO-2 with 3-text gradient-cache chunks and
-    packing end at the weights (and logged losses) of one DDP process with the whole batch."""
+def test_two_ranks_zero2_gradient_cache_train_like_one_rank_with_all_three_axes(workdir: Path, tmp_path: Path) -> None:
+    """4 steps with exits + Matryoshka + the embedding factorized at rank 48 (ML-Embed's three axes): 2 gloo ranks
+    under DeepSpeed ZeRO-2 with 3-text gradient-cache chunks and packing end at the weights (and logged losses) of
+    one DDP process with the whole batch."""
     from tests.helpers import ROOT, assert_same_weights, metrics, run, train_command
 
     model = f"model.name_or_path={workdir / 'tiny-qwen3-deep'}"
     one = tmp_path / "one"
-    run(train_command(workdir, one, model, *EXIT_RUN, "data.batch_size=4"))
+    run(train_command(workdir, one, model, *EXIT_RUN, "model.embedding_rank=48", "data.batch_size=4"))
     two = tmp_path / "two"
     zero2 = ("engine=deepspeed", f"deepspeed_config={ROOT / 'train' / 'configs' / 'zero2.json'}")
     chunks = ("grad_cache.enabled=true", "grad_cache.chunk_texts=3", "data.packing=true", "data.max_tokens=128")
-    stdout = run(train_command(workdir, two, model, *EXIT_RUN, "data.batch_size=2", *zero2, *chunks, nproc=2))
-    assert "layer exits [1, 2, 4, 5] of 5 layers" in stdout
+    rank = "model.embedding_rank=48"
+    stdout = run(train_command(workdir, two, model, *EXIT_RUN, rank, "data.batch_size=2", *zero2, *chunks, nproc=2))
+    assert "layer exits [1, 2, 4, 5] of 5 layers" in stdout and "U @ V at rank 48" in stdout
     # AdamW divides each update by the gradient's running RMS, so elements whose gradients are near zero turn float32
     # reduction-order noise (a different chunking and rank split) into visible weight differences: measured 1.5e-5
     # after 4 steps at lr 1e-3 on this 5-layer model, where a wrong gradient moves weights by ~lr per step.
