@@ -429,10 +429,10 @@ def validate(config: TrainConfig, base: Path | None = None) -> None:
         raise ConfigError(
             "model.embedding_rank and model.lora are both set: LoRA freezes the embedding factors; set one of them"
         )
-    if exits is not None and config.distill is not None:
+    if exits is not None and config.distill is not None and config.distill.embeddings is not None:
         raise ConfigError(
-            "model.layer_exits and distill are both set: distillation against a teacher's exits is not supported; "
-            "set distill: null or model.layer_exits: null"
+            "model.layer_exits with distill.embeddings: precomputed teacher embeddings hold the teacher's last layer "
+            "only, and every exit is distilled from the teacher's same exit; use distill.teacher (a live teacher)"
         )
     if config.dist_timeout_minutes <= 0:
         raise ConfigError(f"dist_timeout_minutes must be > 0, got {config.dist_timeout_minutes}")

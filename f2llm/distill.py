@@ -55,15 +55,20 @@ KEY_COLUMN, EMBEDDING_COLUMN = "key", "embedding"
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, batch_size: int, num_negatives: int) -> torch.Tensor:
     """v2's kd term for a batch's raw embeddings, both laid out as the trainer orders texts (``B`` queries, ``B``
-    positives, ``B*k`` negatives row-major): ``student`` [N, d], ``teacher`` [N, D_t] with ``D_t >= d`` (cut to d)."""
+    positives, ``B*k`` negatives row-major): ``student`` [N, d], ``teacher`` [N, D_t] with ``D_t >= d`` (cut to d).
+
+    With layer exits (``student`` [N, E, d], ``teacher`` [N, E, D_t], exit i against exit i) each mean also runs
+    over the exits: ML-Embed's ``sum over exits of kd_i``, divided by E as its total is."""
     B, k = batch_size, num_negatives
-    if student.dim() != 2 or student.shape[0] != B * (2 + k):
-        raise ValueError(f"distill_loss: student must be [B*(2+k), d] = [{B * (2 + k)}, d], got {tuple(student.shape)}")
-    if teacher.shape[0] != student.shape[0] or teacher.shape[1] < student.shape[1]:
+    if student.dim() not in (2, 3) or student.shape[0] != B * (2 + k):
         raise ValueError(
-            f"distill_loss: teacher must be [{student.shape[0]}, >= {student.shape[1]}], got {tuple(teacher.shape)}"
+            f"distill_loss: student must be [B*(2+k), d] (or [B*(2+k), E, d]) with B*(2+k) = {B * (2 + k)}, got "
+            f"{tuple(student.shape)}"
         )
-    target = teacher[:, : student.shape[1]].to(student.dtype)
+    if teacher.shape[:-1] != student.shape[:-1] or teacher.shape[-1] < student.shape[-1]:
+        expected = [*student.shape[:-1], f">= {student.shape[-1]}"]
+        raise ValueError(f"distill_loss: teacher must be {expected}, got {tuple(teacher.shape)}")
+    target = teacher[..., : student.shape[-1]].to(student.dtype)
     (sq, sp, sn), (tq, tp, tn) = split_embeddings(student, B, k), split_embeddings(target, B, k)
     kd = F.mse_loss(sq, tq) + F.mse_loss(sp, tp)
     if k:
@@ -393,6 +398,22 @@ def build_teacher(
         )  # fmt: skip
         teacher = LiveTeacher(encoder, teacher_collator, tokenized)
         what = f"distill.teacher {distill.teacher}"
+        if student.layer_exits is not None:
+            # ML-Embed: the teacher's exits by the same rule on its own depth, exit i distilled into the student's
+            # exit i (its teacher forward returns one output per exit, zipped with the student's).
+            try:
+                encoder.set_layer_exits(config.model.layer_exits)
+            except ValueError as e:
+                from f2llm.config import ConfigError
+
+                raise ConfigError(f"{what}: {e}") from None
+            if len(encoder.layer_exits) != len(student.layer_exits):
+                from f2llm.config import ConfigError
+
+                raise ConfigError(
+                    f"{what}: model.layer_exits gives the teacher exits {list(encoder.layer_exits)} and the student "
+                    f"{list(student.layer_exits)}; kd pairs exit i with exit i, so both need as many"
+                )
     student_dim = student.embedding_dim
     if teacher.dim < student_dim:
         from f2llm.config import ConfigError

@@ -206,11 +206,43 @@ def test_bad_exits_are_refused_before_the_first_step(workdir: Path, tmp_path: Pa
         Trainer.from_config(config, Runtime(rank=0, world_size=1, device=torch.device("cpu")))
 
 
-def test_exits_with_distillation_are_refused(workdir: Path, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"model\.layer_exits and distill"):
+def test_distillation_per_exit_equals_ml_embed(workdir: Path, tmp_path: Path) -> None:
+    """A live teacher with exits: ML-Embed's ``(in_batch + hard + w * kd) / E``, kd summing over exits i the MSE of
+    the student's raw exit-i embeddings against the teacher's exit i cut to the student's width (the teacher's
+    exits by the same rule on its own depth: 6 layers -> 1, 2, 4, 6)."""
+    teacher_path = tiny_qwen3(workdir, seed=5, name="tiny-qwen3-teacher", num_hidden_layers=6, hidden_size=80)
+    step = one_step(workdir, tmp_path, f"distill.teacher={teacher_path}", "distill.weight=0.5")
+    batch, B, k = step["batch"], step["batch"].batch_size, step["batch"].num_negatives
+    pad = step["trainer"].encoder.text_tokenizer.pad_token_id
+    student = AutoModel.from_pretrained(workdir / "tiny-qwen3-deep", dtype=torch.float64)
+    teacher = AutoModel.from_pretrained(teacher_path, dtype=torch.float64)
+    ours = reference_exit_embeddings(student, batch.sequences(), list(ml_embed_exits(LAYERS)), pad)
+    with torch.no_grad():
+        theirs = reference_exit_embeddings(teacher, batch.sequences(), [1, 2, 4, 6], pad)
+    kd = torch.zeros((), dtype=torch.float64)
+    for s, t in zip(ours, theirs, strict=True):
+        t = t[:, : s.shape[-1]]
+        kd = kd + F.mse_loss(s[:B], t[:B]) + F.mse_loss(s[B : 2 * B], t[B : 2 * B]) + F.mse_loss(s[2 * B :], t[2 * B :])
+    total = ml_embed_total(ours, B, k, in_batch=True) + 0.5 * kd / len(ours)
+    total.backward()
+    torch.testing.assert_close(step["result"].loss.total.double(), total.detach(), rtol=1e-5, atol=1e-6)
+    ref = {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
+    assert relative_error(step["grads"], ref) < 1e-5
+
+
+def test_distillation_with_exits_is_refused_where_exits_cannot_pair(workdir: Path, tmp_path: Path) -> None:
+    """A teacher whose depth gives another number of exits, or precomputed (last-layer) teacher embeddings."""
+    overrides = [f"output_dir={tmp_path}", f"model.name_or_path={workdir / 'tiny-qwen3-deep'}"]
+    config = load_config(
+        workdir / "base.yaml", [*overrides, "model.layer_exits=ml-embed", f"distill.teacher={workdir / 'tiny-qwen3-0'}"]
+    )
+    with pytest.raises(ConfigError, match=r"teacher exits \[1, 2\] and the student \[1, 2, 4, 5\]"):
+        Trainer.from_config(config, Runtime(rank=0, world_size=1, device=torch.device("cpu")))
+    (tmp_path / "t.parquet").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"model\.layer_exits with distill\.embeddings"):
         load_config(
             workdir / "base.yaml",
-            [f"output_dir={tmp_path}", "model.layer_exits=ml-embed", f"distill.teacher={workdir / 'tiny-qwen3-0'}"],
+            [*overrides, "model.layer_exits=ml-embed", f"distill.embeddings={tmp_path / 't.parquet'}"],
         )
 
 
