@@ -122,7 +122,9 @@ rows above (linear layers by FlopCounterMode, attention by the ledger, the loss 
                 CountedLoss counts (with chunk_tokens, ranks needing more chunks make the others split theirs
                 further: the same tokens, in more forwards; not modelled). Matryoshka (``loss.matryoshka_dims``)
                 adds no GEMM work (the fused op walks D once for every level, kernels/matryoshka.py: the same 8 BND
-                + 6 BGD), so it is counted as one level;
+                + 6 BGD), so it is counted as one level; layer exits (``model.layer_exits``, set on the Encoder as
+                Trainer.from_config sets it) count the loss once per exit and add no matmul (an exit's final norm
+                acts on pooled tokens; bench_layer_exits.py --flops compares such a step with the plain one);
     world size  ``--world-size N``, default max(1, 512 // data.batch_size): the configs' global batch is
                 data.batch_size x GPUs, the recipe's 512 queries (16 x 32 GPUs); on fewer GPUs the configs raise
                 data.batch_size with the gradient cache on, so the rule holds either way (the README's launches:
@@ -459,7 +461,8 @@ class CountedLoss(nn.Module):
     FLOPs to count) and the FLOPs of the loss the row runs are added from the shapes (:func:`loss_flops`). With
     ``world_size`` ranks the in-batch term scores this rank's queries against the positives of every rank (F2LLMLoss
     gathers them). Matryoshka levels add no GEMM work (kernels/matryoshka.py walks D once for every level), so the
-    count is the same with ``loss.matryoshka_dims``."""
+    count is the same with ``loss.matryoshka_dims``. Layer exits (``model.layer_exits``: ``[B, E, D]`` embeddings,
+    negatives ``[B, k, E, D]``) run the loss of every exit: E times the count of one."""
 
     def __init__(self, fused: bool, world_size: int = 1) -> None:
         super().__init__()
@@ -470,9 +473,10 @@ class CountedLoss(nn.Module):
     def forward(
         self, query_emb: torch.Tensor, pos_emb: torch.Tensor, neg_emb: torch.Tensor, in_batch: bool
     ) -> LossOutput:
-        B, D = query_emb.shape
+        B, D = query_emb.shape[0], query_emb.shape[-1]
+        exits = query_emb.shape[1] if query_emb.dim() == 3 else 1
         N = pos_emb.shape[0] * self.world_size
-        self.flops += loss_flops(B, N, 1 + neg_emb.shape[1], D, self.fused, in_batch)
+        self.flops += exits * loss_flops(B, N, 1 + neg_emb.shape[1], D, self.fused, in_batch)
         hard = (query_emb.sum() + pos_emb.sum() + neg_emb.sum()) * 0.0
         in_batch_loss = (query_emb.sum() + pos_emb.sum()) * 0.0 if in_batch else torch.zeros_like(hard)
         return LossOutput(hard + in_batch_loss, hard, in_batch_loss)
@@ -630,8 +634,10 @@ def row_config(variant: Variant, settings: Settings, chunk_tokens: int | None, b
 
 def make_trainer(config: TrainConfig, encoder: Encoder, loss_fn: nn.Module, device: str,
                  recompute: RecomputePolicy) -> Trainer:  # fmt: skip
-    """A Trainer built from its fields as Trainer.from_config builds them (engine, collator), with no data
-    source (the rows hand ``train_step`` their own TrainingBatch) and the row's recompute policy."""
+    """A Trainer built from its fields as Trainer.from_config builds them (the encoder's layer exits, engine,
+    collator), with no data source (the rows hand ``train_step`` their own TrainingBatch) and the row's recompute
+    policy."""
+    encoder.set_layer_exits(config.model.layer_exits)  # model.layer_exits, as Trainer.from_config sets it
     engine = build_engine(config, encoder, TOTAL_STEPS, world_size=1)
     collator = Collator(
         pad_token_id=encoder.text_tokenizer.pad_token_id,
@@ -1061,7 +1067,8 @@ def count_config(
         "config": shown, "command": command, "model": label, "engine": engine, "world_size": world_size,
         "world_size_rule": why, "params": params, "state": asdict(state), "state_gib": state.total / 2**30,
         "memory_gb": memory_gb, "budget_gib": None if budget is None else budget / 2**30, "budget_source": source,
-        "matryoshka_dims": dims, "max_length": cap, "negatives": negatives, **row,
+        "matryoshka_dims": dims, "layer_exits": config.model.layer_exits, "max_length": cap, "negatives": negatives,
+        **row,
     }  # fmt: skip
 
 

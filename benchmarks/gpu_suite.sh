@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one script to run on a GPU machine (see benchmarks/README.md), within SUITE_BUDGET_S seconds (default 480):
-#   1. kernel correctness on CUDA against float64 at real sizes (pooling, contrastive, Matryoshka; bf16 and fp32);
+#   1. kernel correctness on CUDA against float64 at real sizes (pooling, contrastive, Matryoshka, layer exits);
 #   2. kernel benchmarks: time + peak memory vs the PyTorch reference and the peers whose wheels are carried;
 #   3. the training-step ablation (Qwen3-0.6B dimensions), with whatever time is left as its --budget-s;
 #   4. PNG plots and a summary table (printed last), with each training-step row's model-FLOPs and executed-FLOPs MFU.
@@ -13,8 +13,8 @@
 #   --quick    smallest sizes of every benchmark (a smoke test on the GPU, about a minute)
 #   --dry-run  no GPU: every step in its CPU mode (--cpu, --quick for the timings), to prove the plumbing
 #   --only     run only these steps (pooling_check, pooling_bench, contrastive_check, contrastive_bench,
-#              matryoshka_check, matryoshka_bench, train_step, train_step_flops, compile), e.g. to rerun the
-#              training step alone in a short GPU window
+#              matryoshka_check, matryoshka_bench, layer_exits_check, layer_exits_bench, train_step,
+#              train_step_flops, compile), e.g. to rerun the training step alone in a short GPU window
 # Environment:
 #   RESULTS_ROOT  results go to $RESULTS_ROOT/<device>/<yyyy-mm-dd>/ (default benchmarks/results; dry run: a
 #                 folder under ${TMPDIR:-/tmp})
@@ -136,6 +136,10 @@ step contrastive_bench 120 $PY benchmarks/bench_contrastive.py "${cpu[@]}" "${qu
 # Matryoshka (F2LLM v2's 8 levels at D=1024): the fused ops vs float64, then their cost vs one level and v2's loop.
 step matryoshka_check 45 $PY benchmarks/bench_matryoshka.py --check "${cpu[@]}" --out "$RESULTS"
 step matryoshka_bench 90 $PY benchmarks/bench_matryoshka.py "${cpu[@]}" "${quick[@]}" --out "$RESULTS"
+# Layer exits (ML-Embed's 7 exits x 8 levels, fp32 embeddings as the Encoder hands them): F2LLMLoss vs ML-Embed's loop
+# in float64, then its time and memory vs that loop and vs one exit (the loss part; FLOPs and CPU step: CPU runs).
+step layer_exits_check 45 $PY benchmarks/bench_layer_exits.py --check "${cpu[@]}" --out "$RESULTS"
+step layer_exits_bench 75 $PY benchmarks/bench_layer_exits.py --loss "${cpu[@]}" "${quick[@]}" --out "$RESULTS"
 # The training step gets the rest; its own --budget-s stops starting gradient-cache rows 30 s before the timeout.
 train_limit=$(($(remaining) - REPORT_RESERVE_S))
 step train_step "$train_limit" $PY benchmarks/bench_train_step.py "${cpu[@]}" "${quick[@]}" \

@@ -496,13 +496,19 @@ class Encoder(nn.Module):
         show_progress: bool = True,
         max_length: int | None = None,
         normalize: bool | None = None,
+        layer_exits: bool = False,
     ) -> np.ndarray:
         """Embeddings ``[len(texts), D]`` float32, in the order of ``texts`` (``normalize``: as :meth:`forward`).
+        ``layer_exits``: ``[len(texts), E, D]``, every exit of :attr:`layer_exits` from one forward (a whole family's
+        embeddings, e.g. to evaluate every depth at once).
 
         Texts are tokenized once, sorted by length (less padding) and run in eval mode without autograd.
         """
+        if layer_exits and self.layer_exits is None:
+            raise ValueError("Encoder.encode(layer_exits=True): no exits set; call set_layer_exits first")
         ids = self.tokenize(texts, instruction, max_length)
-        out = np.empty((len(ids), self.embedding_dim), dtype=np.float32)
+        exits = (len(self.layer_exits),) if layer_exits else ()
+        out = np.empty((len(ids), *exits, self.embedding_dim), dtype=np.float32)
         order = np.argsort([-len(x) for x in ids], kind="stable")
         was_training = self.training
         self.eval()
@@ -511,7 +517,7 @@ class Encoder(nn.Module):
                 for start in tqdm(range(0, len(ids), batch_size), desc="encode", disable=not show_progress):
                     index = order[start : start + batch_size]
                     batch = pad_sequences([ids[i] for i in index], self.text_tokenizer.pad_token_id)
-                    out[index] = self(batch, normalize, exits=False).float().cpu().numpy()
+                    out[index] = self(batch, normalize, exits=layer_exits).float().cpu().numpy()
         finally:
             self.train(was_training)
         return out

@@ -79,3 +79,35 @@ def test_bench_st_matryoshka_quick(tmp_path: Path) -> None:
     losses = [r["loss"] for r in rows]
     assert max(losses) - min(losses) < 1e-5 * abs(losses[0]) and losses[0] > 1.0
     assert all(r["loss_s"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_bench_layer_exits_check_cpu(tmp_path: Path) -> None:
+    """F2LLMLoss with the exit axis equals ML-Embed's loop over exits and dims (float64), every backend."""
+    run_benchmark("bench_layer_exits.py", "--check", "--cpu", out=tmp_path)
+    result = json.loads((tmp_path / "layer_exits_check_cpu.json").read_text())
+    assert result["meta"]["levels_equal"]
+    assert {r["case"].rsplit(", ", 1)[1] for r in result["rows"]} == {"torch", "triton"}
+    assert all(r["pass"] == "PASS" for r in result["rows"])
+
+
+@pytest.mark.slow
+def test_bench_layer_exits_quick(tmp_path: Path) -> None:
+    """The three parts run: the loss (each implementation in its own process), the FLOPs of the trainer's step on
+    meta (exits add loss FLOPs only) and the trainer's step on MiniLM."""
+    run_benchmark("bench_layer_exits.py", "--cpu", "--quick", out=tmp_path)
+    loss = json.loads((tmp_path / "layer_exits_loss_cpu.json").read_text())["rows"]
+    assert [r["impl"] for r in loss] == ["f2llm", "loop", "f2llm_1exit"]
+    assert loss[0]["loss"] == pytest.approx(loss[1]["loss"], rel=1e-5) and loss[0]["exits"] == 7
+    assert all(r["fwd_bwd_ms"] > 0 and r["peak_extra_mib"] > 0 for r in loss)
+    flops = json.loads((tmp_path / "layer_exits_flops.json").read_text())
+    plain, exits = flops["rows"]
+    assert plain["layer_exits"] is None and exits["layer_exits"] == "ml-embed"
+    assert exits["linear_flops"] == plain["linear_flops"]  # the exits add no matmul
+    assert exits["loss_flops"] == 3 * plain["loss_flops"]  # 4 layers: exits 1, 2, 4
+    assert flops["summary"]["meets_target"]
+    step = json.loads((tmp_path / "layer_exits_step_cpu.json").read_text())["rows"]
+    assert [r["variant"] for r in step] == ["plain", "matryoshka", "exits+matryoshka"]
+    assert step[0]["layer_exits"] is None and step[-1]["layer_exits"] == [1, 2, 4, 6]
+    assert [r["levels"] for r in step] == [1, 4, 4]
+    assert all(r["step_s"] > 0 and r["real_tokens"] == step[0]["real_tokens"] for r in step)

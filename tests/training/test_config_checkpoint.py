@@ -168,6 +168,8 @@ ML_EMBED_CONFIG = {
     "use_mll": (True, lambda c: c.model.layer_exits == "ml-embed"),
     "r": (512, lambda c: c.model.embedding_rank),
     "use_mel": (False, lambda c: c.model.sample_embedding_rank),  # absent from its config: off
+    # utils.inbatch_loss gathers the positives with accelerator.gather, which carries no gradient.
+    "gather without autograd": ("queries_only", lambda c: c.loss.in_batch_gradient),
 }
 
 

@@ -187,6 +187,9 @@ def test_inference_embeds_with_the_last_layer(plain: dict) -> None:
         every_exit = encoder(batch)
     assert every_exit.shape == (2, 4, 64)
     torch.testing.assert_close(every_exit[:, -1], full)
+    # encode(layer_exits=True): the whole family from one pass, each exit as the forward gives it.
+    family = torch.from_numpy(encoder.encode(texts, show_progress=False, layer_exits=True))
+    torch.testing.assert_close(family, every_exit, atol=1e-6, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------ bad settings
