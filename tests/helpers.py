@@ -261,3 +261,22 @@ def run_benchmark(script: str, *args: str, out: Path) -> None:
         cmd, env=training_env(TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=HANG_BOUND
     )
     assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+
+
+def train_step_with_gradients(trainer: Any) -> tuple[Any, Any, dict[str, torch.Tensor]]:
+    """One ``Trainer.train_step`` on the trainer's first retrieval batch: (its result, the batch, every parameter's
+    gradient as the step had it just before clipping and the update)."""
+    seen: dict[str, dict[str, torch.Tensor]] = {}
+    clip = trainer.engine.clip
+
+    def recording_clip():
+        seen["grads"] = {n: p.grad.clone() for n, p in trainer.encoder.model.named_parameters() if p.grad is not None}
+        return clip()
+
+    trainer.engine.clip = recording_clip
+    batch = next(b for b in trainer.sampler if b.kind == "retrieval")
+    try:
+        result = trainer.train_step(batch)
+    finally:
+        trainer.engine.clip = clip
+    return result, batch, seen["grads"]

@@ -25,7 +25,7 @@ from f2llm.distributed import Runtime
 from f2llm.embedding_rank import FACTORS_FILE, LowRankEmbedding, rank_of_step, sampled_ranks
 from f2llm.encoder import Encoder
 from f2llm.trainer import Trainer
-from tests.helpers import tiny_qwen3, trainer_workdir
+from tests.helpers import tiny_qwen3, train_step_with_gradients, trainer_workdir
 
 HIDDEN = 160  # ranks up to 160: ML-Embed's draw is then over 160, 128 and 64
 TEMPERATURE = 0.05
@@ -118,16 +118,7 @@ def test_step_at_a_sampled_rank_equals_ml_embed(workdir: Path, tmp_path: Path, o
     t.step = step
     k = rank_of_step(HIDDEN, t.config.seed, step)
     U0, V0 = (p.detach().double().clone() for p in (t.low_rank.U, t.low_rank.V))
-    seen = {}
-    clip = t.engine.clip
-
-    def recording_clip():
-        seen["grads"] = {n: p.grad.clone() for n, p in t.encoder.model.named_parameters() if p.grad is not None}
-        return clip()
-
-    t.engine.clip = recording_clip
-    batch = next(b for b in t.sampler if b.kind == "retrieval")
-    result = t.train_step(batch)
+    result, batch, got = train_step_with_gradients(t)
     assert t.low_rank.rank == k
 
     model = AutoModel.from_pretrained(workdir / "tiny-qwen3-wide", dtype=torch.float64)
@@ -137,7 +128,6 @@ def test_step_at_a_sampled_rank_equals_ml_embed(workdir: Path, tmp_path: Path, o
     torch.testing.assert_close(result.loss.total.double(), total.detach(), rtol=1e-5, atol=1e-6)
     ref = {n: p.grad for n, p in model.named_parameters() if p.grad is not None and "embed_tokens" not in n}
     ref["embed_tokens.U"], ref["embed_tokens.V"] = U.grad, V.grad
-    got = seen["grads"]
     assert got.keys() == ref.keys()
     for name, g in ref.items():
         err = float((got[name].double() - g).norm() / g.norm().clamp_min(1e-30))

@@ -29,7 +29,7 @@ from f2llm.data import pad_sequences
 from f2llm.distributed import Runtime
 from f2llm.encoder import Encoder, ml_embed_exits
 from f2llm.trainer import Trainer
-from tests.helpers import tiny_qwen3, trainer_workdir
+from tests.helpers import tiny_qwen3, train_step_with_gradients, trainer_workdir
 
 TEMPERATURE = 0.05
 DIMS = (8, 16, 32)  # hidden 64: levels 64, 32, 16, 8
@@ -96,17 +96,8 @@ def one_step(workdir: Path, out: Path, *overrides: str) -> dict:
         ],
     )
     trainer = Trainer.from_config(config, Runtime(rank=0, world_size=1, device=torch.device("cpu")))
-    seen: dict = {}
-    engine_clip = trainer.engine.clip
-
-    def recording_clip():
-        seen["grads"] = {n: p.grad.clone() for n, p in trainer.encoder.model.named_parameters() if p.grad is not None}
-        return engine_clip()
-
-    trainer.engine.clip = recording_clip
-    batch = next(b for b in trainer.sampler if b.kind == "retrieval")
-    result = trainer.train_step(batch)
-    return {"result": result, "batch": batch, "trainer": trainer, **seen}
+    result, batch, grads = train_step_with_gradients(trainer)
+    return {"result": result, "batch": batch, "trainer": trainer, "grads": grads}
 
 
 def reference_step(workdir: Path, batch, pad: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
