@@ -374,6 +374,8 @@ def build_teacher(
 ) -> Teacher:
     """The teacher ``config.distill`` asks for, checked against the student before any step: its dimension must be
     at least the student's (kd compares the teacher's first d coordinates), every text must have a target."""
+    from f2llm.config import ConfigError
+
     distill = config.distill
     if distill.embeddings is not None:
         keys, embeddings = read_teacher_embeddings(distill.embeddings)
@@ -404,20 +406,14 @@ def build_teacher(
             try:
                 encoder.set_layer_exits(config.model.layer_exits)
             except ValueError as e:
-                from f2llm.config import ConfigError
-
                 raise ConfigError(f"{what}: {e}") from None
             if len(encoder.layer_exits) != len(student.layer_exits):
-                from f2llm.config import ConfigError
-
                 raise ConfigError(
                     f"{what}: model.layer_exits gives the teacher exits {list(encoder.layer_exits)} and the student "
                     f"{list(student.layer_exits)}; kd pairs exit i with exit i, so both need as many"
                 )
     student_dim = student.embedding_dim
     if teacher.dim < student_dim:
-        from f2llm.config import ConfigError
-
         raise ConfigError(
             f"{what}: teacher embeddings have dimension {teacher.dim}, fewer than the student's {student_dim}; kd "
             "compares the student with the teacher's first d coordinates, so the teacher must be at least as wide"
