@@ -151,7 +151,7 @@ def infonce_launches(capability: int) -> Iterator[Launch]:
                         yield Launch(
                             "infonce_bwd_probs",
                             C._infonce_bwd_probs_kernel,
-                            (q, c, i32, f32, f32, tensor(dtype), B, D, chunk, chunk, chunk, 28.85, 0.1),
+                            (q, c, i32, f32, f32, tensor(dtype), B, N, D, chunk, chunk, chunk, 28.85, 0.1),
                             common | blocks | launch,
                             mma,
                             label,
@@ -164,10 +164,12 @@ def infonce_launches(capability: int) -> Iterator[Launch]:
                     ):
                         mc = U.matmul_config(M, D, K, dtype, cuda)
                         strides = (1, chunk) if transposed else (chunk, 1)
+                        # Batch strides of the problems (layer exits): (p - y) [E, B, chunk], c [E, N, D], q [E, B, D].
+                        batch = (B * chunk, B * D, N * D) if transposed else (B * chunk, N * D, B * D)
                         yield Launch(
                             name,
                             U._scaled_matmul_kernel,
-                            (tensor(dtype), tensor(dtype), out, tensor(torch.float32), M, D, K, *strides, D, D),
+                            (tensor(dtype), tensor(dtype), out, tensor(torch.float32), M, D, K, *strides, D, D, *batch),
                             dict(
                                 ACCUMULATE=accumulate,
                                 CAST_FP32=False,
@@ -250,7 +252,7 @@ def matryoshka_launches(capability: int) -> Iterator[Launch]:
                         yield Launch(
                             "mrl_bwd_probs",
                             M._mrl_bwd_probs_kernel,
-                            (q, c, i32, f32, f32, f32, f32, f32, h, f32, f32, B, D, chunk, chunk, chunk, B * chunk,
+                            (q, c, i32, f32, f32, f32, f32, f32, h, f32, f32, B, N, D, chunk, chunk, chunk, B * chunk,
                              i32, L, 28.85, 0.1),
                             common | blocks | launch,
                             mma,
@@ -268,7 +270,8 @@ def matryoshka_launches(capability: int) -> Iterator[Launch]:
                             yield Launch(
                                 name,
                                 U._scaled_matmul_kernel,
-                                (h, tensor(dtype), out, f32, rows, width, K, *strides, D, D),
+                                (h, tensor(dtype), out, f32, rows, width, K, *strides, D, D, B * chunk,
+                                 *((N * D, B * D) if name == "matmul_dq" else (B * D, N * D))),
                                 dict(ACCUMULATE=accumulate, CAST_FP32=False, PRECISION=precision,
                                      BLOCK_M=mc.block_m, BLOCK_N=mc.block_n, BLOCK_K=mc.block_k,
                                      num_warps=mc.num_warps, num_stages=mc.num_stages),

@@ -21,19 +21,19 @@ exits. Three measurements:
 1. Loss (``--loss``): ``f2llm.loss.F2LLMLoss`` on embeddings with the exit axis (queries and positives [B, E, D],
    hard negatives [B, k, E, D]: E = 7 exits, D = 1024, k = 7, ML-Embed's Matryoshka dims 1024, 512, ..., 8 with its
    weights 1 / (n sqrt(D / d_n)), temperature 0.05), the hard term of every exit and level in one grouped call and
-   the in-batch term one fused call per exit, against ML-Embed's loop as its training code computes the loss
-   (``loop``: for every exit, for every dim, ``F.normalize`` of the prefixes, the [B, 1 + k] group scores by an
-   elementwise product and sum, the full [B, B] in-batch logits, ``F.cross_entropy``, weighted and summed; then
-   divided by the exits), and against f2llm's loss of the last exit alone (``f2llm_1exit``: [B, D] inputs, the same
-   levels: what a step without exits pays for its loss). B queries score the B positives in-batch, as on one GPU
-   with the gradient cache (the README's 512-query launch) or over a global batch (the F2LLM recipe's is 512;
-   ML-Embed's shipped config is 8 queries per GPU on 8 GPUs, 64). Forward + backward w.r.t. the
-   embeddings: time and peak memory beyond the inputs (the gradients included). CPU: fp32, B in {512, 2048}, each
-   implementation in its own fresh subprocess (alternating, ``--rounds`` times; one torch thread,
-   MALLOC_MMAP_THRESHOLD_=65536, as in bench_matryoshka.py): the peak resident memory of the first forward+backward
-   beyond the resident memory before it, then the median of ``--repeats`` more. CUDA: fp32 (the Encoder hands the
-   loss float32 embeddings), B in {512, 2048, 8192}, median of ``triton.testing.do_bench``, peak by
-   ``max_memory_allocated``; an implementation that runs out of memory is recorded as OOM.
+   the in-batch term one fused call with the exits as its problems, against ML-Embed's loop as its training code
+   computes the loss (``loop``: for every exit, for every dim, ``F.normalize`` of the prefixes, the [B, 1 + k] group
+   scores by an elementwise product and sum, the full [B, B] in-batch logits, ``F.cross_entropy``, weighted and
+   summed; then divided by the exits), and against f2llm's loss of the last exit alone (``f2llm_1exit``: [B, D]
+   inputs, the same levels: what a step without exits pays for its loss). B queries score the B positives in-batch,
+   as on one GPU with the gradient cache (the README's 512-query launch) or over a global batch (the F2LLM recipe's
+   is 512; ML-Embed's shipped config is 8 queries per GPU on 8 GPUs, 64). Forward + backward w.r.t. the embeddings:
+   time and peak memory beyond the inputs (the gradients included). CPU: fp32, B in {512, 2048}, each implementation
+   in its own fresh subprocess (alternating, ``--rounds`` times; one torch thread, MALLOC_MMAP_THRESHOLD_=65536, as
+   in bench_matryoshka.py): the peak resident memory of the first forward+backward beyond the resident memory before
+   it, then the median of ``--repeats`` more. CUDA: fp32 (the Encoder hands the loss float32 embeddings), B in {512,
+   2048, 8192}, median of ``triton.testing.do_bench``, peak by ``max_memory_allocated``; an implementation that runs
+   out of memory is recorded as OOM.
    ``--check``: f2llm's total, hard and in-batch terms and the gradients of queries, positives and negatives against
    the loop in float64 (fp32 inputs, relative tolerance 1e-5, every backend of the fused ops), with and without the
    in-batch term, and with ``in_batch_gradient="queries_only"`` against the loop with the in-batch positives

@@ -146,7 +146,8 @@ class F2LLMLoss(nn.Module):
         [B, k, E, D], the embeddings of E exits; each term is then the mean over the exits of that exit's term
         (ML-Embed's ``(in_batch + hard) / len(outputs)``). The hard term of every exit and level is one fused call
         (a query's exits are independent queries of the same group op); the in-batch term gathers every exit's
-        positives at once, then scores each exit against its own (one fused call per exit, every level in it).
+        positives at once, then scores each exit against its own: one fused call with the exits as its problems
+        (every exit and level in the same kernel launches).
         """
         exits = query_emb.dim() == 3
         if query_emb.dim() not in (2, 3) or pos_emb.shape != query_emb.shape:
@@ -184,9 +185,9 @@ class F2LLMLoss(nn.Module):
         offset = sum(sizes[: distributed.rank(self.group)])
         targets = torch.arange(offset, offset + B, device=query_emb.device)
         options = dict(mask_margin=self.mask_margin, validate=False, **matryoshka)
-        if exits:
-            by_exit = zip(query_emb.transpose(0, 1).contiguous(), all_pos.transpose(0, 1).contiguous(), strict=True)
-            in_batch_loss = sum(infonce(q, c, targets, self.temperature, **options) for q, c in by_exit) / E
+        if exits:  # exit e's queries against exit e's positives: E problems of one call, averaged
+            q_by_exit, pos_by_exit = query_emb.transpose(0, 1), all_pos.transpose(0, 1)
+            in_batch_loss = infonce(q_by_exit, pos_by_exit, targets, self.temperature, **options)
         else:
             in_batch_loss = infonce(query_emb, all_pos, targets, self.temperature, **options)
         return LossOutput(hard + in_batch_loss, hard, in_batch_loss)

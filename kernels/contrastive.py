@@ -68,6 +68,7 @@ from f2llm.kernels.utils import (
     infonce_of_scores,
     load_rows,
     logsumexp2,
+    problem_grads,
     scaled_matmul,
     split_ranges,
     torch_tile_rows,
@@ -131,11 +132,11 @@ def _dot_rows(
 
 @triton.jit
 def _infonce_fwd_kernel(
-    q_ptr,
-    c_ptr,
-    tgt_ptr,
-    lse_ptr,  # [splits, B] float32: base-2 log-sum-exp of z = s log2(e) / T over each split's candidates
-    pos_ptr,  # [B] float32: q_i . c_t(i) (0 for rows without target)
+    q_ptr,  # [E, B, D]: E independent problems (layer exits) along grid axis 2, one target list for all
+    c_ptr,  # [E, N, D]
+    tgt_ptr,  # [B]
+    lse_ptr,  # [splits, E, B] float32: base-2 log-sum-exp of z = s log2(e) / T over each split's candidates
+    pos_ptr,  # [E, B] float32: q_i . c_t(i) (0 for rows without target)
     B,
     N,
     D,
@@ -152,11 +153,17 @@ def _infonce_fwd_kernel(
 ):
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
+    problem = tl.program_id(2)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
+    # Rows of the problem-major [E * B] queries and [E * N] candidates: the loop walks this problem's candidate rows
+    # and the targets become rows too, so nothing else about the problem stays live.
+    rows = problem * B + offs_b
+    c_row0 = problem * N
     tgt = tl.load(tgt_ptr + offs_b, mask=mask_b, other=-1)
     has_tgt = mask_b & (tgt >= 0)
-    q_off = offs_b.to(tl.int64) * D
+    tgt = tl.where(has_tgt, c_row0 + tgt, -1)
+    q_off = rows.to(tl.int64) * D
     t_off = tl.where(has_tgt, tgt, 0).to(tl.int64) * D
 
     # Positive score: a gather of each query's target row, exact fp32 products.
@@ -170,8 +177,8 @@ def _infonce_fwd_kernel(
         q_blk = load_rows(q_ptr, q_off, mask_b, 0, D, BLOCK_D, CAST_FP32)
     m = tl.full([BLOCK_B], float("-inf"), dtype=tl.float32)
     l_sum = tl.zeros([BLOCK_B], dtype=tl.float32)
-    n_begin = pid_s * tiles_per_split * BLOCK_N
-    n_end = tl.minimum(N, n_begin + tiles_per_split * BLOCK_N)
+    n_begin = c_row0 + pid_s * tiles_per_split * BLOCK_N
+    n_end = tl.minimum(c_row0 + N, n_begin + tiles_per_split * BLOCK_N)
     for n0 in range(n_begin, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_end
@@ -195,9 +202,9 @@ def _infonce_fwd_kernel(
     # l_sum = 0: every candidate of this split masked (or a row past B); its share of the log-sum-exp is -inf.
     # Kept in base 2, as the backward consumes it: with one candidate, lse = z exactly and p = exp2(z - lse) = 1.
     lse = tl.where(l_sum > 0, m + tl.log2(tl.maximum(l_sum, 1e-30)), float("-inf"))
-    tl.store(lse_ptr + pid_s * B + offs_b, lse, mask=mask_b)
+    tl.store(lse_ptr + pid_s * tl.num_programs(2) * B + rows, lse, mask=mask_b)
     if pid_s == 0:
-        tl.store(pos_ptr + offs_b, pos, mask=mask_b)
+        tl.store(pos_ptr + rows, pos, mask=mask_b)
 
 
 @triton.jit
@@ -205,10 +212,11 @@ def _infonce_bwd_probs_kernel(
     q_ptr,
     c_ptr,
     tgt_ptr,
-    lse_ptr,  # [B] float32 base-2 log-sum-exp, +inf for rows without target (their p is then exactly 0)
-    pos_ptr,
-    g_ptr,  # [B, g_stride] (p_ij - y_ij) for candidates n0 .. n0 + n_count, in the inputs' dtype
+    lse_ptr,  # [E, B] float32 base-2 log-sum-exp, +inf for rows without target (their p is then exactly 0)
+    pos_ptr,  # [E, B]
+    g_ptr,  # [E, B, g_stride] (p_ij - y_ij) for candidates n0 .. n0 + n_count, in the inputs' dtype
     B,
+    N,
     D,
     n0,
     n_count,
@@ -224,19 +232,22 @@ def _infonce_bwd_probs_kernel(
 ):
     """One [BLOCK_B, BLOCK_N] tile of the backward's (p - y) for a chunk of candidates: recomputed scores
     (a register accumulator over D), softmax against the forward's log-sum-exp, written once. Candidate tiles run
-    along grid axis 0 (up to 2**31 - 1 programs; axis 1 stops at 65535)."""
+    along grid axis 0 (up to 2**31 - 1 programs; axis 1 stops at 65535), problems along axis 2."""
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1)
+    problem = tl.program_id(2)  # the problem (layer exit), as in the forward
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
+    rows = problem * B + offs_b  # query and candidate rows of [E * B] and [E * N], targets too, as in the forward
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = cols < n_count
-    offs_n = n0 + cols
+    offs_n = problem * N + n0 + cols
     tgt = tl.load(tgt_ptr + offs_b, mask=mask_b, other=-1)
-    lse2 = tl.load(lse_ptr + offs_b, mask=mask_b, other=float("inf"))
+    tgt = tl.where(tgt >= 0, problem * N + tgt, -1)
+    lse2 = tl.load(lse_ptr + rows, mask=mask_b, other=float("inf"))
     s = _dot_rows(
         q_ptr,
-        offs_b.to(tl.int64) * D,
+        rows.to(tl.int64) * D,
         mask_b,
         c_ptr,
         offs_n.to(tl.int64) * D,
@@ -250,11 +261,11 @@ def _infonce_bwd_probs_kernel(
     )
     keep = mask_b[:, None] & mask_n[None, :]
     if HAS_MARGIN:
-        pos = tl.load(pos_ptr + offs_b, mask=mask_b, other=0.0)
+        pos = tl.load(pos_ptr + rows, mask=mask_b, other=0.0)
         keep = keep & ((s <= pos[:, None] + margin) | (offs_n[None, :] == tgt[:, None]))
     p = tl.where(keep, tl.exp2(s * scale_log2 - lse2[:, None]), 0.0)
     g = p - tl.where(offs_n[None, :] == tgt[:, None], 1.0, 0.0)
-    ptrs = g_ptr + offs_b.to(tl.int64)[:, None] * g_stride + cols[None, :]
+    ptrs = g_ptr + rows.to(tl.int64)[:, None] * g_stride + cols[None, :]
     tl.store(ptrs, g.to(g_ptr.dtype.element_ty), mask=mask_b[:, None] & mask_n[None, :])
 
 
@@ -270,14 +281,15 @@ def triton_infonce_forward(
     precision: str,
     cfg: InfoNCEConfig,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lse [B], pos [B]) in float32: each query's base-2 log-sum-exp (the backward's input) and positive score.
-    With several splits (``cfg.splits_n``) each writes its candidates' log-sum-exp, combined here."""
-    B, D = q.shape
-    N = c.shape[0]
+    """(lse [E, B], pos [E, B]) in float32 for ``q`` [E, B, D] and ``c`` [E, N, D] (E problems, one launch): each
+    query's base-2 log-sum-exp (the backward's input) and positive score. With several splits (``cfg.splits_n``)
+    each writes its candidates' log-sum-exp, combined here."""
+    E, B, D = q.shape
+    N = c.shape[1]
     per_split, splits = split_ranges(N, cfg.block_n, cfg.splits_n)
-    lse_parts = torch.empty((splits, B), device=q.device, dtype=torch.float32)
-    pos = torch.empty((B,), device=q.device, dtype=torch.float32)
-    _infonce_fwd_kernel[(triton.cdiv(B, cfg.block_b), splits)](
+    lse_parts = torch.empty((splits, E, B), device=q.device, dtype=torch.float32)
+    pos = torch.empty((E, B), device=q.device, dtype=torch.float32)
+    _infonce_fwd_kernel[(triton.cdiv(B, cfg.block_b), splits, E)](
         q,
         c,
         tgt,
@@ -316,7 +328,8 @@ def triton_infonce_backward(
     need_q: bool,
     need_c: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(dq, dc) in the inputs' dtype, ``scale`` = grad_out / (n_valid T) as a [1] float32 device tensor.
+    """(dq, dc) in the inputs' dtype (``q`` [E, B, D], ``c`` [E, N, D]: every problem in each launch), ``scale`` =
+    grad_out / (E n_valid T) as a [1] float32 device tensor.
 
     Per chunk of candidates: one kernel writes G = (p - y) [B, chunk] once, then two GEMMs consume it,
     ``dq += G @ c[chunk]`` (float32 accumulator, scaled once at the end) and ``dc[chunk] = scale G^T @ q``
@@ -328,15 +341,15 @@ def triton_infonce_backward(
     chunk). Memory: G's chunk (:func:`~f2llm.kernels.utils.bwd_chunk_n`) plus, for 16-bit inputs, the float32 dq
     accumulator [B, D]. Every program owns the tile it writes: no atomics, no barrier, deterministic.
     """
-    B, D = q.shape
-    N = c.shape[0]
-    chunk = bwd_chunk_n(cfg, B, N)
-    probs = torch.empty((B, chunk), device=q.device, dtype=q.dtype)
-    dq = torch.zeros((B, D), device=q.device, dtype=torch.float32) if need_q else None
+    E, B, D = q.shape
+    N = c.shape[1]
+    chunk = bwd_chunk_n(cfg, E * B, N)
+    probs = torch.empty((E, B, chunk), device=q.device, dtype=q.dtype)
+    dq = torch.zeros((E, B, D), device=q.device, dtype=torch.float32) if need_q else None
     dc = torch.empty_like(c) if need_c else None
     for n0 in range(0, N, chunk):
         width = min(chunk, N - n0)
-        _infonce_bwd_probs_kernel[(triton.cdiv(width, cfg.block_n), triton.cdiv(B, cfg.block_b))](
+        _infonce_bwd_probs_kernel[(triton.cdiv(width, cfg.block_n), triton.cdiv(B, cfg.block_b), E)](
             q,
             c,
             tgt,
@@ -344,6 +357,7 @@ def triton_infonce_backward(
             pos,
             probs,
             B,
+            N,
             D,
             n0,
             width,
@@ -359,11 +373,11 @@ def triton_infonce_backward(
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
-        g = probs[:, :width]
+        g = probs[:, :, :width]
         if need_q:
-            scaled_matmul(g, c[n0 : n0 + width], dq, scale, transpose_a=False, accumulate=True, precision=precision)
+            scaled_matmul(g, c[:, n0 : n0 + width], dq, scale, transpose_a=False, accumulate=True, precision=precision)
         if need_c:
-            scaled_matmul(g, q, dc[n0 : n0 + width], scale, transpose_a=True, accumulate=False, precision=precision)
+            scaled_matmul(g, q, dc[:, n0 : n0 + width], scale, transpose_a=True, accumulate=False, precision=precision)
     return (dq.mul_(scale).to(q.dtype) if need_q else None), dc
 
 
@@ -383,7 +397,28 @@ def torch_infonce(
     need_q: bool,
     need_c: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(lse [B], pos [B], unscaled dq [B, D] or None, unscaled dc [N, D] or None) in the compute dtype."""
+    """(lse [E, B], pos [E, B], unscaled dq [E, B, D] or None, unscaled dc [E, N, D] or None) in the compute
+    dtype, for ``q`` [E, B, D] and ``c`` [E, N, D]: the problems one after the other (each one's tiles fill the
+    PyTorch paths' budget; on a CPU a launch costs nothing worth batching)."""
+    dq, dc = problem_grads(q, c, need_q, need_c)
+    dq_e = [None] * q.shape[0] if dq is None else dq
+    dc_e = [None] * q.shape[0] if dc is None else dc
+    stats = [_torch_infonce_one(q[e], c[e], tgt, temperature, margin, dq_e[e], dc_e[e]) for e in range(q.shape[0])]
+    lse, pos = (torch.stack(part) for part in zip(*stats, strict=True))
+    return lse, pos, dq, dc
+
+
+def _torch_infonce_one(
+    q: torch.Tensor,
+    c: torch.Tensor,
+    tgt: torch.Tensor,
+    temperature: float,
+    margin: float | None,
+    dq: torch.Tensor | None,
+    dc: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One problem of :func:`torch_infonce`: (lse [B], pos [B]); the unscaled gradients are written into ``dq``
+    [B, D] and added into ``dc`` [N, D] (zeros) when given."""
     compute = torch.promote_types(q.dtype, torch.float32)
     qf, cf = q.to(compute), c.to(compute)
     B, N = q.shape[0], c.shape[0]
@@ -393,8 +428,7 @@ def torch_infonce(
     q_scaled = qf * (1.0 / temperature)  # logits = q_scaled @ c.T: the temperature costs no pass over the tiles
     some_ignored = not bool(has_tgt.all())
     lse = torch.empty((B,), device=q.device, dtype=compute)
-    dq = torch.empty_like(qf) if need_q else None
-    dc = torch.zeros_like(cf) if need_c else None
+    need_q, need_c = dq is not None, dc is not None
     step = torch_tile_rows(N)
     for r0 in range(0, B, step):
         r1 = min(B, r0 + step)
@@ -419,7 +453,7 @@ def torch_infonce(
             torch.mm(p, cf, out=dq[r0:r1])
         if need_c:
             dc.addmm_(p.T, qf[r0:r1])
-    return lse, pos, dq, dc
+    return lse, pos
 
 
 # ----------------------------------------------------------------------------------------------------------

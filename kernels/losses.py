@@ -100,9 +100,11 @@ def _torch_forward(
 
 class InfoNCEFunction(torch.autograd.Function):
     """InfoNCE without any [B, N] score matrix, on raw dot products (``levels`` None) or summed over Matryoshka
-    levels (``levels``: dims and weights). Saves the inputs, per-query log-sum-exp and positive scores (and, for
-    the Matryoshka kernels, the level weights and prefix statistics); the Triton backward recomputes the scores,
-    the PyTorch path hands over the gradients it computed in forward."""
+    levels (``levels``: dims and weights), of ``q`` [E, B, D] against ``c`` [E, N, D]: the mean over E problems
+    sharing ``targets`` (E = 1 for the plain loss), every problem in the same launches. Saves the inputs,
+    per-query log-sum-exp and positive scores (and, for the Matryoshka kernels, the level weights and prefix
+    statistics); the Triton backward recomputes the scores, the PyTorch path hands over the gradients it computed
+    in forward."""
 
     @staticmethod
     def forward(
@@ -132,13 +134,14 @@ class InfoNCEFunction(torch.autograd.Function):
             lse, pos, *grads = _torch_forward(q, c, tgt, temperature, margin, levels, need_q, need_c)
             per_query = lse - pos / temperature
         n_valid = valid.sum()
-        row_valid = valid if levels is None else valid[:, None]
+        row_valid = valid if levels is None else valid[:, None]  # against [E, B] or [E, B, L]
         per_query = torch.where(row_valid, per_query, 0)
         weights = ()
         if levels is not None:  # the levels' weighted sum per query
             w = torch.tensor(levels[1], device=q.device, dtype=per_query.dtype)
             per_query, weights = per_query @ w, (w,)
-        loss = per_query.sum() / n_valid.clamp_min(1)
+        # The mean over problems of each problem's mean over its valid queries (every problem has the same ones).
+        loss = per_query.sum() / (n_valid.clamp_min(1) * q.shape[0])
         # +inf log-sum-exp makes every p of an ignored query exactly 0 in backward, with no extra mask.
         lse = torch.where(row_valid, lse, float("inf"))
         ctx.save_for_backward(q, c, tgt, lse, pos, n_valid, *weights, *stats)
@@ -158,7 +161,7 @@ class InfoNCEFunction(torch.autograd.Function):
         q, c, tgt, lse, pos, n_valid, *extra = ctx.saved_tensors
         need_q, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         t, margin, levels = ctx.temperature, ctx.margin, ctx.levels
-        scale = grad_out.to(lse.dtype) / (n_valid.clamp_min(1).to(lse.dtype) * t)
+        scale = grad_out.to(lse.dtype) / (n_valid.clamp_min(1).to(lse.dtype) * (q.shape[0] * t))
         if ctx.use_triton:
             dq, dc = _triton_backward(
                 q, c, tgt, lse, pos, extra, scale.float().reshape(1), t, margin, ctx.precision, ctx.cfg, levels,
@@ -219,10 +222,15 @@ def infonce(
     is ignored (0 with zero gradients here, nan there). With ``matryoshka_dims``: the weighted sum over prefix
     levels of the same loss on re-normalized prefixes (:mod:`f2llm.kernels.matryoshka`), in one pass.
 
+    Several problems at once (layer exits, ML-Embed): ``q`` [E, B, D] and ``c`` [E, N, D] give the mean over e of
+    the loss of ``q[e]`` against ``c[e]`` with the same ``targets``: every problem in the same kernel launches
+    (a grid axis), not E calls.
+
     Args:
-        q: [B, D] query embeddings (float16, bfloat16 or float32; float64 on the PyTorch path).
-        c: [N, D] candidate embeddings, same dtype and device as ``q``.
-        targets: [B] integer index of each query's positive in ``c``, or ``ignore_index`` to skip the query.
+        q: [B, D] query embeddings (float16, bfloat16 or float32; float64 on the PyTorch path), or [E, B, D].
+        c: [N, D] candidate embeddings, same dtype and device as ``q``, or [E, N, D] with a [E, B, D] ``q``.
+        targets: [B] integer index of each query's positive in ``c`` (in ``c[e]``, the same for every e), or
+            ``ignore_index`` to skip the query.
         temperature: logits are ``q . c / temperature``.
         mask_margin: drop candidate j != target from query i's denominator when ``q_i . c_j > q_i . c_t + m``
             (raw dot products: cosine domain for normalized embeddings, before the temperature). None = off.
@@ -245,20 +253,31 @@ def infonce(
         0-dim float32 loss (float64 for float64 inputs), differentiable w.r.t. ``q`` and ``c``.
     """
     op = "infonce"
-    if q.dim() != 2 or c.dim() != 2:
-        raise ValueError(f"{op}: q must be [B, D] and c [N, D], got q {tuple(q.shape)} and c {tuple(c.shape)}")
-    if q.shape[1] != c.shape[1]:
+    if q.dim() not in (2, 3) or c.dim() != q.dim():
+        raise ValueError(
+            f"{op}: q must be [B, D] and c [N, D] (or q [E, B, D] and c [E, N, D]), got q {tuple(q.shape)} and c "
+            f"{tuple(c.shape)}"
+        )
+    if q.dim() == 3 and q.shape[0] != c.shape[0]:
+        raise ValueError(f"{op}: q {tuple(q.shape)} and c {tuple(c.shape)} hold different numbers of problems (E)")
+    if q.shape[-1] != c.shape[-1]:
         raise ValueError(f"{op}: embedding dims differ: q is {tuple(q.shape)}, c is {tuple(c.shape)}")
-    if q.shape[0] == 0 or c.shape[0] == 0 or q.shape[1] == 0:
-        raise ValueError(f"{op}: empty input: q {tuple(q.shape)}, c {tuple(c.shape)}; need B, N, D >= 1")
+    if 0 in q.shape or 0 in c.shape:
+        raise ValueError(f"{op}: empty input: q {tuple(q.shape)}, c {tuple(c.shape)}; need E, B, N, D >= 1")
     if q.dtype != c.dtype or not q.is_floating_point():
         raise ValueError(f"{op}: q and c must share one floating dtype, got q {q.dtype} and c {c.dtype}")
     if q.device != c.device or targets.device != q.device:
         raise ValueError(f"{op}: q ({q.device}), c ({c.device}) and targets ({targets.device}) must share a device")
-    if targets.shape != (q.shape[0],) or targets.is_floating_point() or targets.dtype == torch.bool:
+    problems = q.dim() == 3
+    if not problems:  # one problem: the kernels' [E, B, D] layout with E = 1 (views, no copy)
+        q, c = q[None], c[None]
+    E, B, D = q.shape
+    N = c.shape[1]
+    if E * max(B, N) >= 2**31:  # the kernels index the problems' rows in int32
+        raise ValueError(f"{op}: {E} problems x {max(B, N)} rows pass 2**31 rows; split the call")
+    if targets.shape != (B,) or targets.is_floating_point() or targets.dtype == torch.bool:
         raise ValueError(
-            f"{op}: targets must be an integer tensor of shape [B] = ({q.shape[0]},), got {targets.dtype} "
-            f"{tuple(targets.shape)}"
+            f"{op}: targets must be an integer tensor of shape [B] = ({B},), got {targets.dtype} {tuple(targets.shape)}"
         )
     _check_temperature(temperature, op)
     if mask_margin is not None and not math.isfinite(mask_margin):
@@ -267,26 +286,25 @@ def infonce(
         raise ValueError(f"{op}: fp32_precision must be 'ieee' or 'tf32', got {fp32_precision!r}")
     targets = targets.long()
     if validate:
-        bad = ((targets < 0) | (targets >= c.shape[0])) & (targets != ignore_index)
+        bad = ((targets < 0) | (targets >= N)) & (targets != ignore_index)
         if bool(bad.any()):
             rows = bad.nonzero().flatten()[:10]
             raise ValueError(
                 f"{op}: targets at row(s) {rows.tolist()} are {targets[rows].tolist()}: each must be in [0, N) = "
-                f"[0, {c.shape[0]}) or equal ignore_index ({ignore_index})"
+                f"[0, {N}) or equal ignore_index ({ignore_index})"
             )
     levels = _matryoshka_levels(op, q, matryoshka_dims, matryoshka_weights)
     triton_path = use_triton(backend, q, op)
     cfg = None
     if triton_path:
-        B, D = q.shape
         if config is not None:
             cfg = config
         elif levels is not None:
-            cfg = matryoshka.matryoshka_config(B, c.shape[0], D, q.dtype, q.device)
+            cfg = matryoshka.matryoshka_config(B, N, D, q.dtype, q.device)
         else:
-            cfg = infonce_config(B, c.shape[0], D, q.dtype, q.device)
+            cfg = infonce_config(B, N, D, q.dtype, q.device)
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
-        cfg = resolve_splits(cfg, B, c.shape[0], sms)
+        cfg = resolve_splits(cfg, B, N, sms, problems=E)
     return InfoNCEFunction.apply(
         q.contiguous(),
         c.contiguous(),

@@ -54,12 +54,14 @@ from f2llm.kernels.utils import (
     InfoNCEConfig,
     bwd_chunk_n,
     cast_fp32,
+    cuda_capability,
     grouped_blocks,
     grouped_infonce_of_scores,
     infonce_config,
     infonce_of_scores,
     load_rows,
     logsumexp2,
+    problem_grads,
     scaled_matmul,
     split_ranges,
     torch_tile_rows,
@@ -205,12 +207,13 @@ def _inv_prefix_norms(x: torch.Tensor, dims: Sequence[int], compute: torch.dtype
 def _positive_cosines(
     q: torch.Tensor, c: torch.Tensor, tgt: torch.Tensor, dims: Sequence[int], inv_q: torch.Tensor, inv_c: torch.Tensor
 ) -> torch.Tensor:
-    """[B, L] cosine of each query with its target at every level (0 for rows without target, ``tgt < 0``)."""
+    """[..., B, L] cosine of each query with its target at every level (0 for rows without target, ``tgt`` [B]
+    < 0), for ``q`` [..., B, D] and ``c`` [..., N, D] (every problem's queries against its own candidates)."""
     has_tgt = tgt >= 0
     safe = tgt.clamp_min(0).long()
-    prod = q.to(inv_q.dtype) * c.index_select(0, safe).to(inv_q.dtype)
-    dots = _to_levels(torch.stack([prod[:, lo:hi].sum(-1) for lo, hi in _segments(dims)], -1))
-    return torch.where(has_tgt[:, None], dots * inv_q * inv_c.index_select(0, safe), 0.0)
+    prod = q.to(inv_q.dtype) * c.index_select(-2, safe).to(inv_q.dtype)
+    dots = _to_levels(torch.stack([prod[..., lo:hi].sum(-1) for lo, hi in _segments(dims)], -1))
+    return torch.where(has_tgt[:, None], dots * inv_q * inv_c.index_select(-2, safe), 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -226,14 +229,18 @@ def matryoshka_config(
     cfg = infonce_config(B, N, D, dtype, device, capability)
     if device.type != "cuda":
         return cfg
+    capability = cuda_capability(device) if capability is None else capability
+    # Below 128 rows ptxas gives a program about 8k registers in all (64 a thread over 4 warps, 128 over 2):
+    # the kernels sit at that cap, and the problem axis (layer exits) tipped them into 8-40 B spills. Small tiles
+    # therefore run on fewer warps: 16-bit over 2, fp32 (ieee: FMA dot, operands in registers) over 1.
     if dtype != torch.float32:
-        return replace(cfg, block_n=32)
-    # fp32 (ieee: FMA dot) holds both operands' rows in registers: at 128-row tiles 16-wide D steps halve them.
-    # Small tiles over 4 or 8 warps sit where ptxas caps registers low (64-80) and spill 8-24 B on one
-    # architecture or the other; over 2 warps none spills.
-    if cfg.block_b >= 128:
-        return replace(cfg, block_n=32, block_d=min(16, cfg.block_d))
-    return replace(cfg, block_n=32, num_warps=2)
+        return replace(cfg, block_n=32) if cfg.block_b >= 128 else replace(cfg, block_n=32, num_warps=2)
+    if cfg.block_b < 128:
+        return replace(cfg, block_n=32, num_warps=1)
+    # fp32 at 128 rows holds both operands' rows in registers: 16-wide D steps halve them. On Ampere the backward
+    # still sat at 255 registers a thread and spilled 12 B with the problem axis: 64-row tiles there.
+    big = replace(cfg, block_n=32, block_d=min(16, cfg.block_d))
+    return big if capability >= 90 else replace(big, block_b=64)
 
 
 def mrl_bwd_chunk_n(cfg: InfoNCEConfig, B: int, N: int, L: int) -> int:
@@ -257,13 +264,13 @@ def _segment_bounds(bounds_ptr, seg, ALIGN: tl.constexpr):
 
 @triton.jit
 def _mrl_fwd_kernel(
-    q_ptr,
-    c_ptr,
-    tgt_ptr,
-    inv_q_ptr,  # [B, L] float32 1 / |q_i[:d_l]|
-    inv_c_ptr,  # [N, L] float32
-    pos_ptr,  # [B, L] float32 cosine with the target at each level (the margin's threshold)
-    lse_ptr,  # [splits, B, L] float32 base-2 log-sum-exp of z = s log2(e) / T per level and split
+    q_ptr,  # [E, B, D]: E independent problems (layer exits) along grid axis 2, one target list for all
+    c_ptr,  # [E, N, D]
+    tgt_ptr,  # [B]
+    inv_q_ptr,  # [E, B, L] float32 1 / |q_i[:d_l]|
+    inv_c_ptr,  # [E, N, L] float32
+    pos_ptr,  # [E, B, L] float32 cosine with the target at each level (the margin's threshold)
+    lse_ptr,  # [splits, E, B, L] float32 base-2 log-sum-exp of z = s log2(e) / T per level and split
     bounds_ptr,  # [L + 1] int32 (0, d_{L-1}, ..., d_0 = D): segment s = [bounds[s], bounds[s + 1]) ends level L-1-s
     B,
     N,
@@ -283,16 +290,22 @@ def _mrl_fwd_kernel(
 ):
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
+    problem = tl.program_id(2)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
+    # Rows of the problem-major [E * B] queries and [E * N] candidates: the loop walks this problem's candidate rows
+    # and the targets become rows too, so nothing else about the problem stays live.
+    rows = problem * B + offs_b
+    c_row0 = problem * N
     tgt = tl.load(tgt_ptr + offs_b, mask=mask_b, other=-1)
-    q_off = offs_b.to(tl.int64) * D
+    tgt = tl.where(tgt >= 0, c_row0 + tgt, -1)
+    q_off = rows.to(tl.int64) * D
     levels = tl.arange(0, L_PAD)
     # Per-level online log-sum-exp state, one column per level (updated with tl.where on the level's column).
     m = tl.full([BLOCK_B, L_PAD], float("-inf"), dtype=tl.float32)
     l_sum = tl.zeros([BLOCK_B, L_PAD], dtype=tl.float32)
-    n_begin = pid_s * tiles_per_split * BLOCK_N
-    n_end = tl.minimum(N, n_begin + tiles_per_split * BLOCK_N)
+    n_begin = c_row0 + pid_s * tiles_per_split * BLOCK_N
+    n_end = tl.minimum(c_row0 + N, n_begin + tiles_per_split * BLOCK_N)
     for n0 in range(n_begin, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_end
@@ -306,12 +319,12 @@ def _mrl_fwd_kernel(
                 b = load_rows(c_ptr, c_off, mask_n, d0, hi, BLOCK_D, CAST_FP32)
                 acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
             # acc now holds the prefix dot products over [0, d_lvl): this level's cosines.
-            iq = tl.load(inv_q_ptr + offs_b * L + lvl, mask=mask_b, other=0.0)
+            iq = tl.load(inv_q_ptr + rows * L + lvl, mask=mask_b, other=0.0)
             ic = tl.load(inv_c_ptr + offs_n.to(tl.int64) * L + lvl, mask=mask_n, other=0.0)
             s = acc * iq[:, None] * ic[None, :]
             keep = mask_n[None, :]
             if HAS_MARGIN:
-                pos = tl.load(pos_ptr + offs_b * L + lvl, mask=mask_b, other=0.0)
+                pos = tl.load(pos_ptr + rows * L + lvl, mask=mask_b, other=0.0)
                 keep = keep & ((s <= pos[:, None] + margin) | (offs_n[None, :] == tgt[:, None]))
             z = tl.where(keep, s * scale_log2, float("-inf"))
             column = levels[None, :] == lvl
@@ -323,7 +336,7 @@ def _mrl_fwd_kernel(
             m = tl.where(column, m_new[:, None], m)
             l_sum = tl.where(column, l_new[:, None], l_sum)
     lse = tl.where(l_sum > 0, m + tl.log2(tl.maximum(l_sum, 1e-30)), float("-inf"))
-    ptrs = lse_ptr + pid_s * B * L + offs_b[:, None] * L + levels[None, :]
+    ptrs = lse_ptr + (pid_s * tl.num_programs(2) * B + rows[:, None]) * L + levels[None, :]
     tl.store(ptrs, lse, mask=mask_b[:, None] & (levels < L)[None, :])
 
 
@@ -335,17 +348,18 @@ def _mrl_bwd_probs_kernel(
     inv_q_ptr,
     inv_c_ptr,
     pos_ptr,
-    lse_ptr,  # [B, L] float32 base-2 log-sum-exp, +inf for rows without target (their p is then exactly 0)
+    lse_ptr,  # [E, B, L] float32 base-2 log-sum-exp, +inf for rows without target (their p is then exactly 0)
     w_ptr,  # [L] float32 level weights
-    h_ptr,  # [L, B, h_stride] inputs' dtype: slot k = H^k of the chunk (segment k's GEMM operand)
-    rq_ptr,  # [n_tiles, B, L] float32: per candidate tile, row sums of G^l * s^l (the radial terms of dq)
-    rc_ptr,  # [b_tiles, h_stride, L] float32: per query tile, column sums (the radial terms of dc)
+    h_ptr,  # [L, E, B, h_stride] inputs' dtype: slot k = H^k of the chunk (segment k's GEMM operand)
+    rq_ptr,  # [n_tiles, E, B, L] float32: per candidate tile, row sums of G^l * s^l (the radial terms of dq)
+    rc_ptr,  # [E, b_tiles, h_stride, L] float32: per query tile, column sums (the radial terms of dc)
     B,
+    N,
     D,
     n0,
     n_count,
     h_stride,
-    slot_stride,  # B * h_stride
+    slot_stride,  # E * B * h_stride
     bounds_ptr,
     L,
     scale_log2,
@@ -362,17 +376,21 @@ def _mrl_bwd_probs_kernel(
     G^l = w_l (p^l - y) (unscaled by K), its radial partial sums, and the segment tiles H^k written once."""
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1)
+    problem = tl.program_id(2)  # the problem (layer exit), as in the forward
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
+    rows = problem * B + offs_b  # query and candidate rows of [E * B] and [E * N], targets too, as in the forward
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = cols < n_count
-    offs_n = n0 + cols
+    offs_n = problem * N + n0 + cols
     tgt = tl.load(tgt_ptr + offs_b, mask=mask_b, other=-1)
-    q_off = offs_b.to(tl.int64) * D
+    tgt = tl.where(tgt >= 0, problem * N + tgt, -1)
+    q_off = rows.to(tl.int64) * D
     c_off = offs_n.to(tl.int64) * D
+    rc_row0 = (problem * tl.num_programs(1) + pid_b) * h_stride  # this tile's rows of [E, b_tiles, h_stride]
     tile = mask_b[:, None] & mask_n[None, :]
-    # int32 offsets (the host keeps L * B * h_stride < 2**31): half the registers of a 64-bit pointer tile.
-    h_rows = offs_b[:, None] * h_stride + cols[None, :]
+    # int32 offsets (the host keeps L * E * B * h_stride < 2**31): half the registers of a 64-bit pointer tile.
+    h_rows = rows[:, None] * h_stride + cols[None, :]
     acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
     run = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)  # sum of the levels' A^l = G^l / (|q^l| |c^l|) so far
     for seg in range(0, L):
@@ -382,19 +400,19 @@ def _mrl_bwd_probs_kernel(
             a = load_rows(q_ptr, q_off, mask_b, d0, hi, BLOCK_D, CAST_FP32)
             b = load_rows(c_ptr, c_off, mask_n, d0, hi, BLOCK_D, CAST_FP32)
             acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
-        iq = tl.load(inv_q_ptr + offs_b * L + lvl, mask=mask_b, other=0.0)
+        iq = tl.load(inv_q_ptr + rows * L + lvl, mask=mask_b, other=0.0)
         ic = tl.load(inv_c_ptr + offs_n.to(tl.int64) * L + lvl, mask=mask_n, other=0.0)
-        lse2 = tl.load(lse_ptr + offs_b * L + lvl, mask=mask_b, other=float("inf"))
+        lse2 = tl.load(lse_ptr + rows * L + lvl, mask=mask_b, other=float("inf"))
         s = acc * iq[:, None] * ic[None, :]
         keep = tile
         if HAS_MARGIN:
-            pos = tl.load(pos_ptr + offs_b * L + lvl, mask=mask_b, other=0.0)
+            pos = tl.load(pos_ptr + rows * L + lvl, mask=mask_b, other=0.0)
             keep = keep & ((s <= pos[:, None] + margin) | (offs_n[None, :] == tgt[:, None]))
         p = tl.where(keep, tl.exp2(s * scale_log2 - lse2[:, None]), 0.0)
         g = (p - tl.where((offs_n[None, :] == tgt[:, None]) & tile, 1.0, 0.0)) * tl.load(w_ptr + lvl)
         gs = g * s
-        tl.store(rq_ptr + (pid_n * B + offs_b) * L + lvl, tl.sum(gs, axis=1), mask=mask_b)
-        tl.store(rc_ptr + (pid_b * h_stride + cols) * L + lvl, tl.sum(gs, axis=0), mask=mask_n)
+        tl.store(rq_ptr + (pid_n * tl.num_programs(2) * B + rows) * L + lvl, tl.sum(gs, axis=1), mask=mask_b)
+        tl.store(rc_ptr + (rc_row0 + cols) * L + lvl, tl.sum(gs, axis=0), mask=mask_n)
         a_lvl = g * iq[:, None] * ic[None, :]
         if lvl == 0:
             tl.store(h_ptr + h_rows, a_lvl.to(h_ptr.dtype.element_ty), mask=tile)  # H^0 = A^0: the full level alone
@@ -424,16 +442,21 @@ def triton_mrl_forward(
     cfg: InfoNCEConfig,
     dims: tuple[int, ...],
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-    """(lse [B, L], pos [B, L], stats) in float32: each query's base-2 log-sum-exp per level, its positive cosine
-    per level, and the prefix statistics the backward needs, ``(inv_q, rad_q, inv_c, rad_c)``."""
+    """(lse [E, B, L], pos [E, B, L], stats) in float32 for ``q`` [E, B, D] and ``c`` [E, N, D] (E problems, one
+    launch): each query's base-2 log-sum-exp per level, its positive cosine per level, and the prefix statistics
+    the backward needs, ``(inv_q, rad_q, inv_c, rad_c)``."""
     inv_q, rad_q = _inv_prefix_norms(q, dims, torch.float32)
     inv_c, rad_c = _inv_prefix_norms(c, dims, torch.float32)
     pos = _positive_cosines(q, c, tgt, dims, inv_q, inv_c)
-    B, D = q.shape
-    N, L = c.shape[0], len(dims)
+    E, B, D = q.shape
+    N, L = c.shape[1], len(dims)
+    if E * max(B, N) * L >= 2**31:  # the kernels' int32 offsets into the [E * rows, L] statistics
+        raise ValueError(
+            f"infonce (matryoshka): {E} problems x {max(B, N)} rows x {L} levels pass 2**31 statistics; split the call"
+        )
     per_split, splits = split_ranges(N, cfg.block_n, cfg.splits_n)
-    lse_parts = torch.empty((splits, B, L), device=q.device, dtype=torch.float32)
-    _mrl_fwd_kernel[(triton.cdiv(B, cfg.block_b), splits)](
+    lse_parts = torch.empty((splits, E, B, L), device=q.device, dtype=torch.float32)
+    _mrl_fwd_kernel[(triton.cdiv(B, cfg.block_b), splits, E)](
         q,
         c,
         tgt,
@@ -481,9 +504,9 @@ def triton_mrl_backward(
     need_q: bool,
     need_c: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(dq, dc) in the inputs' dtype; ``scale`` = K = grad_out / (n_valid T), a [1] float32 device tensor; ``lse``
-    and ``pos`` [B, L] and ``stats`` as :func:`triton_mrl_forward` returned them (lse +inf for rows without target);
-    ``weights`` [L] float32.
+    """(dq, dc) in the inputs' dtype (``q`` [E, B, D], ``c`` [E, N, D]: every problem in each launch); ``scale`` =
+    K = grad_out / (E n_valid T), a [1] float32 device tensor; ``lse`` and ``pos`` [E, B, L] and ``stats`` as
+    :func:`triton_mrl_forward` returned them (lse +inf for rows without target); ``weights`` [L] float32.
 
     Per chunk: the probs kernel writes the L segment tiles H^k and radial partial sums, then per segment k
     ``dq[:, seg] += H^k @ c[chunk, seg]`` (float32 accumulator) and ``dc[chunk, seg] = K H^k.T @ q[:, seg]``:
@@ -491,27 +514,27 @@ def triton_mrl_backward(
     elementwise on the host once the partial sums are reduced (in a fixed order: deterministic).
     """
     inv_q, rad_q, inv_c, rad_c = stats
-    B, D = q.shape
-    N, L = c.shape[0], len(dims)
+    E, B, D = q.shape
+    N, L = c.shape[1], len(dims)
     segments = _segments(dims)
-    chunk = mrl_bwd_chunk_n(cfg, B, N, L)
+    chunk = mrl_bwd_chunk_n(cfg, E * B, N, L)
     b_tiles, n_tiles = triton.cdiv(B, cfg.block_b), triton.cdiv(chunk, cfg.block_n)
-    if L * B * chunk >= 2**31:
+    if L * E * B * chunk >= 2**31:  # the kernel's int32 offsets into the slots
         raise ValueError(
-            f"infonce (matryoshka): backward workspace of {L} levels x {B} queries x {chunk} candidates passes 2**31 "
-            "elements; lower InfoNCEConfig.chunk_n"
+            f"infonce (matryoshka): backward workspace of {L} levels x {E} x {B} queries x {chunk} candidates passes "
+            "2**31 elements; lower InfoNCEConfig.chunk_n"
         )
-    h = torch.empty((L, B, chunk), device=q.device, dtype=q.dtype)
-    rq_part = torch.empty((n_tiles, B, L), device=q.device, dtype=torch.float32)
-    rc_part = torch.empty((b_tiles, chunk, L), device=q.device, dtype=torch.float32)
-    rq = torch.zeros((B, L), device=q.device, dtype=torch.float32)
+    h = torch.empty((L, E, B, chunk), device=q.device, dtype=q.dtype)
+    rq_part = torch.empty((n_tiles, E, B, L), device=q.device, dtype=torch.float32)
+    rc_part = torch.empty((E, b_tiles, chunk, L), device=q.device, dtype=torch.float32)
+    rq = torch.zeros((E, B, L), device=q.device, dtype=torch.float32)
     bounds = _bounds_tensor(dims, q.device)
-    dq = torch.zeros((B, D), device=q.device, dtype=torch.float32) if need_q else None
+    dq = torch.zeros((E, B, D), device=q.device, dtype=torch.float32) if need_q else None
     dc = torch.empty_like(c) if need_c else None
     for n0 in range(0, N, chunk):
         width = min(chunk, N - n0)
         tiles = triton.cdiv(width, cfg.block_n)
-        _mrl_bwd_probs_kernel[(tiles, b_tiles)](
+        _mrl_bwd_probs_kernel[(tiles, b_tiles, E)](
             q,
             c,
             tgt,
@@ -524,11 +547,12 @@ def triton_mrl_backward(
             rq_part,
             rc_part,
             B,
+            N,
             D,
             n0,
             width,
             chunk,
-            B * chunk,
+            E * B * chunk,
             bounds,
             L,
             LOG2E / temperature,
@@ -543,22 +567,22 @@ def triton_mrl_backward(
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
-        c_chunk = c[n0 : n0 + width]
+        c_chunk = c[:, n0 : n0 + width]
         for k, (lo, hi) in enumerate(segments):
-            hk = h[k, :, :width]
+            hk = h[k, :, :, :width]
             if need_q:
-                scaled_matmul(hk, c_chunk[:, lo:hi], dq[:, lo:hi], scale, transpose_a=False, accumulate=True,
+                scaled_matmul(hk, c_chunk[..., lo:hi], dq[..., lo:hi], scale, transpose_a=False, accumulate=True,
                                precision=precision)  # fmt: skip
             if need_c:
-                scaled_matmul(hk, q[:, lo:hi], dc[n0 : n0 + width, lo:hi], scale, transpose_a=True,
+                scaled_matmul(hk, q[..., lo:hi], dc[:, n0 : n0 + width, lo:hi], scale, transpose_a=True,
                                accumulate=False, precision=precision)  # fmt: skip
         if need_q:
             rq += rq_part[:tiles].sum(0)
         if need_c:
-            coef = (rc_part[:, :width].sum(0) * rad_c[n0 : n0 + width]).cumsum(1) * scale
-            _subtract_radial(dc[n0 : n0 + width], c_chunk, coef, segments)
+            coef = (rc_part[:, :, :width].sum(1) * rad_c[:, n0 : n0 + width]).cumsum(-1) * scale
+            _subtract_radial(dc[:, n0 : n0 + width], c_chunk, coef, segments)
     if need_q:
-        _subtract_radial(dq, q, (rq * rad_q).cumsum(1), segments)
+        _subtract_radial(dq, q, (rq * rad_q).cumsum(-1), segments)
         dq = dq.mul_(scale).to(q.dtype)
     return dq, dc
 
@@ -566,10 +590,10 @@ def triton_mrl_backward(
 def _subtract_radial(
     grad: torch.Tensor, x: torch.Tensor, coef: torch.Tensor, segments: Sequence[tuple[int, int]]
 ) -> None:
-    """``grad[:, seg k] -= coef[:, k] * x[:, seg k]`` in place (the normalization's radial terms; ``coef`` already
-    summed over the levels covering each segment). addcmul_ computes in float32 without a copy of x."""
+    """``grad[..., seg k] -= coef[..., k] * x[..., seg k]`` in place (the normalization's radial terms; ``coef``
+    already summed over the levels covering each segment). addcmul_ computes in float32 without a copy of x."""
     for k, (lo, hi) in enumerate(segments):
-        grad[:, lo:hi].addcmul_(x[:, lo:hi], coef[:, k : k + 1], value=-1.0)
+        grad[..., lo:hi].addcmul_(x[..., lo:hi], coef[..., k : k + 1], value=-1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -606,7 +630,30 @@ def torch_mrl_infonce(
     need_q: bool,
     need_c: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(lse [B, L] natural log, positive cosines [B, L], unscaled dq or None, unscaled dc or None)."""
+    """(lse [E, B, L] natural log, positive cosines [E, B, L], unscaled dq or None, unscaled dc or None) for ``q``
+    [E, B, D] and ``c`` [E, N, D]: the problems one after the other, as :func:`contrastive.torch_infonce`."""
+    dq, dc = problem_grads(q, c, need_q, need_c)
+    dq_e = [None] * q.shape[0] if dq is None else dq
+    dc_e = [None] * q.shape[0] if dc is None else dc
+    args = (tgt, temperature, margin, dims, weights)
+    stats = [_torch_mrl_one(q[e], c[e], *args, dq_e[e], dc_e[e]) for e in range(q.shape[0])]
+    lse, pos = (torch.stack(part) for part in zip(*stats, strict=True))
+    return lse, pos, dq, dc
+
+
+def _torch_mrl_one(
+    q: torch.Tensor,
+    c: torch.Tensor,
+    tgt: torch.Tensor,
+    temperature: float,
+    margin: float | None,
+    dims: tuple[int, ...],
+    weights: tuple[float, ...],
+    dq: torch.Tensor | None,
+    dc: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One problem of :func:`torch_mrl_infonce`: (lse [B, L], pos [B, L]); the unscaled gradients are written into
+    ``dq`` [B, D] and added into ``dc`` [N, D] (zeros) when given."""
     compute = torch.promote_types(q.dtype, torch.float32)
     qf, cf = q.to(compute), c.to(compute)
     B, N, L = q.shape[0], c.shape[0], len(dims)
@@ -616,6 +663,7 @@ def torch_mrl_infonce(
     pos = _positive_cosines(qf, cf, tgt, dims, inv_q, inv_c)
     has_tgt = tgt >= 0
     valid = has_tgt.to(compute)
+    need_q, need_c = dq is not None, dc is not None
     need = need_q or need_c
     # Cosines are within [-1, 1] (the eps clamp only shrinks them), so logits are within +-1/T: shifting by 1/T
     # instead of the row maximum keeps exp <= 1 and the row sum >= exp(-2/T), exact enough while that is normal.
@@ -625,8 +673,6 @@ def torch_mrl_infonce(
     inv_q_t = inv_q.T.contiguous()
     pos_logit = (pos / temperature).T.contiguous()  # [L, B]
     lse = torch.empty((L, B), device=q.device, dtype=compute)
-    dq = torch.empty_like(qf) if need_q else None
-    dc = torch.zeros_like(cf) if need_c else None
     rq = torch.zeros((L, B), device=q.device, dtype=compute)
     rc = torch.zeros((L, N), device=q.device, dtype=compute)
     cols = torch.arange(N, device=q.device)
@@ -700,7 +746,7 @@ def torch_mrl_infonce(
         _subtract_radial(dq, qf, (rq.T * rad_q).cumsum(1), segments)
     if need_c:
         _subtract_radial(dc, cf, (rc.T * rad_c).cumsum(1), segments)
-    return lse.T.contiguous(), pos, dq, dc
+    return lse.T.contiguous(), pos
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -145,14 +145,16 @@ def infonce_config(
 _MAX_PARTIAL_ELEMENTS = 1 << 24
 
 
-def resolve_splits(cfg: InfoNCEConfig, B: int, N: int, sms: int) -> InfoNCEConfig:
+def resolve_splits(cfg: InfoNCEConfig, B: int, N: int, sms: int, problems: int = 1) -> InfoNCEConfig:
     """Fill ``splits_n``: when there are fewer query blocks than the GPU has SMs (``sms``; e.g. 16 local queries
     against 512 gathered positives), split the forward's candidate loop across programs, up to one program per
-    SM. Deterministic (no atomics): the partial log-sum-exps are combined afterwards (:func:`logsumexp2`)."""
+    SM. Deterministic (no atomics): the partial log-sum-exps are combined afterwards (:func:`logsumexp2`).
+    ``problems``: independent problems of B queries each in the same launch (layer exits), whose query blocks
+    fill the SMs together."""
     if cfg.splits_n is not None:
         return cfg
-    b_blocks, n_blocks = triton.cdiv(B, cfg.block_b), triton.cdiv(N, cfg.block_n)
-    return replace(cfg, splits_n=max(1, min(n_blocks, sms // b_blocks, _MAX_PARTIAL_ELEMENTS // B)))
+    b_blocks, n_blocks = problems * triton.cdiv(B, cfg.block_b), triton.cdiv(N, cfg.block_n)
+    return replace(cfg, splits_n=max(1, min(n_blocks, sms // b_blocks, _MAX_PARTIAL_ELEMENTS // (problems * B))))
 
 
 def split_ranges(n_items: int, block: int, splits: int) -> tuple[int, int]:
@@ -196,6 +198,18 @@ def grouped_blocks(B: int, G: int, D: int) -> tuple[int, int, int, int]:
 # The PyTorch paths' tiles: at most this many scores (16 MiB in float32) per block of query rows. Smaller tiles
 # save memory but cost time: every row block read-modify-writes all of the float32 dc buffer.
 _TORCH_TILE_ELEMENTS = 1 << 22
+
+
+def problem_grads(
+    q: torch.Tensor, c: torch.Tensor, need_q: bool, need_c: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The PyTorch paths' unscaled gradient buffers of ``q`` [E, B, D] and ``c`` [E, N, D] in the compute dtype
+    (float32, float64 for float64 inputs): dq to be written, dc zeros to be added into. Each problem works in its
+    own slice, so they become the gradients without a copy."""
+    compute = torch.promote_types(q.dtype, torch.float32)
+    dq = torch.empty(q.shape, device=q.device, dtype=compute) if need_q else None
+    dc = torch.zeros(c.shape, device=c.device, dtype=compute) if need_c else None
+    return dq, dc
 
 
 def torch_tile_rows(row_elements: int, tiles: int = 1) -> int:
@@ -259,6 +273,9 @@ def _scaled_matmul_kernel(
     stride_ak,
     stride_bk,
     stride_om,
+    stride_ab,  # batch strides (grid axis 2: one product per batch entry, e.g. per layer exit); 0 for one product
+    stride_bb,
+    stride_ob,
     ACCUMULATE: tl.constexpr,
     CAST_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -276,6 +293,10 @@ def _scaled_matmul_kernel(
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    a_ptr += batch * stride_ab
+    b_ptr += batch * stride_bb
+    out_ptr += batch * stride_ob
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
@@ -350,12 +371,19 @@ def scaled_matmul(
     precision: str,
 ) -> None:
     """``out = alpha * op(a) @ b``, or ``out += op(a) @ b`` when ``accumulate``, with op(a) = a.T when
-    ``transpose_a``; b and out row-major."""
-    M, K = (a.shape[1], a.shape[0]) if transpose_a else a.shape
-    N = b.shape[1]
-    stride_am, stride_ak = (a.stride(1), a.stride(0)) if transpose_a else (a.stride(0), a.stride(1))
+    ``transpose_a``; b and out row-major. 3-D operands ``[E, ., .]`` (all three) are E independent products in
+    one launch: op applies to each ``a[e]``."""
+    batched = a.dim() == 3
+    if batched != (b.dim() == 3) or batched != (out.dim() == 3):
+        raise ValueError(
+            f"scaled_matmul: a, b and out must all be 2-D or all 3-D, got {a.dim()}, {b.dim()}, {out.dim()}"
+        )
+    E = a.shape[0] if batched else 1
+    am, ak = (-1, -2) if transpose_a else (-2, -1)
+    M, K = a.shape[am], a.shape[ak]
+    N = b.shape[-1]
     mc = matmul_config(M, N, K, a.dtype, a.device)
-    _scaled_matmul_kernel[(triton.cdiv(M, mc.block_m), triton.cdiv(N, mc.block_n))](
+    _scaled_matmul_kernel[(triton.cdiv(M, mc.block_m), triton.cdiv(N, mc.block_n), E)](
         a,
         b,
         out,
@@ -363,10 +391,13 @@ def scaled_matmul(
         M,
         N,
         K,
-        stride_am,
-        stride_ak,
-        b.stride(0),
-        out.stride(0),
+        a.stride(am),
+        a.stride(ak),
+        b.stride(-2),
+        out.stride(-2),
+        a.stride(0) if batched else 0,
+        b.stride(0) if batched else 0,
+        out.stride(0) if batched else 0,
         ACCUMULATE=accumulate,
         CAST_FP32=cast_fp32(a.dtype),
         PRECISION=precision,
