@@ -63,12 +63,12 @@ from f2llm.kernels.utils import (
     InfoNCEConfig,
     bwd_chunk_n,
     cast_fp32,
+    for_each_problem,
     grouped_blocks,
     grouped_infonce_of_scores,
     infonce_of_scores,
     load_rows,
     logsumexp2,
-    problem_grads,
     scaled_matmul,
     split_ranges,
     torch_tile_rows,
@@ -398,14 +398,8 @@ def torch_infonce(
     need_c: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(lse [E, B], pos [E, B], unscaled dq [E, B, D] or None, unscaled dc [E, N, D] or None) in the compute
-    dtype, for ``q`` [E, B, D] and ``c`` [E, N, D]: the problems one after the other (each one's tiles fill the
-    PyTorch paths' budget; on a CPU a launch costs nothing worth batching)."""
-    dq, dc = problem_grads(q, c, need_q, need_c)
-    dq_e = [None] * q.shape[0] if dq is None else dq
-    dc_e = [None] * q.shape[0] if dc is None else dc
-    stats = [_torch_infonce_one(q[e], c[e], tgt, temperature, margin, dq_e[e], dc_e[e]) for e in range(q.shape[0])]
-    lse, pos = (torch.stack(part) for part in zip(*stats, strict=True))
-    return lse, pos, dq, dc
+    dtype, for ``q`` [E, B, D] and ``c`` [E, N, D]: the problems one after the other (:func:`for_each_problem`)."""
+    return for_each_problem(_torch_infonce_one, q, c, need_q, need_c, tgt, temperature, margin)
 
 
 def _torch_infonce_one(

@@ -55,13 +55,13 @@ from f2llm.kernels.utils import (
     bwd_chunk_n,
     cast_fp32,
     cuda_capability,
+    for_each_problem,
     grouped_blocks,
     grouped_infonce_of_scores,
     infonce_config,
     infonce_of_scores,
     load_rows,
     logsumexp2,
-    problem_grads,
     scaled_matmul,
     split_ranges,
     torch_tile_rows,
@@ -632,13 +632,8 @@ def torch_mrl_infonce(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(lse [E, B, L] natural log, positive cosines [E, B, L], unscaled dq or None, unscaled dc or None) for ``q``
     [E, B, D] and ``c`` [E, N, D]: the problems one after the other, as :func:`contrastive.torch_infonce`."""
-    dq, dc = problem_grads(q, c, need_q, need_c)
-    dq_e = [None] * q.shape[0] if dq is None else dq
-    dc_e = [None] * q.shape[0] if dc is None else dc
     args = (tgt, temperature, margin, dims, weights)
-    stats = [_torch_mrl_one(q[e], c[e], *args, dq_e[e], dc_e[e]) for e in range(q.shape[0])]
-    lse, pos = (torch.stack(part) for part in zip(*stats, strict=True))
-    return lse, pos, dq, dc
+    return for_each_problem(_torch_mrl_one, q, c, need_q, need_c, *args)
 
 
 def _torch_mrl_one(

@@ -19,6 +19,7 @@ Anything two of them need lives here, so a leaf never reaches into another:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -200,16 +201,27 @@ def grouped_blocks(B: int, G: int, D: int) -> tuple[int, int, int, int]:
 _TORCH_TILE_ELEMENTS = 1 << 22
 
 
-def problem_grads(
-    q: torch.Tensor, c: torch.Tensor, need_q: bool, need_c: bool
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The PyTorch paths' unscaled gradient buffers of ``q`` [E, B, D] and ``c`` [E, N, D] in the compute dtype
-    (float32, float64 for float64 inputs): dq to be written, dc zeros to be added into. Each problem works in its
-    own slice, so they become the gradients without a copy."""
+def for_each_problem(
+    one: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    q: torch.Tensor,
+    c: torch.Tensor,
+    need_q: bool,
+    need_c: bool,
+    *args: object,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """A PyTorch path over the problems of ``q`` [E, B, D] and ``c`` [E, N, D], one after the other (each one's
+    tiles fill the paths' budget; on a CPU a launch costs nothing worth batching): ``one(q[e], c[e], *args, dq_e,
+    dc_e) -> (lse, pos)`` writes its unscaled gradients into dq_e and adds them into dc_e (zeros), slices of buffers
+    allocated once in the compute dtype (float32, float64 for float64 inputs), so they become the gradients without
+    a copy. Returns (lse, pos) stacked over problems, then dq and dc (None when not needed)."""
     compute = torch.promote_types(q.dtype, torch.float32)
     dq = torch.empty(q.shape, device=q.device, dtype=compute) if need_q else None
     dc = torch.zeros(c.shape, device=c.device, dtype=compute) if need_c else None
-    return dq, dc
+    stats = [
+        one(q[e], c[e], *args, None if dq is None else dq[e], None if dc is None else dc[e]) for e in range(len(q))
+    ]
+    lse, pos = (torch.stack(part) for part in zip(*stats, strict=True))
+    return lse, pos, dq, dc
 
 
 def torch_tile_rows(row_elements: int, tiles: int = 1) -> int:
