@@ -268,13 +268,10 @@ def infonce(
         raise ValueError(f"{op}: q and c must share one floating dtype, got q {q.dtype} and c {c.dtype}")
     if q.device != c.device or targets.device != q.device:
         raise ValueError(f"{op}: q ({q.device}), c ({c.device}) and targets ({targets.device}) must share a device")
-    problems = q.dim() == 3
-    if not problems:  # one problem: the kernels' [E, B, D] layout with E = 1 (views, no copy)
+    if q.dim() == 2:  # one problem: the kernels' [E, B, D] layout with E = 1 (views, no copy)
         q, c = q[None], c[None]
     E, B, D = q.shape
     N = c.shape[1]
-    if E * max(B, N) >= 2**31:  # the kernels index the problems' rows in int32
-        raise ValueError(f"{op}: {E} problems x {max(B, N)} rows pass 2**31 rows; split the call")
     if targets.shape != (B,) or targets.is_floating_point() or targets.dtype == torch.bool:
         raise ValueError(
             f"{op}: targets must be an integer tensor of shape [B] = ({B},), got {targets.dtype} {tuple(targets.shape)}"
@@ -294,6 +291,10 @@ def infonce(
                 f"[0, {N}) or equal ignore_index ({ignore_index})"
             )
     levels = _matryoshka_levels(op, q, matryoshka_dims, matryoshka_weights)
+    # The kernels index the problems' rows (and, with levels, their per-level statistics) in int32.
+    per_row = 1 if levels is None else len(levels[0])
+    if E * max(B, N) * per_row >= 2**31:
+        raise ValueError(f"{op}: {E} problems x {max(B, N)} rows x {per_row} level(s) pass 2**31; split the call")
     triton_path = use_triton(backend, q, op)
     cfg = None
     if triton_path:

@@ -450,10 +450,6 @@ def triton_mrl_forward(
     pos = _positive_cosines(q, c, tgt, dims, inv_q, inv_c)
     E, B, D = q.shape
     N, L = c.shape[1], len(dims)
-    if E * max(B, N) * L >= 2**31:  # the kernels' int32 offsets into the [E * rows, L] statistics
-        raise ValueError(
-            f"infonce (matryoshka): {E} problems x {max(B, N)} rows x {L} levels pass 2**31 statistics; split the call"
-        )
     per_split, splits = split_ranges(N, cfg.block_n, cfg.splits_n)
     lse_parts = torch.empty((splits, E, B, L), device=q.device, dtype=torch.float32)
     _mrl_fwd_kernel[(triton.cdiv(B, cfg.block_b), splits, E)](

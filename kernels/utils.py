@@ -285,7 +285,7 @@ def _scaled_matmul_kernel(
     stride_ak,
     stride_bk,
     stride_om,
-    stride_ab,  # batch strides (grid axis 2: one product per batch entry, e.g. per layer exit); 0 for one product
+    stride_ab,  # batch strides (grid axis 2: one product per batch entry, e.g. per layer exit)
     stride_bb,
     stride_ob,
     ACCUMULATE: tl.constexpr,
@@ -382,20 +382,16 @@ def scaled_matmul(
     accumulate: bool,
     precision: str,
 ) -> None:
-    """``out = alpha * op(a) @ b``, or ``out += op(a) @ b`` when ``accumulate``, with op(a) = a.T when
-    ``transpose_a``; b and out row-major. 3-D operands ``[E, ., .]`` (all three) are E independent products in
-    one launch: op applies to each ``a[e]``."""
-    batched = a.dim() == 3
-    if batched != (b.dim() == 3) or batched != (out.dim() == 3):
-        raise ValueError(
-            f"scaled_matmul: a, b and out must all be 2-D or all 3-D, got {a.dim()}, {b.dim()}, {out.dim()}"
-        )
-    E = a.shape[0] if batched else 1
+    """``out[e] = alpha * op(a[e]) @ b[e]``, or ``out[e] += op(a[e]) @ b[e]`` when ``accumulate``, for every e of
+    3-D operands ``[E, ., .]`` in one launch (the problems of infonce), with op(a) = a.T when ``transpose_a``; b and
+    out row-major."""
+    if not a.dim() == b.dim() == out.dim() == 3:
+        raise ValueError(f"scaled_matmul: a, b and out must be 3-D [E, ., .], got {a.dim()}, {b.dim()}, {out.dim()}")
     am, ak = (-1, -2) if transpose_a else (-2, -1)
     M, K = a.shape[am], a.shape[ak]
     N = b.shape[-1]
     mc = matmul_config(M, N, K, a.dtype, a.device)
-    _scaled_matmul_kernel[(triton.cdiv(M, mc.block_m), triton.cdiv(N, mc.block_n), E)](
+    _scaled_matmul_kernel[(triton.cdiv(M, mc.block_m), triton.cdiv(N, mc.block_n), a.shape[0])](
         a,
         b,
         out,
@@ -407,9 +403,9 @@ def scaled_matmul(
         a.stride(ak),
         b.stride(-2),
         out.stride(-2),
-        a.stride(0) if batched else 0,
-        b.stride(0) if batched else 0,
-        out.stride(0) if batched else 0,
+        a.stride(0),
+        b.stride(0),
+        out.stride(0),
         ACCUMULATE=accumulate,
         CAST_FP32=cast_fp32(a.dtype),
         PRECISION=precision,
